@@ -1,0 +1,234 @@
+"""The ``fedtune`` command line. Thin: each command parses its arguments, calls one library
+function and shows the result. User errors print ``error: <one line>`` and exit non-zero
+(code per error class); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.errors import FedtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of LLMs with LoRA.")
+out = Console()
+err = Console(stderr=True, log_path=False)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and library logs")) -> None:
+    _state["debug"] = debug
+    _quiet_libraries(debug)
+
+
+def _quiet_libraries(debug: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedtune").setLevel(logging.INFO if not debug else logging.DEBUG)
+    if not debug:
+        import warnings
+
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FedtuneError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; the last finished round's checkpoint is intact (resume with `fedtune run --resume RUN_DIR`)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _split_args(args: List[str]) -> tuple[Optional[str], list[str]]:
+    """(config path or None, overrides): the first argument is a config unless it has '='."""
+    if args and "=" not in args[0] and not args[0].startswith("~"):
+        return args[0], args[1:]
+    return None, list(args)
+
+
+def _config(path: Optional[str], overrides: list[str]):
+    from fedtune.config import load_config
+
+    return load_config(path, overrides)
+
+
+@app.command()
+@handle_errors
+def run(
+    args: List[str] = typer.Argument(None, help="CONFIG.yaml then key=value overrides (e.g. federation.rounds=5)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run directory from its last checkpoint"),
+) -> None:
+    """Run a federation (or resume one). Ctrl-C stops after the current round."""
+    from fedtune.config import read_yaml
+    from fedtune.federation.inprocess import CONFIG_FILE, run as run_federation
+    from fedtune.reporting.progress import RichProgress
+
+    path, overrides = _split_args(args or [])
+    if resume is not None:
+        if path is None:  # the run's own config, with the overrides on top
+            from fedtune.config import from_dict, parse_overrides
+
+            cfg = from_dict(parse_overrides(read_yaml(resume / CONFIG_FILE), overrides + [f"output.dir={resume}"]))
+        else:
+            cfg = _config(path, overrides + [f"output.dir={resume}"])
+    else:
+        cfg = _config(path, overrides)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, functools.partial(_on_interrupt, stop))
+    result = run_federation(cfg, resume=resume is not None, progress=RichProgress(err), stop=stop)
+    _show_result(result)
+
+
+def _on_interrupt(stop: threading.Event, *_: object) -> None:
+    if stop.is_set():
+        raise KeyboardInterrupt
+    stop.set()
+    err.print("[yellow]stopping after this round and its checkpoint (Ctrl-C again to stop now)[/]")
+
+
+def _show_result(result) -> None:
+    before, after = result.initial_eval, result.final_eval
+    if before and after:
+        table = Table(title=f"held-out loss (perplexity) in {result.run_dir}")
+        table.add_column("category")
+        table.add_column("before")
+        table.add_column(f"after round {result.rounds_done}")
+        rows = [("all", before, after)] + [
+            (c, before["per_category"][c], after["per_category"].get(c, {})) for c in before["per_category"]
+        ]
+        for name, b, a in rows:
+            table.add_row(name, f"{b['loss']:.3f} ({b['ppl']:.1f})", f"{a.get('loss', float('nan')):.3f} ({a.get('ppl', float('nan')):.1f})")
+        out.print(table)
+    for b, a in zip(result.samples_before, result.samples_after):
+        prompt = b["prompt"] + (f"\n{b['input']}" if b.get("input") else "")
+        out.print(f"[bold]prompt:[/] {prompt}", highlight=False)
+        out.print(f"  [dim]before:[/] {b['answer']}", highlight=False)
+        out.print(f"  [green]after:[/]  {a['answer']}", highlight=False)
+    if result.finished:
+        out.print(f"adapter (PEFT format): {result.run_dir / 'adapter'}")
+
+
+@app.command()
+@handle_errors
+def validate(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides")) -> None:
+    """Check a config without loading a model or data."""
+    from fedtune.config import dump_yaml
+
+    cfg = _config(*_split_args(args))
+    out.print(dump_yaml(cfg), highlight=False)
+    out.print("[green]config ok[/]")
+
+
+@app.command()
+@handle_errors
+def data(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides")) -> None:
+    """Load and validate the data, split it, and show examples per client and category."""
+    from fedtune.data.partition import category_table
+    from fedtune.federation import setup
+
+    cfg = _config(*_split_args(args))
+    examples, report = setup.load_data(cfg)
+    partition = setup.make_partition(cfg, examples)
+    categories = [e.category for e in examples]
+    out.print(f"{len(examples)} examples from {report.source} ({report.rows} rows read, {report.skipped} skipped)")
+    for reason in report.skipped_reasons:
+        out.print(f"  skipped: {reason}", highlight=False)
+    counts = category_table(partition.shards + [partition.holdout], categories)
+    cats = sorted(set(categories))
+    table = Table(title=f"{partition.method} split, seed {cfg.seed}")
+    table.add_column("client")
+    for c in cats:
+        table.add_column(c[:12], justify="right")
+    table.add_column("total", justify="right")
+    for cid, row in counts.items():
+        name = "held-out" if cid == len(partition.shards) else str(cid)
+        table.add_row(name, *[str(row.get(c, 0)) for c in cats], str(sum(row.values())))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def generate(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    prompt: str = typer.Argument(..., help="instruction to answer"),
+    input: str = typer.Option("", "--input", help="optional input/context for the instruction"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    base: bool = typer.Option(False, "--base", help="answer with the base model (adapter disabled)"),
+) -> None:
+    """Answer one prompt with a run's adapter."""
+    from fedtune.federation.setup import load_run_model
+    from fedtune.model.generate import generate as gen
+
+    cfg, bundle, _ = load_run_model(run_dir)
+    kwargs = dict(template=cfg.data.template, max_new_tokens=max_new_tokens, inputs=[input])
+    if base:
+        with bundle.model.disable_adapter():
+            answer = gen(bundle.model, bundle.tokenizer, [prompt], **kwargs)[0]
+    else:
+        answer = gen(bundle.model, bundle.tokenizer, [prompt], **kwargs)[0]
+    out.print(answer, highlight=False, markup=False)
+
+
+@app.command()
+@handle_errors
+def chat(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+) -> None:
+    """Talk to a run's adapter (empty line or Ctrl-D to quit; /reset clears the history)."""
+    from fedtune.federation.setup import load_run_model
+    from fedtune.model.generate import chat_reply, generate as gen
+
+    cfg, bundle, folder = load_run_model(run_dir)
+    err.print(f"chatting with {folder} ({cfg.data.template} template); empty line to quit")
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        if text == "/reset":
+            history = []
+            continue
+        if cfg.data.template == "chat":
+            history.append({"role": "user", "content": text})
+            reply = chat_reply(bundle.model, bundle.tokenizer, history, max_new_tokens=max_new_tokens)
+            history.append({"role": "assistant", "content": reply})
+        else:
+            reply = gen(bundle.model, bundle.tokenizer, [text], template=cfg.data.template, max_new_tokens=max_new_tokens)[0]
+        out.print(f"model> {reply}", highlight=False, markup=False)
+
+
+def main() -> None:
+    app(prog_name="fedtune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

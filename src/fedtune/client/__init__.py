@@ -1,0 +1,1 @@
+"""Local training on one client's data with the shared base model."""

@@ -1,0 +1,131 @@
+"""Supervised fine-tuning of the global adapter on one client's examples.
+
+One :class:`LocalTrainer` serves every client of a process: it holds the shared PEFT model,
+its LoRA parameters and one AdamW optimizer whose state is cleared at the start of each fit
+(a fresh optimizer per client per round, as in FedIT), so no model or trainer is rebuilt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fedtune.data.batching import plan_steps
+from fedtune.data.prompts import Encoded, collate
+from fedtune.model.forward import sequence_nll
+from fedtune.model.lora import get_adapter, set_adapter
+from fedtune.seeding import generator, torch_seed
+from fedtune.types import Adapter, ClientUpdate
+
+StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LocalTrainer:
+    """Local training loop (AdamW, linear warm-up, gradient accumulation, clipping)."""
+
+    def __init__(
+        self,
+        model,
+        params: dict[str, torch.nn.Parameter],
+        *,
+        pad_id: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        local_epochs: int = 1,
+        local_steps: Optional[int] = None,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        by_length: bool = True,
+        precision: str = "fp32",
+        seed: int = 0,
+    ):
+        self.model, self.params = model, params
+        self.pad_id, self.batch_size, self.grad_accum = pad_id, batch_size, grad_accum
+        self.local_epochs, self.local_steps, self.warmup_steps = local_epochs, local_steps, warmup_steps
+        self.max_grad_norm, self.by_length, self.seed = max_grad_norm, by_length, seed
+        self.device = next(iter(params.values())).device
+        self.autocast = AUTOCAST[precision]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=weight_decay)
+
+    def plan(self, client_id: int, round: int, examples: Sequence[Encoded]) -> list[list[list[int]]]:
+        """The client's optimizer steps this round (positions into ``examples``)."""
+        rng = generator(self.seed, "batches", round, client_id)
+        lengths = [int(e.input_ids.numel()) for e in examples]
+        return plan_steps(
+            lengths, self.batch_size, self.grad_accum, rng,
+            epochs=self.local_epochs, max_steps=self.local_steps, by_length=self.by_length,
+        )
+
+    def fit(
+        self,
+        client_id: int,
+        examples: Sequence[Encoded],
+        global_adapter: Adapter,
+        *,
+        round: int,
+        lr: float,
+        on_step: Optional[StepCallback] = None,
+    ) -> ClientUpdate:
+        """Train from ``global_adapter`` on ``examples``; return the adapter delta."""
+        start = time.perf_counter()
+        set_adapter(self.params, global_adapter)
+        self.optimizer.state.clear()
+        steps = self.plan(client_id, round, examples)
+        self.model.train()
+        nll_sum = torch.zeros((), device=self.device)
+        tokens = real = padded = 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(torch_seed(self.seed, "torch", round, client_id))  # LoRA dropout
+            for i, step in enumerate(steps):
+                batches = [collate([examples[j] for j in micro], self.pad_id) for micro in step]
+                step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                step_nll = self._step(batches, step_tokens, lr * min(1.0, (i + 1) / (self.warmup_steps + 1)))
+                nll_sum += step_nll
+                tokens += step_tokens
+                real += sum(int(b["attention_mask"].sum()) for b in batches)
+                padded += sum(b["input_ids"].numel() for b in batches)
+                if on_step is not None:
+                    on_step(i + 1, len(steps), float(step_nll) / max(step_tokens, 1))
+        local = get_adapter(self.params)
+        delta = {k: local[k] - global_adapter[k] for k in local}
+        metrics = {
+            "loss": float(nll_sum) / max(tokens, 1),
+            "steps": len(steps),
+            "tokens": tokens,
+            "real_tokens": real,
+            "padded_tokens": padded,
+            "lr": lr,
+            "seconds": time.perf_counter() - start,
+        }
+        return ClientUpdate(client_id, len(examples), delta, metrics)
+
+    def _step(self, batches: list[dict], step_tokens: int, lr: float) -> torch.Tensor:
+        """One optimizer step over ``batches`` (gradient accumulation); returns the summed NLL."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+                nll, _ = sequence_nll(self.model, **batch)  # (b,)
+            loss = nll.sum() / max(step_tokens, 1)  # mean over every labelled token of the step
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += nll.detach().sum()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total

@@ -1,0 +1,1 @@
+"""Data: sources, validation, prompt templates, tokenisation, batching and partitioning."""

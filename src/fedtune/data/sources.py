@@ -1,0 +1,214 @@
+"""Read rows from local files or the Hugging Face hub, and validate them into examples.
+
+Every row keeps its place in the source (``line 17`` of a JSON Lines or CSV file, ``record 17``
+of a JSON, Parquet or hub dataset), so a problem is reported with the file, the row and the
+field, and what to do about it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from fedtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-tuning example."""
+
+    instruction: str
+    input: str
+    output: str
+    category: str
+
+
+@dataclass
+class LoadReport:
+    """What loading found: where from, how many rows, which were skipped and why."""
+
+    source: str
+    rows: int
+    skipped: int = 0
+    skipped_reasons: tuple[str, ...] = ()
+
+
+Row = tuple[str, dict]  # (place in the source, e.g. "line 3", row)
+
+
+def read_rows(path: str, split: str = "train", subset: Optional[str] = None) -> tuple[str, Iterator[Row]]:
+    """Return a printable source name and an iterator over its rows.
+
+    ``path`` is a .jsonl/.json/.csv/.parquet file, a folder (``datasets.save_to_disk`` output
+    or a folder of data files) or a Hugging Face hub dataset name.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        suffix = p.suffix.lower()
+        readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+        if suffix not in readers:
+            raise DataError(f"{p}: unsupported file type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
+        return str(p), readers[suffix](p)
+    if p.is_dir():
+        return str(p), _hub_rows(str(p), split, subset, folder=True)
+    if p.suffix.lower() in FILE_SUFFIXES or path.startswith((".", "/", "~")):
+        raise DataError(f"data file {p} not found; check data.path")
+    return path, _hub_rows(path, split, subset, folder=False)
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg}); fix or remove the line") from None
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # JSON Lines saved as .json
+            yield from _jsonl_rows(path)
+            return
+        raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of records (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    for i, row in enumerate(data, start=1):
+        yield f"record {i}", row
+
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            yield f"line {reader.line_num}", row
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read Parquet file ({err})") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield f"record {i}", row
+
+
+def _hub_rows(name: str, split: str, subset: Optional[str], folder: bool) -> Iterator[Row]:
+    import datasets
+
+    try:
+        saved = folder and any((Path(name) / f).exists() for f in ("dataset_info.json", "state.json"))
+        if saved:
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as err:  # datasets raises many types; all mean "cannot load this"
+        where = "folder" if folder else "Hugging Face hub dataset"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"cannot load {where} '{name}' (split '{split}'): {reason}; check data.path/data.split, "
+            "or download it and pass a local .jsonl/.csv/.parquet file"
+        ) from None
+    for i, row in enumerate(ds, start=1):
+        yield f"record {i}", row
+
+
+def _text(value: object) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN from CSV/Parquet
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def load_examples(
+    path: str,
+    columns: dict[str, str],
+    *,
+    split: str = "train",
+    subset: Optional[str] = None,
+    skip_invalid: bool = False,
+    limit: Optional[int] = None,
+) -> tuple[list[Example], LoadReport]:
+    """Load and validate instruction examples.
+
+    Args:
+        columns: source column for each of ``instruction``, ``output`` (required),
+            ``input`` and ``category`` (optional; absent columns read as empty).
+        skip_invalid: skip rows with a missing or empty required field instead of failing.
+        limit: keep only the first ``limit`` valid rows.
+
+    Raises:
+        DataError: naming the file, the row and the field, unless ``skip_invalid``.
+    """
+    source, rows = read_rows(path, split, subset)
+    required = ("instruction", "output")
+    examples: list[Example] = []
+    reasons: list[str] = []
+    total = 0
+    for where, row in rows:
+        total += 1
+        if not isinstance(row, dict):
+            problem = f"{source}: {where}: expected an object with fields, got {type(row).__name__}"
+        else:
+            if total == 1:
+                _check_columns(source, row, columns, required)
+            values = {key: _text(row.get(col)) for key, col in columns.items()}
+            missing = [k for k in required if not (values.get(k) or "").strip()]
+            problem = (
+                f"{source}: {where}: field '{missing[0]}' (column '{columns[missing[0]]}') is missing or empty"
+                if missing
+                else ""
+            )
+        if problem:
+            if not skip_invalid:
+                raise DataError(f"{problem}; fix the row or set data.skip_invalid=true to skip such rows")
+            reasons.append(problem)
+            continue
+        examples.append(
+            Example(
+                instruction=values["instruction"].strip(),
+                input=(values.get("input") or "").strip(),
+                output=values["output"].strip(),
+                category=(values.get("category") or "").strip() or "all",
+            )
+        )
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(f"{source}: no usable rows (read {total}); check data.path and data.columns")
+    if reasons:
+        log.warning("%s: skipped %d invalid rows (first: %s)", source, len(reasons), reasons[0])
+    return examples, LoadReport(source, total, len(reasons), tuple(reasons[:5]))
+
+
+def _check_columns(source: str, row: dict, columns: dict[str, str], required: tuple[str, ...]) -> None:
+    for key in required:
+        if columns[key] not in row:
+            have = ", ".join(map(str, row)) or "none"
+            raise DataError(
+                f"{source}: column '{columns[key]}' for field '{key}' not found (columns: {have}); "
+                f"set data.columns.{key}=<column>"
+            )

@@ -1,0 +1,58 @@
+"""Held-out loss and perplexity of the model as it stands, overall and per category.
+
+Loss is the mean negative log-likelihood per response token (token-weighted, as in
+training); perplexity is its exponential.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from fedtune.data.prompts import Encoded, collate
+from fedtune.model.forward import sequence_nll
+
+
+class HeldoutEvaluator:
+    """Evaluates on a fixed set; batches are built once (sorted by length, little padding)."""
+
+    def __init__(self, examples: Sequence[Encoded], categories: Sequence[str], *, batch_size: int, pad_id: int):
+        order = sorted(range(len(examples)), key=lambda i: int(examples[i].input_ids.numel()))
+        self.batches = [
+            (collate([examples[i] for i in order[s : s + batch_size]], pad_id), [categories[i] for i in order[s : s + batch_size]])
+            for s in range(0, len(order), batch_size)
+        ]
+        self.size = len(examples)
+
+    @torch.inference_mode()
+    def evaluate(self, model) -> dict:
+        """{"loss", "ppl", "tokens", "examples", "per_category": {cat: {"loss", "ppl", "examples"}}}"""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        nll_by: dict[str, float] = defaultdict(float)
+        tok_by: dict[str, int] = defaultdict(int)
+        n_by: dict[str, int] = defaultdict(int)
+        for batch, cats in self.batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            nll, tokens = sequence_nll(model, **batch)  # (b,), (b,)
+            for cat, n, t in zip(cats, nll.tolist(), tokens.tolist()):
+                nll_by[cat] += n
+                tok_by[cat] += t
+                n_by[cat] += 1
+        model.train(was_training)
+        total_nll, total_tok = sum(nll_by.values()), sum(tok_by.values())
+        return {
+            **_loss_ppl(total_nll, total_tok),
+            "tokens": total_tok,
+            "examples": self.size,
+            "per_category": {c: {**_loss_ppl(nll_by[c], tok_by[c]), "examples": n_by[c]} for c in sorted(nll_by)},
+        }
+
+
+def _loss_ppl(nll: float, tokens: int) -> dict[str, float]:
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,1 @@
+"""Engines that drive rounds: the in-process simulation (and, later, Flower)."""

@@ -1,0 +1,231 @@
+"""The in-process engine: a whole federation inside one Python process.
+
+``run`` sets a run up (or reopens one to resume) and hands over to ``run_rounds``, the one
+round loop, which reads top to bottom:
+
+    sample clients -> client config -> local fits -> aggregate -> evaluate -> log -> checkpoint
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from fedtune.client.schedule import round_lr
+from fedtune.client.sft import LocalTrainer
+from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
+from fedtune.errors import CheckpointError, ConfigError
+from fedtune.evaluation.heldout import HeldoutEvaluator
+from fedtune.federation import setup
+from fedtune.federation.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from fedtune.model.generate import generate
+from fedtune.model.lora import save_adapter, set_adapter
+from fedtune.reporting.metrics import METRICS_FILE, MetricsLog, read_metrics
+from fedtune.reporting.progress import Progress
+from fedtune.seeding import generator
+from fedtune.server.sampling import clients_per_round, sample_clients
+from fedtune.server.strategies import build_strategy
+from fedtune.types import Adapter
+
+CONFIG_FILE = "config.yaml"
+FINAL_ADAPTER = "adapter"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rounds_done: int
+    total_rounds: int
+    initial_eval: Optional[dict] = None
+    final_eval: Optional[dict] = None
+    samples_before: list[dict] = field(default_factory=list)
+    samples_after: list[dict] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done >= self.total_rounds
+
+
+@dataclass
+class Federation:
+    """Everything the round loop works with, built once per run."""
+
+    cfg: RunConfig
+    run_dir: Path
+    bundle: setup.ModelBundle
+    trainer: LocalTrainer
+    strategy: object
+    evaluator: HeldoutEvaluator
+    client_data: list[list]  # client id -> its encoded examples
+    metrics: MetricsLog
+    progress: Progress
+    stop: threading.Event
+
+    def schedule(self, round: int) -> list[int]:
+        """Clients of ``round``: a pure function of (seed, round), so resume replays it."""
+        fed = self.cfg.federation
+        k = clients_per_round(len(self.client_data), fed.clients_per_round, fed.fraction)
+        sizes = [len(d) for d in self.client_data] if fed.sampling == "weighted" else None
+        return sample_clients(len(self.client_data), k, generator(self.cfg.seed, "sampling", round), sizes)
+
+    def evaluate(self, adapter: Adapter) -> dict:
+        set_adapter(self.bundle.params, adapter)
+        return self.evaluator.evaluate(self.bundle.model)
+
+    def checkpoint(self, round: int, adapter: Adapter, state: dict) -> None:
+        ckpt = Checkpoint(round, adapter, state, self.metrics.lines, config_hash(self.cfg))
+        save_checkpoint(self.run_dir, ckpt, self.bundle.peft_config, self.cfg.seed, self.cfg.output.keep_checkpoints)
+
+
+def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state: dict) -> tuple[Adapter, int, Optional[dict]]:
+    """Rounds ``start_round + 1 .. cfg.federation.rounds``; returns (adapter, last round, last eval)."""
+    cfg, last_eval = fed.cfg, None
+    total = cfg.federation.rounds
+    for rnd in range(start_round + 1, total + 1):
+        started = time.perf_counter()
+        clients = fed.schedule(rnd)
+        fed.progress.round_started(rnd, clients)
+        client_config = fed.strategy.client_config(rnd, state)  # noqa: F841 (used by FedProx/SCAFFOLD hooks)
+        lr = round_lr(rnd, total, cfg.train.lr, cfg.train.lr_schedule, cfg.train.min_lr)
+
+        updates = []
+        for cid in clients:
+            fed.progress.client_started(rnd, cid, len(fed.trainer.plan(cid, rnd, fed.client_data[cid])))
+            update = fed.trainer.fit(cid, fed.client_data[cid], global_adapter, round=rnd, lr=lr, on_step=fed.progress.step)
+            fed.metrics.log({"type": "fit", "round": rnd, "client": cid, "examples": update.num_examples, **update.metrics})
+            fed.progress.client_finished(rnd, cid, update.metrics)
+            updates.append(update)
+
+        global_adapter, state = fed.strategy.aggregate(global_adapter, updates, state)
+
+        if rnd % cfg.eval.every == 0 or rnd == total:
+            last_eval = fed.evaluate(global_adapter)
+            fed.metrics.log({"type": "eval", "round": rnd, **last_eval})
+            fed.progress.evaluated(rnd, last_eval)
+
+        seconds = time.perf_counter() - started
+        fed.metrics.log({"type": "round", "round": rnd, "clients": clients, "lr": lr, "seconds": seconds})
+        fed.checkpoint(rnd, global_adapter, state)
+        fed.progress.round_finished(rnd, seconds)
+        if fed.stop.is_set() and rnd < total:
+            fed.progress.message(f"stopped after round {rnd}; resume with: fedtune run --resume {fed.run_dir}")
+            return global_adapter, rnd, last_eval
+    return global_adapter, total, last_eval
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    progress: Optional[Progress] = None,
+    stop: Optional[threading.Event] = None,
+) -> RunResult:
+    """Run (or, with ``resume``, continue) the federation that ``cfg`` describes."""
+    progress = progress or Progress()
+    run_dir = Path(cfg.output.dir)
+    ckpt = check_run_dir(cfg, run_dir, resume)  # fail early, before any file is written
+
+    examples, report = setup.load_data(cfg)
+    partition = setup.make_partition(cfg, examples)
+    categories = [e.category for e in examples]
+    progress.message(f"data: {len(examples)} rows from {report.source}; {len(partition.shards)} clients, "
+                     f"{len(partition.holdout)} held out ({partition.method} split)")
+    bundle = setup.build_model(cfg)
+    encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    write_run_dir(cfg, run_dir, resume)
+    setup.write_partition(run_dir, partition, categories, check=resume)
+    fed = Federation(
+        cfg=cfg,
+        run_dir=run_dir,
+        bundle=bundle,
+        trainer=setup.build_trainer(cfg, bundle),
+        strategy=build_strategy(cfg.strategy.name),
+        evaluator=setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [categories[i] for i in partition.holdout]),
+        client_data=[[encoded[i] for i in shard] for shard in partition.shards],
+        metrics=MetricsLog(run_dir / METRICS_FILE),
+        progress=progress,
+        stop=stop or threading.Event(),
+    )
+    prompts = setup.sample_prompts(cfg, examples, partition.holdout)
+    result = RunResult(run_dir, 0, cfg.federation.rounds)
+
+    if ckpt is None:  # a new run: log the data, evaluate and sample the starting point, checkpoint round 0
+        empty = sum(1 for e in encoded if e.response_tokens == 0)
+        fed.metrics.log({"type": "data", "round": 0, "source": report.source, "rows": report.rows,
+                         "examples": len(examples), "skipped": report.skipped, "skipped_reasons": list(report.skipped_reasons),
+                         "no_response_tokens": empty, "max_length": cfg.data.max_length})
+        global_adapter, state, start = bundle.initial_adapter, fed.strategy.init_state(bundle.initial_adapter), 0
+        result.initial_eval = fed.evaluate(global_adapter)
+        fed.metrics.log({"type": "eval", "round": 0, **result.initial_eval})
+        progress.evaluated(0, result.initial_eval)
+        result.samples_before = answer(fed, prompts, global_adapter)
+        fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
+        fed.checkpoint(0, global_adapter, state)
+    else:
+        fed.metrics.truncate(ckpt.metrics_lines)
+        global_adapter, state, start = ckpt.adapter, ckpt.strategy_state, ckpt.round
+        earlier = list(read_metrics(fed.metrics.path))
+        result.initial_eval = next((r for r in earlier if r["type"] == "eval" and r["round"] == 0), None)
+        result.samples_before = next((r["items"] for r in earlier if r["type"] == "samples" and r["round"] == 0), [])
+        progress.message(f"resuming {run_dir} after round {start} of {cfg.federation.rounds}")
+
+    remaining = sum(len(fed.trainer.plan(c, r, fed.client_data[c])) for r in range(start + 1, cfg.federation.rounds + 1) for c in fed.schedule(r))
+    progress.run_started(cfg.federation.rounds, start, remaining)
+    try:
+        global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
+    finally:
+        progress.run_finished()
+    if result.finished:
+        save_adapter(run_dir / FINAL_ADAPTER, global_adapter, bundle.peft_config)
+        result.samples_after = answer(fed, prompts, global_adapter)
+        fed.metrics.log({"type": "samples", "round": result.rounds_done, "items": result.samples_after})
+    return result
+
+
+def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]:
+    """Greedy answers to the sample prompts with ``adapter`` loaded."""
+    if not prompts:
+        return []
+    set_adapter(fed.bundle.params, adapter)
+    answers = generate(
+        fed.bundle.model, fed.bundle.tokenizer, [p["prompt"] for p in prompts], inputs=[p["input"] for p in prompts],
+        template=fed.cfg.data.template, max_new_tokens=fed.cfg.eval.max_new_tokens,
+    )
+    return [{**p, "answer": a} for p, a in zip(prompts, answers)]
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Optional[Checkpoint]:
+    """Refuse to clobber an existing run, or check that ``run_dir`` can be resumed with
+    ``cfg``. Writes nothing. Returns the checkpoint to resume from (None for a new run)."""
+    config_path = run_dir / CONFIG_FILE
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+            raise ConfigError(
+                f"output.dir: {run_dir} already holds files; resume it with `fedtune run --resume {run_dir}`, "
+                "or set output.overwrite=true or another output.dir"
+            )
+        return None
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG_FILE}); check the path")
+    diffs = resume_differences(load_config(config_path), cfg)
+    if diffs:
+        raise CheckpointError(f"cannot resume {run_dir}: config differs in {'; '.join(diffs)}; drop those overrides or start a new run")
+    ckpt = load_checkpoint(latest_checkpoint(run_dir))
+    if ckpt.config_hash != config_hash(cfg):
+        raise CheckpointError(f"{run_dir}: the checkpoint was written under a different config; start a new run")
+    if ckpt.round >= cfg.federation.rounds:
+        raise CheckpointError(f"{run_dir} already finished {ckpt.round} rounds; raise federation.rounds to continue it")
+    return ckpt
+
+
+def write_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Create a fresh run directory (replacing an old one only with output.overwrite) and
+    write the resolved config before round 1; on resume, rewrite it (rounds may have grown)."""
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))

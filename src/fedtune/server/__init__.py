@@ -1,0 +1,1 @@
+"""Server side: aggregation strategies (pure tensor math) and client sampling."""

@@ -1,0 +1,82 @@
+"""Shared fixtures: offline settings, a tiny random-weight Llama with the real SmolLM2
+tokenizer, and a small run config around it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fedtune.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """The bundled model's folder (converted from GGUF once per machine); its tokenizer is real."""
+    from fedtune.model.base import bundled_model_dir
+
+    return bundled_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from fedtune.model.base import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+def build_tiny_llama(path: Path, tokenizer, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer, 64-wide Llama with random weights and the SmolLM2 tokenizer, saved to disk."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture
+def tiny_overrides(tiny_model_dir, tmp_path) -> list[str]:
+    """Overrides that make any recipe a seconds-long run on the tiny model."""
+    return [
+        f"model.name={tiny_model_dir}",
+        "data.demo_per_category=30",
+        "data.max_length=64",
+        "partition.method=shards",
+        "partition.num_clients=4",
+        "partition.holdout_per_category=3",
+        "federation.rounds=3",
+        "federation.clients_per_round=2",
+        "train.local_steps=3",
+        "train.batch_size=4",
+        "train.lr=0.002",
+        "eval.num_samples=1",
+        "eval.max_new_tokens=4",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides):
+    return load_config(None, tiny_overrides)

@@ -1,0 +1,117 @@
+import json
+import threading
+
+import pytest
+import torch
+
+from fedtune.config import load_config
+from fedtune.errors import CheckpointError, ConfigError
+from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
+from fedtune.federation.inprocess import run
+from fedtune.model.lora import load_adapter
+from fedtune.reporting.metrics import read_metrics
+from fedtune.reporting.progress import Progress
+
+
+def records(run_dir, kind):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
+
+
+def test_run_writes_a_self_describing_directory(tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
+    result = run(cfg)
+    d = result.run_dir
+    assert result.finished and result.rounds_done == 3
+    for name in ("config.yaml", "partition.json", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (d / name).is_file(), name
+    assert load_config(d / "config.yaml") == cfg  # the resolved config is saved
+    part = json.loads((d / "partition.json").read_text())
+    assert len(part["clients"]) == 4 and part["method"] == "shards"
+    fits = records(d, "fit")
+    assert len(fits) == 3 * 2 and all(f["steps"] == 3 for f in fits)
+    evals = records(d, "eval")
+    assert [e["round"] for e in evals] == [0, 1, 2, 3]
+    assert set(evals[0]["per_category"]) == set(evals[-1]["per_category"]) and len(evals[0]["per_category"]) == 10
+    assert evals[-1]["loss"] < evals[0]["loss"]  # training on the task lowers held-out loss
+    samples = records(d, "samples")
+    assert [s["round"] for s in samples] == [0, 3] and len(result.samples_after) == 1
+    final, _ = load_adapter(d / "adapter")
+    ckpt = load_checkpoint(latest_checkpoint(d))
+    assert ckpt.round == 3 and all(torch.equal(final[k], ckpt.adapter[k]) for k in final)
+
+
+def test_same_config_same_schedule_and_adapter(tiny_overrides, tmp_path):
+    a = run(load_config(None, tiny_overrides))
+    b = run(load_config(None, tiny_overrides + [f"output.dir={tmp_path / 'again'}"]))
+    assert [r["clients"] for r in records(a.run_dir, "round")] == [r["clients"] for r in records(b.run_dir, "round")]
+    fa, _ = load_adapter(a.run_dir / "adapter")
+    fb, _ = load_adapter(b.run_dir / "adapter")
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+class StopAfter(Progress):
+    """Presses Ctrl-C (sets the stop event) during round ``n``."""
+
+    def __init__(self, stop, n):
+        self.stop, self.n = stop, n
+
+    def round_started(self, round, clients):
+        if round == self.n:
+            self.stop.set()
+
+
+def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
+    straight = run(load_config(None, tiny_overrides + [f"output.dir={tmp_path / 'straight'}"]))
+
+    stop = threading.Event()
+    cut = load_config(None, tiny_overrides + [f"output.dir={tmp_path / 'cut'}"])
+    first = run(cut, progress=StopAfter(stop, 2), stop=stop)
+    assert first.rounds_done == 2 and not first.finished
+    assert not (first.run_dir / "adapter").exists()
+    resumed = run(cut, resume=True)
+    assert resumed.finished and resumed.rounds_done == 3
+
+    fa, _ = load_adapter(straight.run_dir / "adapter")
+    fb, _ = load_adapter(resumed.run_dir / "adapter")
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+    rounds = lambda r: [(x["round"], x["clients"]) for x in records(r.run_dir, "round")]  # noqa: E731
+    assert rounds(straight) == rounds(resumed)
+    evals = lambda r: [(x["round"], round(x["loss"], 5)) for x in records(r.run_dir, "eval")]  # noqa: E731
+    assert evals(straight) == evals(resumed)
+    assert len(records(resumed.run_dir, "fit")) == len(records(straight.run_dir, "fit"))
+
+
+def test_resume_with_changed_config_says_what_differs(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + ["federation.rounds=1"])
+    run(cfg)
+    changed = load_config(None, tiny_overrides + ["federation.rounds=2", "lora.r=4"])
+    with pytest.raises(CheckpointError, match=r"config differs in lora.r \(run: 8, now: 4\)"):
+        run(changed, resume=True)
+    with pytest.raises(CheckpointError, match="already finished 1 rounds; raise federation.rounds"):
+        run(cfg, resume=True)
+    extended = run(load_config(None, tiny_overrides + ["federation.rounds=2"]), resume=True)
+    assert extended.finished and extended.rounds_done == 2
+
+
+def test_refuses_to_clobber_a_run(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["federation.rounds=1"])
+    run(cfg)
+    with pytest.raises(ConfigError, match="already holds files; resume it with"):
+        run(cfg)
+    assert run(load_config(None, tiny_overrides + ["federation.rounds=1", "output.overwrite=true"])).finished
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["federation.rounds=2"])
+    stop = threading.Event()
+    r = run(cfg, progress=StopAfter(stop, 1), stop=stop)
+    path = latest_checkpoint(r.run_dir)
+    (path / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match="does not match its recorded hash"):
+        run(cfg, resume=True)
+
+
+def test_init_adapter_from_a_run(tiny_overrides, tmp_path):
+    first = run(load_config(None, tiny_overrides + ["federation.rounds=1"]))
+    second = run(load_config(None, tiny_overrides + ["federation.rounds=1", f"model.init_adapter={first.run_dir}", f"output.dir={tmp_path / 'b'}"]))
+    assert second.initial_eval["loss"] == pytest.approx(first.final_eval["loss"], rel=1e-5)

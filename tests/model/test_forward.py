@@ -1,0 +1,71 @@
+import torch
+import torch.nn.functional as F
+
+from fedtune.data.prompts import collate, encode_pairs, render_example
+from fedtune.model import forward
+from fedtune.model.base import load_model
+from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+
+
+def lora_model(path):
+    base = load_model(str(path), dtype=torch.float32, device=torch.device("cpu"))
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=0, base_name=str(path))
+    params = adapter_parameters(model)
+    set_adapter(params, {k: torch.randn_like(v) * 0.2 for k, v in get_adapter(params).items()})
+    return model, params
+
+
+def batch_of(tokenizer, rows):
+    pairs = [render_example(tokenizer, "chat", q, "", a) for q, a in rows]
+    return encode_pairs(tokenizer, pairs, 64, "chat")
+
+
+ROWS = [("What is 2 plus 2?", "4"), ("Name a long river in Africa please.", "The Nile."), ("Hi", "Hello there, friend.")]
+
+
+def reference_nll(model, batch):
+    """What the model's own forward gives: full logits, then CE on the labelled positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")  # (b, t-1)
+    return nll.sum(1), (targets != -100).sum(1)
+
+
+def test_fast_path_equals_full_forward(tiny_model_dir, tokenizer):
+    model, _ = lora_model(tiny_model_dir)
+    model.eval()
+    batch = collate(batch_of(tokenizer, ROWS), tokenizer.pad_token_id)
+    assert forward._body_and_head(model) is not None  # llama takes the fast path
+    with torch.no_grad():
+        nll, tokens = forward.sequence_nll(model, **batch)
+        ref_nll, ref_tokens = reference_nll(model, batch)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(nll, ref_nll, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_gradients_equal_full_forward(tiny_model_dir, tokenizer):
+    model, params = lora_model(tiny_model_dir)
+    batch = collate(batch_of(tokenizer, ROWS), tokenizer.pad_token_id)
+    forward.sequence_nll(model, **batch)[0].sum().backward()
+    fast = {k: p.grad.clone() for k, p in params.items()}
+    model.zero_grad()
+    reference_nll(model, batch)[0].sum().backward()
+    assert all(torch.allclose(fast[k], p.grad, rtol=1e-4, atol=1e-6) for k, p in params.items())
+
+
+def test_padded_batch_equals_one_by_one(tiny_model_dir, tokenizer):
+    """Right padding with an attention mask: padding changes nothing (DESIGN.md)."""
+    model, params = lora_model(tiny_model_dir)
+    encs = batch_of(tokenizer, ROWS)
+    batched, _ = forward.sequence_nll(model, **collate(encs, tokenizer.pad_token_id))
+    batched.sum().backward()
+    grads = {k: p.grad.clone() for k, p in params.items()}
+    model.zero_grad()
+    singles = []
+    for e in encs:
+        nll, _ = forward.sequence_nll(model, **collate([e], tokenizer.pad_token_id))
+        nll.sum().backward()
+        singles.append(nll.detach())
+    assert torch.allclose(batched.detach(), torch.cat(singles), rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-4) for k, p in params.items())
+    assert all(torch.isfinite(g).all() for g in grads.values())

@@ -1,0 +1,77 @@
+"""The real `fedtune` command in a subprocess: exit codes and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedtune(*args, input=None, cwd=ROOT):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *map(str, args)], capture_output=True, text=True, env=env, input=input, cwd=cwd, timeout=600
+    )
+
+
+def assert_one_line_error(proc, code, *needles):
+    assert proc.returncode == code, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr  # one line, and the last word
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in errors[0]
+
+
+def test_validate_ok_and_config_errors():
+    ok = fedtune("validate", "configs/demo.yaml")
+    assert ok.returncode == 0 and "config ok" in ok.stdout
+    bad = fedtune("validate", "configs/demo.yaml", "lora.r=0", "federation.fraction=2", "federation.rouns=3")
+    assert_one_line_error(bad, 2, "lora.r: must be > 0", "federation.fraction", "did you mean 'federation.rounds'")
+    assert_one_line_error(fedtune("validate", "configs/nope.yaml"), 2, "configs/nope.yaml not found")
+
+
+def test_data_errors_exit_3(tmp_path, tiny_overrides):
+    rows = tmp_path / "d.jsonl"
+    rows.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "", "output": "b"}) + "\n")
+    proc = fedtune("run", *tiny_overrides, f"data.path={rows}")
+    assert_one_line_error(proc, 3, "d.jsonl: line 2: field 'instruction'")
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+    proc = fedtune("run", *tiny_overrides, f"data.path={tmp_path / 'missing.jsonl'}")
+    assert_one_line_error(proc, 3, "missing.jsonl not found")
+
+
+def test_data_command_shows_the_split():
+    proc = fedtune("data", "configs/demo.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "3000 examples" in proc.stdout and "held-out" in proc.stdout and "shards split" in proc.stdout
+
+
+def test_run_generate_chat_and_resume_codes(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = fedtune("run", *tiny_overrides, "federation.rounds=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out loss" in proc.stdout and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert "round 1" in proc.stderr  # progress goes to stderr
+
+    gen = fedtune("generate", run_dir, "What is 2 plus 2?", "--max-new-tokens", "3")
+    assert gen.returncode == 0, gen.stderr
+    chat = fedtune("chat", run_dir, "--max-new-tokens", "3", input="hello\n/reset\nagain\n\n")
+    assert chat.returncode == 0 and chat.stdout.count("model>") == 2, chat.stderr
+
+    assert_one_line_error(fedtune("run", "--resume", run_dir), 4, "already finished 1 rounds")
+    assert_one_line_error(fedtune("run", *tiny_overrides, "federation.rounds=1"), 2, "already holds files")
+    assert_one_line_error(fedtune("generate", tmp_path / "nowhere", "hi"), 4, "not a fedtune run directory")
+    resumed = fedtune("run", "--resume", run_dir, "federation.rounds=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+
+def test_model_errors_exit_6(tiny_overrides, tmp_path):
+    proc = fedtune("run", *tiny_overrides, f"model.name={tmp_path / 'no-model'}")
+    assert_one_line_error(proc, 6, "model folder", "not found; check model.name")

@@ -1,0 +1,114 @@
+import pytest
+
+from fedtune.config import (
+    RunConfig,
+    config_hash,
+    describe,
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_overrides,
+    resume_differences,
+)
+from fedtune.errors import ConfigError
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None, [])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.lora.target_modules == "all-linear"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  rounds: 2\nlora:\n  r: 4\n")
+    cfg = load_config(path, ["federation.rounds=5", "lora.r=16", "train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.federation.rounds == 5
+    assert cfg.lora.r == 16
+    assert cfg.train.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string; floats accept it
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_tilde_resets_to_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  rounds: 7\n")
+    assert load_config(path, ["~federation.rounds"]).federation.rounds == RunConfig().federation.rounds
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["federation.round=5"])
+    assert "federation.round: unknown key (did you mean 'federation.rounds'?)" in str(e.value)
+
+
+def test_bad_choice_suggests():
+    with pytest.raises(ConfigError, match="partition.method: 'dirichelt' is not one of .*did you mean 'dirichlet'"):
+        load_config(None, ["partition.method=dirichelt"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.r=0", "lora.r: must be > 0, got 0"),
+        ("lora.r=-3", "lora.r: must be > 0"),
+        ("federation.fraction=1.5", "federation.fraction: must be <= 1, got 1.5"),
+        ("federation.rounds=two", "federation.rounds: expected an integer, got 'two'"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("lora.dropout=1.0", "lora.dropout: must be < 1"),
+        ("data.skip_invalid=maybe", "data.skip_invalid: expected true or false"),
+        ("federation.clients_per_round=11", "federation.clients_per_round: 11 is more than partition.num_clients=10"),
+        ("lora=5", "lora: expected a section"),
+    ],
+)
+def test_impossible_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["lora.r=0", "federation.rounds=0", "nope=1"])
+    assert len(e.value.problems) == 3
+
+
+def test_clients_per_round_and_fraction_exclusive():
+    with pytest.raises(ConfigError, match="set one, not both"):
+        load_config(None, ["federation.clients_per_round=2", "federation.fraction=0.5"])
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml line .*not valid YAML"):
+        load_config(bad)
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides({}, ["federation.rounds"])
+
+
+def test_dump_round_trip():
+    cfg = load_config(None, ["lora.r=4", "eval.sample_prompts=[hi, there]"])
+    import yaml
+
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_resume_differences_ignore_resumable_keys():
+    a = load_config(None, [])
+    b = load_config(None, ["federation.rounds=9", "output.dir=x", "eval.every=2"])
+    assert resume_differences(a, b) == []
+    assert config_hash(a) == config_hash(b)
+    c = load_config(None, ["lora.r=4"])
+    assert resume_differences(a, c) == ["lora.r (run: 8, now: 4)"]
+    assert config_hash(a) != config_hash(c)
+
+
+def test_every_setting_has_help():
+    rows = describe()
+    assert rows and all(help for _, _, help in rows)

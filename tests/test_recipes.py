@@ -1,0 +1,18 @@
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import load_config
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_is_a_valid_config(path):
+    load_config(path)
+
+
+def test_demo_recipe_meets_the_demo_promise():
+    cfg = load_config(RECIPES[0].parent / "demo.yaml")
+    assert cfg.partition.num_clients >= 10 and cfg.federation.rounds >= 3
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.data.path == "demo"
