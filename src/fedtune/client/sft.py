@@ -70,9 +70,12 @@ class LocalTrainer:
         *,
         round: int,
         lr: float,
+        client_config: Optional[dict] = None,
         on_step: Optional[StepCallback] = None,
     ) -> ClientUpdate:
-        """Train from ``global_adapter`` on ``examples``; return the adapter delta."""
+        """Train from ``global_adapter`` on ``examples``; return the adapter delta.
+
+        ``client_config`` is what the strategy tells clients this round (empty for FedAvg)."""
         start = time.perf_counter()
         set_adapter(self.params, global_adapter)
         self.optimizer.state.clear()

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 from fedtune.client.schedule import round_lr
-from fedtune.client.sft import LocalTrainer
 from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
+from fedtune.federation.clients import LocalClients
 from fedtune.federation.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.model.generate import generate
 from fedtune.model.lora import save_adapter, set_adapter
@@ -57,10 +57,9 @@ class Federation:
     cfg: RunConfig
     run_dir: Path
     bundle: setup.ModelBundle
-    trainer: LocalTrainer
+    clients: LocalClients
     strategy: object
     evaluator: HeldoutEvaluator
-    client_data: list[list]  # client id -> its encoded examples
     metrics: MetricsLog
     progress: Progress
     stop: threading.Event
@@ -68,9 +67,9 @@ class Federation:
     def schedule(self, round: int) -> list[int]:
         """Clients of ``round``: a pure function of (seed, round), so resume replays it."""
         fed = self.cfg.federation
-        k = clients_per_round(len(self.client_data), fed.clients_per_round, fed.fraction)
-        sizes = [len(d) for d in self.client_data] if fed.sampling == "weighted" else None
-        return sample_clients(len(self.client_data), k, generator(self.cfg.seed, "sampling", round), sizes)
+        k = clients_per_round(len(self.clients), fed.clients_per_round, fed.fraction)
+        sizes = self.clients.sizes() if fed.sampling == "weighted" else None
+        return sample_clients(len(self.clients), k, generator(self.cfg.seed, "sampling", round), sizes)
 
     def evaluate(self, adapter: Adapter) -> dict:
         set_adapter(self.bundle.params, adapter)
@@ -89,16 +88,12 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
         started = time.perf_counter()
         clients = fed.schedule(rnd)
         fed.progress.round_started(rnd, clients)
-        client_config = fed.strategy.client_config(rnd, state)  # noqa: F841 (used by FedProx/SCAFFOLD hooks)
+        client_config = fed.strategy.client_config(rnd, state)
         lr = round_lr(rnd, total, cfg.train.lr, cfg.train.lr_schedule, cfg.train.min_lr)
 
-        updates = []
-        for cid in clients:
-            fed.progress.client_started(rnd, cid, len(fed.trainer.plan(cid, rnd, fed.client_data[cid])))
-            update = fed.trainer.fit(cid, fed.client_data[cid], global_adapter, round=rnd, lr=lr, on_step=fed.progress.step)
-            fed.metrics.log({"type": "fit", "round": rnd, "client": cid, "examples": update.num_examples, **update.metrics})
-            fed.progress.client_finished(rnd, cid, update.metrics)
-            updates.append(update)
+        updates = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
+        for u in updates:
+            fed.metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples, **u.metrics})
 
         global_adapter, state = fed.strategy.aggregate(global_adapter, updates, state)
 
@@ -142,10 +137,9 @@ def run(
         cfg=cfg,
         run_dir=run_dir,
         bundle=bundle,
-        trainer=setup.build_trainer(cfg, bundle),
+        clients=LocalClients(setup.build_trainer(cfg, bundle), [[encoded[i] for i in shard] for shard in partition.shards], progress),
         strategy=build_strategy(cfg.strategy.name),
         evaluator=setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [categories[i] for i in partition.holdout]),
-        client_data=[[encoded[i] for i in shard] for shard in partition.shards],
         metrics=MetricsLog(run_dir / METRICS_FILE),
         progress=progress,
         stop=stop or threading.Event(),
@@ -173,7 +167,7 @@ def run(
         result.samples_before = next((r["items"] for r in earlier if r["type"] == "samples" and r["round"] == 0), [])
         progress.message(f"resuming {run_dir} after round {start} of {cfg.federation.rounds}")
 
-    remaining = sum(len(fed.trainer.plan(c, r, fed.client_data[c])) for r in range(start + 1, cfg.federation.rounds + 1) for c in fed.schedule(r))
+    remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, cfg.federation.rounds + 1) for c in fed.schedule(r))
     progress.run_started(cfg.federation.rounds, start, remaining)
     try:
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
