@@ -1,0 +1,117 @@
+"""Compression of client updates (the client -> server upload).
+
+A delta is encoded into a flat payload of small tensors, sent, and decoded on the server:
+
+- ``int8``: block-wise symmetric quantisation, ``q = round(x / s)`` with ``s = max|x| / 127``
+  per block of ``block`` values (fp16 scale). ~3.8x fewer bytes than float32.
+- ``int4``: the same with 4-bit codes in [-7, 7], two per byte. ~7.5x fewer bytes.
+- ``topk``: keep the ``fraction`` largest-magnitude entries of each tensor (fp16 values,
+  int32 flat indices). 1 / (fraction * 1.5) fewer bytes.
+
+With error feedback (Seide et al. 2014; Karimireddy et al., "Error Feedback Fixes SignSGD",
+ICML 2019) a client adds what earlier rounds' compression dropped (its residual) to the new
+delta before encoding, and keeps the new residual, so the error does not accumulate.
+
+Pure functions; the payload's keys are ``<adapter key>::<part>``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fedtune.types import Adapter
+
+METHODS = ("none", "int8", "int4", "topk")
+SEP = "::"
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)  # (n_blocks, block)
+
+
+def _quantize(x: torch.Tensor, block: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = _blocks(x.float(), block)  # (n, block)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / levels  # (n, 1)
+    scale16 = scale.half().float()  # the scale travels as fp16: quantise against what the server will see
+    safe = torch.where(scale16 > 0, scale16, torch.ones_like(scale16))
+    codes = torch.clamp(torch.round(blocks / safe), -levels, levels).to(torch.int8)  # (n, block)
+    return codes, scale16.half().squeeze(1)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    values = codes.float() * scale.float().unsqueeze(1)  # (n, block)
+    return values.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-7, 7] -> uint8, two per byte (low nibble first)."""
+    u = (codes.reshape(-1) + 8).to(torch.uint8)  # [1, 15]
+    if u.numel() % 2:
+        u = torch.cat([u, torch.full((1,), 8, dtype=torch.uint8)])
+    return u[0::2] | (u[1::2] << 4)
+
+
+def _unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=1).reshape(-1)[:n].to(torch.int8) - 8
+
+
+def compress(delta: Adapter, method: str, *, block: int = 64, fraction: float = 0.1) -> dict[str, torch.Tensor]:
+    """Encode ``delta`` into the payload a client uploads."""
+    if method == "none":
+        return {k: v for k, v in delta.items()}
+    out: dict[str, torch.Tensor] = {}
+    for k, x in delta.items():
+        if method in ("int8", "int4"):
+            codes, scale = _quantize(x, block, 127 if method == "int8" else 7)
+            out[f"{k}{SEP}q"] = codes.reshape(-1) if method == "int8" else _pack4(codes)
+            out[f"{k}{SEP}s"] = scale
+        elif method == "topk":
+            flat = x.reshape(-1).float()
+            k_keep = max(1, int(math.ceil(fraction * flat.numel())))
+            idx = torch.topk(flat.abs(), k_keep, sorted=False).indices
+            idx = torch.sort(idx).values  # deterministic order on the wire
+            out[f"{k}{SEP}i"] = idx.to(torch.int32)
+            out[f"{k}{SEP}v"] = flat[idx].half()
+        else:
+            raise ValueError(f"unknown compression method {method!r}")  # config validation prevents this
+    return out
+
+
+def decompress(payload: dict[str, torch.Tensor], like: Adapter, method: str, *, block: int = 64) -> Adapter:
+    """Decode a payload back into a float32 delta shaped like ``like`` (the global adapter)."""
+    if method == "none":
+        return {k: payload[k].float() for k in like}
+    out: Adapter = {}
+    for k, ref in like.items():
+        n = ref.numel()
+        if method in ("int8", "int4"):
+            q = payload[f"{k}{SEP}q"]
+            n_pad = n + (-n) % block
+            codes = q if method == "int8" else _unpack4(q, n_pad)
+            out[k] = _dequantize(codes.reshape(-1, block), payload[f"{k}{SEP}s"], ref.shape)
+        else:
+            flat = torch.zeros(n, dtype=torch.float32)
+            flat[payload[f"{k}{SEP}i"].long()] = payload[f"{k}{SEP}v"].float()
+            out[k] = flat.reshape(ref.shape)
+    return out
+
+
+def payload_bytes(payload: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data in a payload (what the wire carries besides names and shapes)."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def compress_with_feedback(
+    delta: Adapter, residual: Optional[Adapter], method: str, *, block: int = 64, fraction: float = 0.1
+) -> tuple[dict[str, torch.Tensor], Adapter]:
+    """Error feedback: encode ``delta + residual``; return (payload, new residual)."""
+    target = {k: v + residual[k] for k, v in delta.items()} if residual else dict(delta)
+    payload = compress(target, method, block=block, fraction=fraction)
+    sent = decompress(payload, target, method, block=block)
+    return payload, {k: target[k] - sent[k] for k in target}
