@@ -1,0 +1,1 @@
+"""fedtune performance measurements (not tests). Run `python -m benchmarks --help`."""

@@ -1,0 +1,247 @@
+"""Token throughput: fedtune vs a Shepherd-style reference loop on the same work.
+
+The reference follows Shepherd/FedIT's `main.py` + `fed_utils`: for every sampled client in
+every round it builds a new `transformers.Trainer` (`DataCollatorForSeq2Seq`, padding to the
+longest row of a random batch, fp32 on CPU), trains one local epoch, saves the client's
+adapter to disk with `torch.save`; the server loads every client file back, averages by
+example counts (FedAvg) and saves the global adapter. fedtune runs the same config (same
+rows, same client shards, same clients per round, same batch size, epochs and lr).
+
+Measured in separate processes (so each has its own peak RSS): real (non-padding) tokens
+per second of the whole federated training (everything but held-out evaluation), padding
+share, peak RSS, and held-out loss of the final adapter on the same held-out rows.
+
+    python -m benchmarks.throughput            # SmolLM2-135M, 800 Dolly-like rows (~15 min on 2 cores)
+    python -m benchmarks.throughput --quick    # tiny model, smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine, peak_rss_mb, run_child, write_json
+from benchmarks.data import write_dolly_like
+
+MODULE = "benchmarks.throughput"
+
+
+def overrides(data: Path, run_dir: Path, model: str, rows: int) -> list[str]:
+    return [
+        f"model.name={model}", f"data.path={data}", "data.template=alpaca", "data.max_length=256",
+        "data.columns.input=context", "data.columns.output=response", f"data.limit={rows}",
+        "partition.method=iid", "partition.num_clients=20", "partition.holdout_per_category=4",
+        "federation.rounds=3", "federation.clients_per_round=2",
+        "train.local_epochs=1", "train.batch_size=4", "train.lr=3e-4", "train.warmup_steps=0",
+        "eval.every=3", "eval.num_samples=0", "eval.batch_size=8", f"output.dir={run_dir}", "output.overwrite=true",
+    ]
+
+
+# ----------------------------------------------------------------------------- fedtune side
+
+
+def run_fedtune(args) -> dict:
+    from fedtune.config import load_config
+    from fedtune.federation import inprocess
+    from fedtune.reporting.metrics import read_metrics
+
+    cfg = load_config(None, overrides(Path(args.data), Path(args.work) / "fedtune", args.model, args.rows))
+    inside, eval_seconds, rounds_seconds = [False], [0.0], [0.0]
+    evaluate, run_rounds = inprocess.Federation.evaluate, inprocess.run_rounds
+
+    def timed_evaluate(self, adapter):  # held-out evaluation inside the rounds is not training
+        t = time.perf_counter()
+        try:
+            return evaluate(self, adapter)
+        finally:
+            eval_seconds[0] += (time.perf_counter() - t) if inside[0] else 0.0
+
+    def timed_rounds(*a, **k):
+        inside[0], t = True, time.perf_counter()
+        try:
+            return run_rounds(*a, **k)
+        finally:
+            inside[0], rounds_seconds[0] = False, time.perf_counter() - t
+
+    inprocess.Federation.evaluate, inprocess.run_rounds = timed_evaluate, timed_rounds
+    result = inprocess.run(cfg)
+    records = list(read_metrics(result.run_dir / "metrics.jsonl"))
+    fits = [r for r in records if r["type"] == "fit"]
+    evals = [r for r in records if r["type"] == "eval"]
+    return {
+        "system": "fedtune",
+        "train_seconds": rounds_seconds[0] - eval_seconds[0],
+        "real_tokens": sum(f["real_tokens"] for f in fits),
+        "padded_tokens": sum(f["padded_tokens"] for f in fits),
+        "steps": sum(f["steps"] for f in fits),
+        "heldout_loss": evals[-1]["loss"],
+        "heldout_loss_start": evals[0]["loss"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ----------------------------------------------------------------------------- reference side
+
+
+def run_reference(args) -> dict:
+    """Shepherd-style: a new HF Trainer per client per round, adapters through the disk."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from fedtune.config import load_config
+    from fedtune.federation import setup
+
+    work = Path(args.work) / "reference"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None, overrides(Path(args.data), work, args.model, args.rows))
+    examples, _ = setup.load_data(cfg)
+    partition = setup.make_partition(cfg, examples)  # the same client shards as fedtune
+    bundle = setup.build_model(cfg)
+    model, tok = bundle.model, bundle.tokenizer
+    encoded = setup.encode_examples(tok, examples, cfg.data.template, cfg.data.max_length)
+    evaluator = setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [examples[i].category for i in partition.holdout])
+    start_loss = evaluator.evaluate(model)["loss"]
+
+    counts = {"real": 0, "padded": 0, "steps": 0}
+    base_collator = DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+
+    def collator(features):
+        batch = base_collator(features)
+        counts["real"] += int(batch["attention_mask"].sum())
+        counts["padded"] += batch["input_ids"].numel()
+        counts["steps"] += 1
+        return batch
+
+    def client_dataset(cid):
+        rows = []
+        for i in partition.shards[cid]:
+            e = encoded[i]
+            ids = e.input_ids.tolist()
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * e.prompt_len + ids[e.prompt_len :]})
+        return Dataset.from_list(rows)
+
+    from fedtune.seeding import generator
+    from fedtune.server.sampling import sample_clients
+
+    started = time.perf_counter()
+    for rnd in range(1, cfg.federation.rounds + 1):
+        clients = sample_clients(len(partition.shards), cfg.federation.clients_per_round, generator(cfg.seed, "sampling", rnd))
+        global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        sizes = {}
+        for cid in clients:
+            data = client_dataset(cid)
+            sizes[cid] = len(data)
+            trainer = Trainer(
+                model=model,
+                train_dataset=data,
+                data_collator=collator,
+                args=TrainingArguments(
+                    output_dir=str(work / "trainer"), per_device_train_batch_size=cfg.train.batch_size,
+                    num_train_epochs=cfg.train.local_epochs, learning_rate=cfg.train.lr, warmup_steps=0,
+                    logging_steps=1, save_strategy="no", report_to=[], optim="adamw_torch",
+                    seed=cfg.seed + rnd, disable_tqdm=True, use_cpu=True,
+                ),
+            )
+            trainer.train()
+            out = work / str(rnd) / f"local_output_{cid}"
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(get_peft_model_state_dict(model), out / "pytorch_model.bin")
+            set_peft_model_state_dict(model, global_state)  # back to the global adapter for the next client
+        total = sum(sizes.values())
+        new = None
+        for cid in clients:  # server: load every client's adapter from disk, FedAvg
+            weights = torch.load(work / str(rnd) / f"local_output_{cid}" / "pytorch_model.bin")
+            scaled = {k: v * (sizes[cid] / total) for k, v in weights.items()}
+            new = scaled if new is None else {k: new[k] + scaled[k] for k in new}
+        set_peft_model_state_dict(model, new)
+        torch.save(new, work / str(rnd) / "adapter_model.bin")
+    train_seconds = time.perf_counter() - started
+    return {
+        "system": "reference",
+        "train_seconds": train_seconds,
+        "real_tokens": counts["real"],
+        "padded_tokens": counts["padded"],
+        "steps": counts["steps"],
+        "heldout_loss": evaluator.evaluate(model)["loss"],
+        "heldout_loss_start": start_loss,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> dict:
+    model = model or ("__tiny__" if quick else "smollm2-135m-instruct")
+    work = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+    try:
+        if model == "__tiny__":
+            model = str(tiny_model(work / "tiny"))
+        data = write_dolly_like(work / "dolly-like.jsonl", rows)
+        common = ["--data", str(data), "--work", str(work), "--model", model, "--rows", str(rows)]
+        ref = run_child(MODULE, ["--system", "reference", *common], work / "ref.json")
+        ours = run_child(MODULE, ["--system", "fedtune", *common], work / "fedtune.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for r in (ref, ours):
+        r["real_tokens_per_s"] = r["real_tokens"] / r["train_seconds"]
+        r["padding_share"] = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
+    return {
+        "benchmark": "throughput",
+        "model": "tiny" if quick else model,
+        "rows": rows,
+        "reference": ref,
+        "fedtune": ours,
+        "speedup_real_tokens_per_s": ours["real_tokens_per_s"] / ref["real_tokens_per_s"],
+        "rss_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
+        "heldout_loss_delta": ours["heldout_loss"] - ref["heldout_loss"],
+        "targets": {"speedup_real_tokens_per_s": ">= 2.5", "fedtune.peak_rss_mb": "<= 2048", "heldout_loss_delta": "<= 0"},
+    }
+
+
+def tiny_model(path: Path) -> Path:
+    """A 2-layer Llama with random weights and the bundled tokenizer (for --quick)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedtune.model.base import bundled_model_dir
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir())
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--system", choices=("reference", "fedtune"))
+    p.add_argument("--data")
+    p.add_argument("--work")
+    p.add_argument("--model")
+    p.add_argument("--rows", type=int, default=800)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if args.system:  # child process
+        result = run_reference(args) if args.system == "reference" else run_fedtune(args)
+        write_json(args.out, result)
+        return
+    result = {"machine": machine(), **measure(args.quick, args.model, args.rows)}
+    out = args.out or RESULTS / ("throughput-quick.json" if args.quick else "throughput.json")
+    write_json(out, result)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Privacy and security: update validation, clipping + Gaussian noise, privacy accounting."""
