@@ -10,23 +10,9 @@ from fedtune.config import load_config
 from fedtune.errors import CheckpointError
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
-from fedtune.reporting.metrics import read_metrics
-from fedtune.reporting.progress import Progress
+from tests.federation.test_inprocess import StopAfter, records
 
 DPO = ["task=dpo", "dpo.beta=0.5", "federation.rounds=2", "train.local_steps=2"]
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
-
-
-class StopAfter(Progress):
-    def __init__(self, stop, n):
-        self.stop, self.n = stop, n
-
-    def round_started(self, round, clients):
-        if round == self.n:
-            self.stop.set()
 
 
 @pytest.fixture
