@@ -23,6 +23,7 @@ def plot_eval(metrics_file: Path, out: Path) -> Optional[Path]:
         return None
     keys = [k for k, v in evals[0].items() if k not in NOT_PLOTTED and isinstance(v, (int, float)) and not isinstance(v, bool)]
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     cols = min(len(keys), 4)
     rows = -(-len(keys) // cols)
@@ -33,6 +34,7 @@ def plot_eval(metrics_file: Path, out: Path) -> Optional[Path]:
         ax.plot(rounds, [r.get(key) for r in evals], marker="o")
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
