@@ -120,9 +120,8 @@ def _show_result(result) -> None:
         table.add_column("category")
         table.add_column("before")
         table.add_column(f"after round {result.rounds_done}")
-        rows = [("all", before, after)] + [
-            (c, before["per_category"][c], after["per_category"].get(c, {})) for c in before["per_category"]
-        ]
+        categories = [c for c in before["per_category"] if list(before["per_category"]) != ["all"]]  # one category: "all" says it
+        rows = [("all", before, after)] + [(c, before["per_category"][c], after["per_category"].get(c, {})) for c in categories]
         for name, b, a in rows:
             table.add_row(name, _eval_cell(b, dpo), _eval_cell(a, dpo))
         out.print(table)
