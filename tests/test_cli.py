@@ -75,3 +75,18 @@ def test_run_generate_chat_and_resume_codes(tiny_overrides, tmp_path):
 def test_model_errors_exit_6(tiny_overrides, tmp_path):
     proc = fedtune("run", *tiny_overrides, f"model.name={tmp_path / 'no-model'}")
     assert_one_line_error(proc, 6, "model folder", "not found; check model.name")
+
+
+def test_dpo_run_shows_reward_metrics_and_bad_pairs_exit_3(tiny_overrides, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}) + "\n"
+        + json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: b"}) + "\n"
+    )
+    bad = fedtune("run", *tiny_overrides, "task=dpo", f"data.path={pairs}")
+    assert_one_line_error(bad, 3, "pairs.jsonl: line 2: 'chosen' and 'rejected' differ at turn 1")
+
+    ok = fedtune("run", *tiny_overrides, "task=dpo", "federation.rounds=1", "train.local_steps=1")
+    assert ok.returncode == 0, ok.stderr
+    assert "held-out DPO loss, reward accuracy, margin" in ok.stdout and "0.693, 0.500, +0.000" in ok.stdout
+    assert "reward accuracy" in ok.stderr

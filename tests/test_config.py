@@ -112,3 +112,20 @@ def test_resume_differences_ignore_resumable_keys():
 def test_every_setting_has_help():
     rows = describe()
     assert rows and all(help for _, _, help in rows)
+
+
+def test_dpo_section_and_its_checks():
+    cfg = load_config(None, ["task=dpo", "dpo.beta=0.5", "dpo.loss_type=robust", "dpo.label_smoothing=0.2", "dpo.reference=global"])
+    assert (cfg.task, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.reference) == ("dpo", 0.5, "robust", "global")
+    assert cfg.data.columns.chosen == "chosen" and cfg.data.columns.prompt == "prompt"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["task=dpo", "dpo.loss_type=hinge", "dpo.label_smoothing=0.1"])
+    assert err.value.problems == ["dpo.label_smoothing: only the sigmoid and robust losses use it, not loss_type=hinge; set it to 0"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dpo.beta=0", "dpo.label_smoothing=0.5", "dpo.reference=ref", "dpo.loss_typ=ipo"])
+    assert err.value.problems == [
+        "dpo.beta: must be > 0, got 0.0",
+        "dpo.label_smoothing: must be < 0.5, got 0.5",
+        "dpo.reference: 'ref' is not one of initial, base, global",
+        "dpo.loss_typ: unknown key (did you mean 'dpo.loss_type'?)",
+    ]

@@ -16,3 +16,12 @@ def test_demo_recipe_meets_the_demo_promise():
     cfg = load_config(RECIPES[0].parent / "demo.yaml")
     assert cfg.partition.num_clients >= 10 and cfg.federation.rounds >= 3
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.data.path == "demo"
+
+
+def test_dpo_recipes_are_dpo_runs():
+    demo = load_config(RECIPES[0].parent / "dpo-demo.yaml")
+    after = load_config(RECIPES[0].parent / "dpo-after-sft.yaml")
+    sft = load_config(RECIPES[0].parent / "demo.yaml")
+    assert demo.task == after.task == "dpo" and demo.data.path == "demo"
+    assert after.model.init_adapter == sft.output.dir and after.dpo.reference == "initial"
+    assert (after.model.name, after.lora) == (sft.model.name, sft.lora)  # the SFT adapter fits

@@ -114,15 +114,16 @@ def _on_interrupt(stop: threading.Event, *_: object) -> None:
 def _show_result(result) -> None:
     before, after = result.initial_eval, result.final_eval
     if before and after:
-        table = Table(title=f"held-out loss (perplexity) in {result.run_dir}")
+        dpo = "reward_accuracy" in before
+        what = "DPO loss, reward accuracy, margin" if dpo else "loss (perplexity)"
+        table = Table(title=f"held-out {what} in {result.run_dir}")
         table.add_column("category")
         table.add_column("before")
         table.add_column(f"after round {result.rounds_done}")
-        rows = [("all", before, after)] + [
-            (c, before["per_category"][c], after["per_category"].get(c, {})) for c in before["per_category"]
-        ]
+        categories = [c for c in before["per_category"] if list(before["per_category"]) != ["all"]]  # one category: "all" says it
+        rows = [("all", before, after)] + [(c, before["per_category"][c], after["per_category"].get(c, {})) for c in categories]
         for name, b, a in rows:
-            table.add_row(name, f"{b['loss']:.3f} ({b['ppl']:.1f})", f"{a.get('loss', float('nan')):.3f} ({a.get('ppl', float('nan')):.1f})")
+            table.add_row(name, _eval_cell(b, dpo), _eval_cell(a, dpo))
         out.print(table)
     for b, a in zip(result.samples_before, result.samples_after):
         prompt = b["prompt"] + (f"\n{b['input']}" if b.get("input") else "")
@@ -131,6 +132,13 @@ def _show_result(result) -> None:
         out.print(f"  [green]after:[/]  {a['answer']}", highlight=False)
     if result.finished:
         out.print(f"adapter (PEFT format): {result.run_dir / 'adapter'}")
+
+
+def _eval_cell(r: dict, dpo: bool) -> str:
+    nan = float("nan")
+    if dpo:
+        return f"{r.get('loss', nan):.3f}, {r.get('reward_accuracy', nan):.3f}, {r.get('margin', nan):+.3f}"
+    return f"{r.get('loss', nan):.3f} ({r.get('ppl', nan):.1f})"
 
 
 @app.command()

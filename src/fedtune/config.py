@@ -62,6 +62,9 @@ class ColumnsConfig:
     input: str = _f("input", "column holding optional extra input/context")
     output: str = _f("output", "column holding the reference response (required)")
     category: str = _f("category", "column holding the task category (optional; used for non-IID splits)")
+    prompt: str = _f("prompt", "task=dpo: column holding the prompt (not needed when chosen/rejected are whole dialogues)")
+    chosen: str = _f("chosen", "task=dpo: column holding the preferred answer (or whole Human/Assistant dialogue)")
+    rejected: str = _f("rejected", "task=dpo: column holding the dispreferred answer (or whole dialogue)")
 
 
 @dataclass
@@ -105,7 +108,7 @@ class StrategyConfig:
 class TrainConfig:
     local_epochs: int = _f(1, "passes over the client's shard per round (ignored when local_steps is set)", ge=1)
     local_steps: Optional[int] = _f(None, "optimizer steps per client per round (cycles through the shard)", ge=1)
-    batch_size: int = _f(4, "examples per micro-batch", ge=1)
+    batch_size: int = _f(4, "examples (preference pairs for task=dpo) per micro-batch", ge=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
     lr: float = _f(2e-4, "peak learning rate", gt=0)
     lr_schedule: str = _f("constant", "learning rate across rounds", choices=("constant", "cosine", "linear"))
@@ -116,6 +119,19 @@ class TrainConfig:
     batching: str = _f("length", "batch by similar length (less padding) or at random", choices=("length", "random"))
     precision: str = _f("auto", "compute precision (auto: bf16 on CUDA if supported, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _f(0.1, "strength of the pull towards the reference policy (the KL weight; IPO's tau)", gt=0)
+    loss_type: str = _f("sigmoid", "sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO)", choices=("sigmoid", "robust", "hinge", "ipo"))
+    label_smoothing: float = _f(0.0, "assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust)", ge=0, lt=0.5)
+    reference: str = _f(
+        "initial",
+        "reference policy: the run's starting adapter (model.init_adapter, else the base model), "
+        "the base model with the adapter disabled, or each round's global adapter",
+        choices=("initial", "base", "global"),
+    )
 
 
 @dataclass
@@ -137,7 +153,7 @@ class OutputConfig:
 @dataclass
 class RunConfig:
     seed: int = _f(0, "seed for every random choice (partition, sampling, init, batches)")
-    task: str = _f("sft", "what clients train", choices=("sft",))
+    task: str = _f("sft", "what clients train: instruction tuning (sft) or preference optimisation (dpo)", choices=("sft", "dpo"))
     model: ModelConfig = _f(ModelConfig(), "base model")
     lora: LoraConfig = _f(LoraConfig(), "LoRA adapter")
     data: DataConfig = _f(DataConfig(), "dataset")
@@ -145,6 +161,7 @@ class RunConfig:
     federation: FederationConfig = _f(FederationConfig(), "rounds and client sampling")
     strategy: StrategyConfig = _f(StrategyConfig(), "server aggregation")
     train: TrainConfig = _f(TrainConfig(), "local training on each client")
+    dpo: DpoConfig = _f(DpoConfig(), "preference optimisation (task=dpo)")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
     output: OutputConfig = _f(OutputConfig(), "where results go")
 
@@ -341,6 +358,8 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         )
     if cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")
+    if cfg.dpo.label_smoothing > 0 and cfg.dpo.loss_type not in ("sigmoid", "robust"):
+        problems.append(f"dpo.label_smoothing: only the sigmoid and robust losses use it, not loss_type={cfg.dpo.loss_type}; set it to 0")
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
     return problems

@@ -87,7 +87,7 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
         set_adapter(params, g)
         t = trainer(setup)
         t.model.eval()  # no dropout: compare the math only
-        t.optimizer.state.clear()
+        t.optimizer.reset()
         t._step(batches, tokens, lr=1e-2)
         return get_adapter(params)
 

@@ -12,16 +12,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
 from fedtune.data.batching import plan_steps
 from fedtune.data.prompts import Encoded, collate
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
-from fedtune.seeding import generator, torch_seed
+from fedtune.seeding import generator
 from fedtune.types import Adapter, ClientUpdate
 
 StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LocalTrainer:
@@ -49,9 +48,7 @@ class LocalTrainer:
         self.local_epochs, self.local_steps, self.warmup_steps = local_epochs, local_steps, warmup_steps
         self.max_grad_norm, self.by_length, self.seed = max_grad_norm, by_length, seed
         self.device = next(iter(params.values())).device
-        self.autocast = AUTOCAST[precision]
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self.optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=weight_decay)
+        self.optimizer = AdapterOptimizer(params, weight_decay=weight_decay, max_grad_norm=max_grad_norm, precision=precision)
 
     def plan(self, client_id: int, round: int, examples: Sequence[Encoded]) -> list[list[list[int]]]:
         """The client's optimizer steps this round (positions into ``examples``)."""
@@ -78,18 +75,16 @@ class LocalTrainer:
         ``client_config`` is what the strategy tells clients this round (empty for FedAvg)."""
         start = time.perf_counter()
         set_adapter(self.params, global_adapter)
-        self.optimizer.state.clear()
+        self.optimizer.reset()
         steps = self.plan(client_id, round, examples)
         self.model.train()
         nll_sum = torch.zeros((), device=self.device)
         tokens = real = padded = 0
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(torch_seed(self.seed, "torch", round, client_id))  # LoRA dropout
+        with dropout_rng(self.seed, round, client_id, self.device):
             for i, step in enumerate(steps):
                 batches = [collate([examples[j] for j in micro], self.pad_id) for micro in step]
                 step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                step_nll = self._step(batches, step_tokens, lr * min(1.0, (i + 1) / (self.warmup_steps + 1)))
+                step_nll = self._step(batches, step_tokens, warmup_lr(lr, i, self.warmup_steps))
                 nll_sum += step_nll
                 tokens += step_tokens
                 real += sum(int(b["attention_mask"].sum()) for b in batches)
@@ -111,24 +106,13 @@ class LocalTrainer:
 
     def _step(self, batches: list[dict], step_tokens: int, lr: float) -> torch.Tensor:
         """One optimizer step over ``batches`` (gradient accumulation); returns the summed NLL."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for batch in batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            with self.optimizer.autocast():
                 nll, _ = sequence_nll(self.model, **batch)  # (b,)
             loss = nll.sum() / max(step_tokens, 1)  # mean over every labelled token of the step
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.optimizer.backward(loss)
             total += nll.detach().sum()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step(lr)
         return total

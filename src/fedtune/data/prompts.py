@@ -40,16 +40,19 @@ def render_prompt(tokenizer, template: str, instruction: str, input: str = "") -
 
 def render_example(tokenizer, template: str, instruction: str, input: str, output: str) -> tuple[str, str]:
     """(prompt text, response text) for training; the response ends with the end-of-turn token."""
-    prompt = render_prompt(tokenizer, template, instruction, input)
     if template == "alpaca":
-        return prompt, output + (tokenizer.eos_token or "")
-    full = _chat(
-        tokenizer,
-        [{"role": "user", "content": user_message(instruction, input)}, {"role": "assistant", "content": output}],
-        generation_prompt=False,
-    )
+        return render_prompt(tokenizer, template, instruction, input), output + (tokenizer.eos_token or "")
+    return render_conversation(tokenizer, [{"role": "user", "content": user_message(instruction, input)}], output)
+
+
+def render_conversation(tokenizer, messages: list[dict], answer: str) -> tuple[str, str]:
+    """(prompt text, answer text) of a chat conversation (``messages`` ending with the user's
+    turn) and the assistant's ``answer``, in the model's chat template; the answer text ends
+    with the end-of-turn token."""
+    prompt = _chat(tokenizer, messages, generation_prompt=True)
+    full = _chat(tokenizer, messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
     if not full.startswith(prompt):  # a template that rewrites earlier turns; fall back to plain concat
-        return prompt, output + (tokenizer.eos_token or "")
+        return prompt, answer + (tokenizer.eos_token or "")
     return prompt, full[len(prompt) :]
 
 

@@ -12,13 +12,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 from fedtune.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,54 @@ def _hub_rows(name: str, split: str, subset: Optional[str], folder: bool) -> Ite
         yield f"record {i}", row
 
 
-def _text(value: object) -> Optional[str]:
+def text_value(value: object) -> Optional[str]:
     if value is None:
         return None
     if isinstance(value, float) and value != value:  # NaN from CSV/Parquet
         return None
     return value if isinstance(value, str) else str(value)
+
+
+class RowProblem(Exception):
+    """Raised by a row parser for a row that lacks what the task needs (the message names the field)."""
+
+
+def collect(
+    source: str,
+    rows: Iterator[Row],
+    parse: Callable[[dict, bool], T],
+    *,
+    skip_invalid: bool = False,
+    limit: Optional[int] = None,
+) -> tuple[list[T], LoadReport]:
+    """Parse rows into records with ``parse(row, is_first_row)``.
+
+    A row that is not an object, or whose parser raises :class:`RowProblem`, fails the load
+    with the source, the row and the problem, or is skipped and counted with ``skip_invalid``.
+    At most ``limit`` records are kept.
+    """
+    records: list[T] = []
+    reasons: list[str] = []
+    total = 0
+    for where, row in rows:
+        total += 1
+        try:
+            if not isinstance(row, dict):
+                raise RowProblem(f"expected an object with fields, got {type(row).__name__}")
+            records.append(parse(row, total == 1))
+        except RowProblem as problem:
+            message = f"{source}: {where}: {problem}"
+            if not skip_invalid:
+                raise DataError(f"{message}; fix the row or set data.skip_invalid=true to skip such rows") from None
+            reasons.append(message)
+            continue
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise DataError(f"{source}: no usable rows (read {total}); check data.path and data.columns")
+    if reasons:
+        log.warning("%s: skipped %d invalid rows (first: %s)", source, len(reasons), reasons[0])
+    return records, LoadReport(source, total, len(reasons), tuple(reasons[:5]))
 
 
 def load_examples(
@@ -165,46 +209,25 @@ def load_examples(
     """
     source, rows = read_rows(path, split, subset)
     required = ("instruction", "output")
-    examples: list[Example] = []
-    reasons: list[str] = []
-    total = 0
-    for where, row in rows:
-        total += 1
-        if not isinstance(row, dict):
-            problem = f"{source}: {where}: expected an object with fields, got {type(row).__name__}"
-        else:
-            if total == 1:
-                _check_columns(source, row, columns, required)
-            values = {key: _text(row.get(col)) for key, col in columns.items()}
-            missing = [k for k in required if not (values.get(k) or "").strip()]
-            problem = (
-                f"{source}: {where}: field '{missing[0]}' (column '{columns[missing[0]]}') is missing or empty"
-                if missing
-                else ""
-            )
-        if problem:
-            if not skip_invalid:
-                raise DataError(f"{problem}; fix the row or set data.skip_invalid=true to skip such rows")
-            reasons.append(problem)
-            continue
-        examples.append(
-            Example(
-                instruction=values["instruction"].strip(),
-                input=(values.get("input") or "").strip(),
-                output=values["output"].strip(),
-                category=(values.get("category") or "").strip() or "all",
-            )
+
+    def parse(row: dict, first: bool) -> Example:
+        if first:
+            check_columns(source, row, columns, required)
+        values = {key: text_value(row.get(col)) for key, col in columns.items()}
+        missing = [k for k in required if not (values.get(k) or "").strip()]
+        if missing:
+            raise RowProblem(f"field '{missing[0]}' (column '{columns[missing[0]]}') is missing or empty")
+        return Example(
+            instruction=values["instruction"].strip(),
+            input=(values.get("input") or "").strip(),
+            output=values["output"].strip(),
+            category=(values.get("category") or "").strip() or "all",
         )
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise DataError(f"{source}: no usable rows (read {total}); check data.path and data.columns")
-    if reasons:
-        log.warning("%s: skipped %d invalid rows (first: %s)", source, len(reasons), reasons[0])
-    return examples, LoadReport(source, total, len(reasons), tuple(reasons[:5]))
+
+    return collect(source, rows, parse, skip_invalid=skip_invalid, limit=limit)
 
 
-def _check_columns(source: str, row: dict, columns: dict[str, str], required: tuple[str, ...]) -> None:
+def check_columns(source: str, row: dict, columns: dict[str, str], required: tuple[str, ...]) -> None:
     for key in required:
         if columns[key] not in row:
             have = ", ".join(map(str, row)) or "none"

@@ -24,6 +24,7 @@ from fedtune.federation.clients import LocalClients
 from fedtune.federation.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.model.generate import generate
 from fedtune.model.lora import save_adapter, set_adapter
+from fedtune.reporting.curves import EVAL_PLOT, plot_eval
 from fedtune.reporting.metrics import METRICS_FILE, MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator
@@ -173,6 +174,7 @@ def run(
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
     finally:
         progress.run_finished()
+    plot_eval(fed.metrics.path, run_dir / EVAL_PLOT)
     if result.finished:
         save_adapter(run_dir / FINAL_ADAPTER, global_adapter, bundle.peft_config)
         result.samples_after = answer(fed, prompts, global_adapter)

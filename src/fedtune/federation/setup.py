@@ -10,18 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
+from typing import Union
+
 import torch
 
+from fedtune.client.dpo import PreferenceTrainer
 from fedtune.client.sft import LocalTrainer
 from fedtune.config import DEMO_DATA, RunConfig
 from fedtune.data import partition as part
 from fedtune.data.demo import demo_examples
+from fedtune.data.demo_preferences import demo_preferences
+from fedtune.data.preferences import EncodedPair, PreferencePair, encode_preferences, load_preferences
 from fedtune.data.prompts import Encoded, encode_pairs, render_example
 from fedtune.data.sources import Example, LoadReport, load_examples
 from fedtune.errors import CheckpointError, ConfigError, ModelError
 from fedtune.evaluation.heldout import HeldoutEvaluator
+from fedtune.evaluation.preferences import PreferenceEvaluator
 from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
 from fedtune.seeding import generator, torch_seed
@@ -69,20 +75,23 @@ def write_partition(run_dir: Path, partition: Partition, categories: list[str], 
     path.write_text(json.dumps(record))
 
 
-def load_data(cfg: RunConfig) -> tuple[list[Example], LoadReport]:
+Record = Union[Example, PreferencePair]  # a row of task=sft or task=dpo data
+
+
+def load_data(cfg: RunConfig) -> tuple[list[Record], LoadReport]:
     d = cfg.data
     if d.path == DEMO_DATA:
-        examples = demo_examples(d.demo_per_category, seed=0)[: d.limit]
+        make = demo_preferences if cfg.task == "dpo" else demo_examples
+        examples = make(d.demo_per_category, seed=0)[: d.limit]
         return examples, LoadReport("built-in demo data", len(examples))
-    return load_examples(
-        d.path, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid, limit=d.limit
-    )
+    load = load_preferences if cfg.task == "dpo" else load_examples
+    return load(d.path, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid, limit=d.limit)
 
 
-def fingerprint(examples: list[Example]) -> str:
+def fingerprint(examples: list[Record]) -> str:
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(json.dumps([e.instruction, e.input, e.output, e.category]).encode())
+        digest.update(json.dumps(astuple(e)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -100,7 +109,9 @@ def make_partition(cfg: RunConfig, examples: list[Example]) -> Partition:
     return Partition(shards, holdout, p.method, fingerprint(examples))
 
 
-def encode_examples(tokenizer, examples: list[Example], template: str, max_length: int) -> list[Encoded]:
+def encode_examples(tokenizer, examples: list[Record], template: str, max_length: int) -> list[Union[Encoded, EncodedPair]]:
+    if examples and isinstance(examples[0], PreferencePair):
+        return encode_preferences(tokenizer, examples, template, max_length)
     pairs = [render_example(tokenizer, template, e.instruction, e.input, e.output) for e in examples]
     return encode_pairs(tokenizer, pairs, max_length, template)
 
@@ -159,6 +170,10 @@ def read_init_adapter(path: str, like: Adapter) -> Adapter:
     folder = Path(path)
     if (folder / "adapter").is_dir():
         folder = folder / "adapter"
+    elif (folder / "config.yaml").is_file():
+        raise CheckpointError(
+            f"model.init_adapter: run {path} has not finished (no adapter/ yet); finish it with `fedtune run --resume {path}`"
+        )
     adapter, _ = load_adapter(folder)
     if adapter.keys() != like.keys() or any(adapter[k].shape != like[k].shape for k in like):
         raise ModelError(
@@ -167,31 +182,55 @@ def read_init_adapter(path: str, like: Adapter) -> Adapter:
     return adapter
 
 
-def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> LocalTrainer:
+def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, PreferenceTrainer]:
     t = cfg.train
-    return LocalTrainer(
-        bundle.model, bundle.params,
+    common = dict(
         pad_id=bundle.tokenizer.pad_token_id, batch_size=t.batch_size, grad_accum=t.grad_accum,
         local_epochs=t.local_epochs, local_steps=t.local_steps, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, by_length=(t.batching == "length"),
         precision=bundle.precision, seed=cfg.seed,
     )
+    if cfg.task == "dpo":
+        d = cfg.dpo
+        return PreferenceTrainer(
+            bundle.model, bundle.params, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+            reference=d.reference, initial_adapter=bundle.initial_adapter, **common,
+        )
+    return LocalTrainer(bundle.model, bundle.params, **common)
 
 
-def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list[Encoded], categories: list[str]) -> HeldoutEvaluator:
-    return HeldoutEvaluator(encoded, categories, batch_size=cfg.eval.batch_size, pad_id=bundle.tokenizer.pad_token_id)
+def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categories: list[str]) -> Union[HeldoutEvaluator, PreferenceEvaluator]:
+    """Held-out loss (sft), or DPO loss and reward accuracy/margin (dpo) against a fixed
+    reference: the base model for dpo.reference=base, else the run's initial adapter (a
+    moving per-round reference would make rounds incomparable)."""
+    pad_id, batch_size = bundle.tokenizer.pad_token_id, cfg.eval.batch_size
+    if cfg.task == "dpo":
+        d = cfg.dpo
+        return PreferenceEvaluator(
+            encoded, categories, params=bundle.params, reference_adapter=None if d.reference == "base" else bundle.initial_adapter,
+            batch_size=batch_size, pad_id=pad_id, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+        )
+    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id)
 
 
-def sample_prompts(cfg: RunConfig, examples: list[Example], holdout: list[int]) -> list[dict]:
+def sample_prompts(cfg: RunConfig, examples: list[Record], holdout: list[int]) -> list[dict]:
     """Prompts answered before and after training: configured ones, else held-out rows
-    from different categories."""
+    from different categories (for preference data, single-turn prompts with the chosen
+    answer as the reference)."""
     if cfg.eval.sample_prompts:
         return [{"prompt": p, "input": "", "reference": None} for p in cfg.eval.sample_prompts]
     picked, seen = [], set()
     for i in holdout:
-        if examples[i].category not in seen and len(picked) < cfg.eval.num_samples:
-            seen.add(examples[i].category)
-            picked.append({"prompt": examples[i].instruction, "input": examples[i].input, "reference": examples[i].output})
+        e = examples[i]
+        if e.category in seen or len(picked) >= cfg.eval.num_samples:
+            continue
+        if isinstance(e, PreferencePair):
+            if len(e.prompt) == 1:
+                picked.append({"prompt": e.prompt[0][1], "input": "", "reference": e.chosen})
+                seen.add(e.category)
+        else:
+            picked.append({"prompt": e.instruction, "input": e.input, "reference": e.output})
+            seen.add(e.category)
     return picked
 
 

@@ -61,7 +61,11 @@ class RichProgress(Progress):
         )
 
     def evaluated(self, round: int, result: dict) -> None:
-        self.console.log(f"round {round} held-out: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f}")
+        if "reward_accuracy" in result:  # task=dpo
+            extra = f"reward accuracy {result['reward_accuracy']:.3f}, margin {result['margin']:.4f}"
+        else:
+            extra = f"perplexity {result['ppl']:.2f}"
+        self.console.log(f"round {round} held-out: loss {result['loss']:.4f}, {extra}")
 
     def round_finished(self, round: int, seconds: float) -> None:
         self.bars.update(self.rounds_task, advance=1)

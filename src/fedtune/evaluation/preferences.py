@@ -1,0 +1,69 @@
+"""Held-out preference evaluation of the model as it stands against a fixed reference policy.
+
+On a held-out set of preference pairs: the DPO loss (as in training), the reward accuracy
+(share of pairs whose implicit reward ``β·(log π − log π_ref)`` is higher for the chosen
+answer; ties count ½), the mean reward margin, the mean rewards and log-probs of both answers,
+overall and per category. The reference log-probs are computed once, on first use, and kept
+(a fixed set: its size does not grow with the number of clients or rounds).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fedtune.client.dpo import mean_stats, pair_logps, pair_stats, preference_loss, reference_logps
+from fedtune.data.preferences import EncodedPair, collate_pairs
+from fedtune.types import Adapter
+
+
+class PreferenceEvaluator:
+    """Evaluates on a fixed set of pairs; batches are built once (sorted by length)."""
+
+    def __init__(
+        self,
+        pairs: Sequence[EncodedPair],
+        categories: Sequence[str],
+        *,
+        params: dict[str, torch.nn.Parameter],
+        reference_adapter: Optional[Adapter],
+        batch_size: int,
+        pad_id: int,
+        beta: float,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+    ):
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        self.batches = [collate_pairs([pairs[i] for i in c], pad_id) for c in chunks]
+        self.categories = [categories[i] for c in chunks for i in c]  # in batch order
+        self.params, self.reference_adapter = params, reference_adapter
+        self.loss = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        self.reference: Optional[list[torch.Tensor]] = None
+        self.size = len(pairs)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """{"loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
+        "rejected_logp", "examples", "per_category": {cat: {... "examples"}}}"""
+        if self.reference is None:
+            self.reference = reference_logps(model, self.params, self.batches, self.reference_adapter)
+        was_training = model.training
+        model.eval()
+        device = next(iter(self.params.values())).device
+        rows = []
+        for batch, ref in zip(self.batches, self.reference):
+            chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
+            ref = ref.to(device)  # (b, 2)
+            losses = preference_loss(
+                chosen, rejected, ref[:, 0], ref[:, 1], chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, **self.loss
+            )
+            rows.append(pair_stats(losses, chosen, rejected, ref[:, 0], ref[:, 1], self.loss["beta"]))
+        model.train(was_training)
+        cats = sorted(set(self.categories))
+        per_category = {}
+        for cat in cats:
+            mask = torch.tensor([c == cat for c in self.categories])
+            per_category[cat] = {**mean_stats(rows, mask), "examples": int(mask.sum())}
+        return {**mean_stats(rows), "examples": self.size, "per_category": per_category}

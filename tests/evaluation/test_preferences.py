@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+from fedtune.data.demo_preferences import demo_preferences
+from fedtune.data.preferences import encode_preferences
+from fedtune.evaluation.preferences import PreferenceEvaluator
+from fedtune.model.base import load_model
+from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+
+
+@pytest.fixture
+def setup(tiny_model_dir, tokenizer):
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    model = attach_lora(base, r=4, alpha=8, dropout=0.1, target_modules="all-linear", seed=0, base_name=str(tiny_model_dir))
+    params = adapter_parameters(model)
+    pairs = demo_preferences(2)[:12]
+    encoded = encode_preferences(tokenizer, pairs, "chat", 64)
+    return model, params, encoded, [p.category for p in pairs], tokenizer.pad_token_id
+
+
+def evaluator(setup, reference_adapter, **kw):
+    _, params, encoded, categories, pad = setup
+    return PreferenceEvaluator(encoded, categories, params=params, reference_adapter=reference_adapter, batch_size=5, pad_id=pad, beta=0.1, **kw)
+
+
+def test_the_starting_point_is_at_chance(setup):
+    model, params, _, categories, _ = setup
+    initial = get_adapter(params)
+    result = evaluator(setup, initial).evaluate(model)
+    assert result["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result["reward_accuracy"] == 0.5 and result["margin"] == 0.0
+    assert result["examples"] == 12
+    assert set(result["per_category"]) == set(categories)
+    assert sum(c["examples"] for c in result["per_category"].values()) == 12
+
+
+def test_metrics_follow_the_live_adapter_against_a_fixed_reference(setup):
+    model, params, _, _, _ = setup
+    initial = get_adapter(params)
+    ev = evaluator(setup, initial)
+    first = ev.evaluate(model)
+    g = torch.Generator().manual_seed(0)
+    moved = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in initial.items()}
+    set_adapter(params, moved)
+    second = ev.evaluate(model)
+    assert all(torch.equal(params[k].detach(), moved[k]) for k in moved)  # evaluation leaves the live adapter alone
+    assert second["chosen_logp"] != pytest.approx(first["chosen_logp"])
+    assert second["margin"] != 0.0
+    assert second["margin"] == pytest.approx(second["chosen_reward"] - second["rejected_reward"], abs=1e-6)
+    set_adapter(params, initial)
+    assert ev.evaluate(model)["margin"] == 0.0  # the reference was computed once and kept
+    assert model.training  # the mode is restored
+
+
+def test_base_reference_with_a_fresh_adapter_is_also_at_chance(setup):
+    model, params, _, _, _ = setup
+    result = evaluator(setup, None, loss_type="ipo").evaluate(model)  # LoRA B starts at zero: policy == base
+    assert result["reward_accuracy"] == 0.5 and result["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert result["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)  # ipo at h = 0: (1/(2 beta))^2
