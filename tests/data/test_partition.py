@@ -81,6 +81,13 @@ def test_dirichlet_impossible_minimum_is_a_config_error():
         part.dirichlet(list(range(len(c))), c, 3, 0.5, 3, rng())
 
 
+def test_dirichlet_tops_up_when_no_draw_meets_the_minimum():
+    c = ["a"] * 8  # one category, 8 rows, 7 clients: Dir(0.05) draws almost never give everyone a row
+    parts = part.dirichlet(list(range(8)), c, 7, 0.05, 1, rng(), max_tries=3)
+    assert min(len(p) for p in parts) >= 1
+    assert sorted(i for p in parts for i in p) == list(range(8))
+
+
 def test_too_many_clients_is_a_config_error():
     with pytest.raises(ConfigError, match="fewer than the 10 rows"):
         part.iid(list(range(5)), 10, rng())

@@ -70,17 +70,20 @@ def dirichlet(
     alpha: float,
     min_per_client: int,
     rng: np.random.Generator,
-    max_tries: int = 1000,
+    max_tries: int = 100,
 ) -> list[list[int]]:
     """Label-skew split: for each category, client shares are drawn from Dir(alpha).
 
     Draws again (up to ``max_tries``) until every client has at least ``min_per_client`` rows,
-    as in Hsu et al. 2019 / the usual FL benchmarks. Smaller alpha gives more skew.
+    as in Hsu et al. 2019 / the usual FL benchmarks; smaller alpha gives more skew. If no
+    draw satisfies the minimum (tiny data, many clients, small alpha), the best draw is
+    topped up: clients short of the minimum take random rows from the largest clients.
     """
     _need(len(ids), num_clients * min_per_client, "rows for partition.min_per_client on every client")
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i in ids:
         by_cat[categories[i]].append(i)
+    best: list[list[int]] = []
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(num_clients)]
         for cat in sorted(by_cat):
@@ -91,10 +94,18 @@ def dirichlet(
                 parts[client].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_per_client:
             return [sorted(p) for p in parts]
-    raise ConfigError(
-        f"partition.min_per_client: could not give every one of {num_clients} clients {min_per_client} rows "
-        f"with alpha={alpha} in {max_tries} draws; lower partition.min_per_client or raise partition.alpha"
-    )
+        if not best or min(map(len, parts)) > min(map(len, best)):
+            best = parts
+    return [sorted(p) for p in _top_up(best, min_per_client, rng)]
+
+
+def _top_up(parts: list[list[int]], minimum: int, rng: np.random.Generator) -> list[list[int]]:
+    """Move random rows from the largest clients to those below ``minimum``."""
+    for client in range(len(parts)):
+        while len(parts[client]) < minimum:
+            donor = max(range(len(parts)), key=lambda c: len(parts[c]))
+            parts[client].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
+    return parts
 
 
 def _need(have: int, need: int, what: str) -> None:
