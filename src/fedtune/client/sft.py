@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fedtune.client.hooks import LocalTerms
 from fedtune.data.batching import plan_steps
 from fedtune.data.prompts import Encoded, collate
 from fedtune.model.forward import sequence_nll
@@ -53,13 +54,16 @@ class LocalTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=weight_decay)
 
-    def plan(self, client_id: int, round: int, examples: Sequence[Encoded]) -> list[list[list[int]]]:
-        """The client's optimizer steps this round (positions into ``examples``)."""
+    def plan(
+        self, client_id: int, round: int, examples: Sequence[Encoded], local_steps: Optional[int] = None
+    ) -> list[list[list[int]]]:
+        """The client's optimizer steps this round (positions into ``examples``);
+        ``local_steps`` overrides the trainer's own (heterogeneous clients)."""
         rng = generator(self.seed, "batches", round, client_id)
         lengths = [int(e.input_ids.numel()) for e in examples]
         return plan_steps(
             lengths, self.batch_size, self.grad_accum, rng,
-            epochs=self.local_epochs, max_steps=self.local_steps, by_length=self.by_length,
+            epochs=self.local_epochs, max_steps=self.local_steps if local_steps is None else local_steps, by_length=self.by_length,
         )
 
     def fit(
@@ -71,15 +75,21 @@ class LocalTrainer:
         round: int,
         lr: float,
         client_config: Optional[dict] = None,
+        client_control: Optional[Adapter] = None,
+        local_steps: Optional[int] = None,
         on_step: Optional[StepCallback] = None,
     ) -> ClientUpdate:
         """Train from ``global_adapter`` on ``examples``; return the adapter delta.
 
-        ``client_config`` is what the strategy tells clients this round (empty for FedAvg)."""
+        ``client_config`` is what the strategy tells clients this round (empty for FedAvg;
+        FedProx's mu, SCAFFOLD's server control variate: client/hooks.py);
+        ``client_control`` is this client's own SCAFFOLD variate c_i (None: zeros), and the
+        update then carries its change in ``control_delta``."""
         start = time.perf_counter()
         set_adapter(self.params, global_adapter)
         self.optimizer.state.clear()
-        steps = self.plan(client_id, round, examples)
+        terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)
+        steps = self.plan(client_id, round, examples, local_steps)
         self.model.train()
         nll_sum = torch.zeros((), device=self.device)
         tokens = real = padded = 0
@@ -89,7 +99,7 @@ class LocalTrainer:
             for i, step in enumerate(steps):
                 batches = [collate([examples[j] for j in micro], self.pad_id) for micro in step]
                 step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                step_nll = self._step(batches, step_tokens, lr * min(1.0, (i + 1) / (self.warmup_steps + 1)))
+                step_nll = self._step(batches, step_tokens, lr * min(1.0, (i + 1) / (self.warmup_steps + 1)), terms)
                 nll_sum += step_nll
                 tokens += step_tokens
                 real += sum(int(b["attention_mask"].sum()) for b in batches)
@@ -107,9 +117,10 @@ class LocalTrainer:
             "lr": lr,
             "seconds": time.perf_counter() - start,
         }
-        return ClientUpdate(client_id, len(examples), delta, metrics)
+        control_delta = terms.control_delta() if terms is not None else None
+        return ClientUpdate(client_id, len(examples), delta, metrics, control_delta)
 
-    def _step(self, batches: list[dict], step_tokens: int, lr: float) -> torch.Tensor:
+    def _step(self, batches: list[dict], step_tokens: int, lr: float, terms: Optional[LocalTerms] = None) -> torch.Tensor:
         """One optimizer step over ``batches`` (gradient accumulation); returns the summed NLL."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -123,6 +134,8 @@ class LocalTrainer:
             total += nll.detach().sum()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if terms is not None:
+            terms.apply(self.params)  # FedProx / SCAFFOLD gradient terms (client/hooks.py)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
         if self.scaler:
