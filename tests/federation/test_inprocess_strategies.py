@@ -14,6 +14,7 @@ from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.server.sampling import local_steps_per_client
+from tests.federation.test_inprocess import StopAfter, records
 
 SMALL = [
     "data.demo_per_category=10",
@@ -26,21 +27,6 @@ SMALL = [
 ]
 PARAMS = {"fedadagrad": ["strategy.server_lr=0.003", "strategy.tau=1e-6"], "fedadam": ["strategy.server_lr=0.003", "strategy.tau=1e-6"],
           "fedyogi": ["strategy.server_lr=0.003", "strategy.tau=1e-6"], "fedprox": ["strategy.mu=0.5"], "fedavgm": ["strategy.momentum=0.5"]}
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
-
-
-class StopAfter(Progress):
-    """Sets the stop event (Ctrl-C) during round ``n``."""
-
-    def __init__(self, stop, n):
-        self.stop, self.n = stop, n
-
-    def round_started(self, round, clients):
-        if round == self.n:
-            self.stop.set()
 
 
 class CrashIn(Progress):
