@@ -66,12 +66,12 @@ COMMON = [
 QUICK = ["data.demo_per_category=12", "data.max_length=64", "partition.holdout_per_category=1", "federation.rounds=2", "train.local_steps=1"]
 
 
-def run_entry(name: str, recipe: str, extra: list[str], overrides: list[str], out: Path) -> dict:
+def run_entry(name: str, recipe: str, extra: list[str], overrides: list[str], runs: Path) -> dict:
     from fedtune.config import load_config
     from fedtune.federation.inprocess import run
     from fedtune.reporting.metrics import read_metrics
 
-    cfg = load_config(CONFIGS / recipe, overrides + extra + [f"output.dir={out / 'runs' / name}"])
+    cfg = load_config(CONFIGS / recipe, overrides + extra + [f"output.dir={runs / name}"])
     started = time.perf_counter()
     result = run(cfg)
     seconds = time.perf_counter() - started
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="base model (default: each recipe's, the bundled SmolLM2)")
     parser.add_argument("--only", default=None, help="comma-separated entry names to run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the results")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "benchmarks" / "strategies", help="folder for the run directories")
     args = parser.parse_args(argv)
 
     overrides = COMMON + (QUICK if args.quick else []) + ([f"model.name={args.model}"] if args.model else [])
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, recipe, extra in chosen:
-        entries.append(run_entry(name, recipe, extra, overrides, args.out))
+        entries.append(run_entry(name, recipe, extra, overrides, args.runs))
         print(f"{name}: held-out loss {' '.join(f'{x:.4f}' for x in entries[-1]['heldout_loss'])} "
               f"({entries[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
 

@@ -4,7 +4,7 @@ from benchmarks.strategies import ENTRIES, main
 
 
 def test_quick_benchmark_writes_json_table_and_plot(tiny_model_dir, tmp_path):
-    results = main(["--quick", "--model", str(tiny_model_dir), "--only", "fedavg,fedavg+krum", "--out", str(tmp_path)])
+    results = main(["--quick", "--model", str(tiny_model_dir), "--only", "fedavg,fedavg+krum", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
 
     saved = json.loads((tmp_path / "strategies-quick.json").read_text())
     assert saved == json.loads(json.dumps(results))
