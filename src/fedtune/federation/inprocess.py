@@ -103,6 +103,7 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
             fed.metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples, **u.metrics})
         for f in failures:
             fed.metrics.log({"type": "failure", "round": rnd, "client": f.client_id, "reason": f.reason})
+            log.info("round %d: client %d returned no update (%s)", rnd, f.client_id, f.reason)
 
         skipped = None
         if len(updates) >= cfg.federation.min_clients:
