@@ -146,7 +146,7 @@ class StrategyConfig:
 class TrainConfig:
     local_epochs: int = _f(1, "passes over the client's shard per round (ignored when local_steps is set)", ge=1)
     local_steps: Optional[int] = _f(None, "optimizer steps per client per round (cycles through the shard)", ge=1)
-    local_steps_per_client: list[int] = _f([], "heterogeneous local work: each client's steps per round, drawn once per client (seeded) from these values; overrides local_steps")
+    local_steps_per_client: list[int] = _f([], "heterogeneous local work: each client's steps per round, drawn once per client (seeded) from these values; overrides local_steps and local_epochs")
     batch_size: int = _f(4, "examples per micro-batch", ge=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
     lr: float = _f(2e-4, "peak learning rate", gt=0)
