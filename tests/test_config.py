@@ -129,3 +129,45 @@ def test_dpo_section_and_its_checks():
         "dpo.reference: 'ref' is not one of initial, base, global",
         "dpo.loss_typ: unknown key (did you mean 'dpo.loss_type'?)",
     ]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strategy.name=fedprox", "strategy.mu=-0.5"], "strategy.mu: must be >= 0, got -0.5"),
+        (["strategy.name=fedadam", "strategy.beta1=1.0"], "strategy.beta1: must be < 1, got 1.0"),
+        (["strategy.name=fedyogi", "strategy.beta2=-0.1"], "strategy.beta2: must be >= 0, got -0.1"),
+        (["strategy.name=fedadam", "strategy.tau=0"], "strategy.tau: must be > 0"),
+        (["strategy.name=fedavgm", "strategy.server_lr=0"], "strategy.server_lr: must be > 0"),
+        (["strategy.aggregator=trimmed_mean", "strategy.trim_beta=0.5"], "strategy.trim_beta: must be < 0.5"),
+        (["strategy.name=fedadam", "strategy.mu=0.1"], "strategy.mu: not used by strategy.name=fedadam with strategy.aggregator=mean; remove it"),
+        (["strategy.aggregator=median", "strategy.krum_f=1"], "strategy.krum_f: not used by strategy.name=fedavg with strategy.aggregator=median"),
+        (["strategy.aggregator=trimmed_mean"], "strategy.trim_beta: trimmed_mean needs the fraction to trim"),
+        (["strategy.aggregator=krum"], "strategy.krum_f: krum needs the number of attackers to tolerate"),
+        (["strategy.aggregator=krum", "strategy.krum_f=2", "federation.clients_per_round=6"],
+         "strategy.krum_f: krum with f=2 needs more than 2f+2=6 updates per round, but 6 clients are sampled"),
+        (["strategy.aggregator=multikrum", "strategy.krum_f=1", "federation.fraction=0.4"],
+         "strategy.krum_f: multikrum with f=1 needs more than 2f+2=4 updates per round, but 4 clients are sampled"),
+        (["strategy.aggregator=krum", "strategy.krum_f=1", "federation.clients_per_round=6", "federation.dropout=0.1"],
+         "federation.min_clients: with federation.dropout a round may aggregate only 1 updates, but krum with strategy.krum_f=1 needs 5"),
+        (["strategy.aggregator=multikrum", "strategy.krum_f=1", "strategy.multikrum_m=6", "federation.clients_per_round=6"],
+         "strategy.multikrum_m: 6 is more than the 6 updates a round may have minus strategy.krum_f=1"),
+        (["federation.min_clients=5", "federation.clients_per_round=4"], "federation.min_clients: 5 is more than the 4 clients sampled per round"),
+        (["federation.dropout=1.0"], "federation.dropout: must be < 1"),
+        (["train.local_steps_per_client=[2, 0]"], "train.local_steps_per_client: every value must be >= 1"),
+        (["strategy.name=fedsgd"], "strategy.name: 'fedsgd' is not one of"),
+    ],
+)
+def test_bad_strategy_and_participation_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_good_strategy_settings():
+    cfg = load_config(None, ["strategy.name=fedyogi", "strategy.server_lr=0.003", "strategy.aggregator=multikrum",
+                             "strategy.krum_f=1", "federation.clients_per_round=6", "federation.dropout=0.2",
+                             "federation.min_clients=5", "train.local_steps_per_client=[2, 4]"])
+    assert cfg.strategy.server_lr == 0.003 and cfg.federation.min_clients == 5
+    assert cfg.train.local_steps_per_client == [2, 4]

@@ -5,7 +5,9 @@ built from the dataclass defaults, then a YAML recipe, then ``a.b.c=value`` over
 (``~a.b.c`` resets a key to its default). Unknown keys, wrong types and impossible values
 are all collected and raised together as one :class:`~fedtune.errors.ConfigError`.
 
-Only this module reads raw config dictionaries; components receive plain values.
+Only this module reads raw config dictionaries; components receive plain values. It is
+longer than the ~400-line house limit because it is the one place every subsystem's
+settings, defaults, help and cross-key checks live.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from fedtune.errors import ConfigError
+from fedtune.server.sampling import clients_per_round
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 DEMO_DATA = "demo"
@@ -97,17 +100,56 @@ class FederationConfig:
     clients_per_round: Optional[int] = _f(None, "clients sampled per round (default: all)", ge=1)
     fraction: Optional[float] = _f(None, "fraction of clients sampled per round (instead of clients_per_round)", gt=0, le=1)
     sampling: str = _f("uniform", "client sampling: uniform, or weighted by data size", choices=("uniform", "weighted"))
+    dropout: float = _f(0.0, "simulated failures: each sampled client fails to return its update with this probability", ge=0, lt=1)
+    min_clients: int = _f(1, "fewest returned updates a round needs; a round with fewer is skipped (global unchanged) and logged", ge=1)
+
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
+# The strategy.* hyper-parameters each strategy / aggregator reads; setting one the chosen
+# strategy does not read is an error. A null hyper-parameter takes the strategy's default.
+STRATEGY_PARAMS = {
+    "fedavg": (),
+    "fedavgm": ("server_lr", "momentum"),
+    "fedprox": ("mu",),
+    "scaffold": ("server_lr",),
+    "fedadagrad": ("server_lr", "beta1", "tau"),
+    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
+    "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
+}
+AGGREGATOR_PARAMS = {"trimmed_mean": ("trim_beta",), "krum": ("krum_f",), "multikrum": ("krum_f", "multikrum_m")}
 
 
 @dataclass
 class StrategyConfig:
-    name: str = _f("fedavg", "server aggregation strategy", choices=("fedavg",))
+    name: str = _f(
+        "fedavg",
+        "server strategy: fedavg; fedavgm (server momentum); fedprox (proximal local term); scaffold (control "
+        "variates); fedadagrad, fedadam, fedyogi (adaptive server optimisers, Reddi et al. 2021)",
+        choices=STRATEGIES,
+    )
+    aggregator: str = _f(
+        "mean",
+        "how client deltas are combined: mean (weighted by examples), or robustly and unweighted: median, "
+        "trimmed_mean (strategy.trim_beta), krum or multikrum (strategy.krum_f)",
+        choices=AGGREGATORS,
+    )
+    server_lr: Optional[float] = _f(None, "server learning rate eta (null: 1.0 for fedavgm and scaffold, 0.01 for fedadagrad/fedadam/fedyogi)", gt=0)
+    momentum: Optional[float] = _f(None, "fedavgm server momentum beta (null: 0.9)", ge=0, lt=1)
+    mu: Optional[float] = _f(None, "fedprox weight mu of the local term mu/2 ||w - w_global||^2 (null: 0.01)", ge=0)
+    beta1: Optional[float] = _f(None, "fedadagrad/fedadam/fedyogi first-moment decay (null: 0.9)", ge=0, lt=1)
+    beta2: Optional[float] = _f(None, "fedadam/fedyogi second-moment decay (null: 0.99)", ge=0, lt=1)
+    tau: Optional[float] = _f(None, "fedadagrad/fedadam/fedyogi adaptivity tau, also sqrt of the initial v (null: 0.001)", gt=0)
+    trim_beta: Optional[float] = _f(None, "trimmed_mean: fraction of values dropped at each end per coordinate (required)", ge=0, lt=0.5)
+    krum_f: Optional[int] = _f(None, "krum/multikrum: attackers tolerated; needs more than 2f+2 updates per round (required)", ge=0)
+    multikrum_m: Optional[int] = _f(None, "multikrum: how many lowest-score deltas are averaged (null: updates - krum_f)", ge=1)
 
 
 @dataclass
 class TrainConfig:
     local_epochs: int = _f(1, "passes over the client's shard per round (ignored when local_steps is set)", ge=1)
     local_steps: Optional[int] = _f(None, "optimizer steps per client per round (cycles through the shard)", ge=1)
+    local_steps_per_client: list[int] = _f([], "heterogeneous local work: each client's steps per round, drawn once per client (seeded) from these values; overrides local_steps and local_epochs")
     batch_size: int = _f(4, "examples (preference pairs for task=dpo) per micro-batch", ge=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
     lr: float = _f(2e-4, "peak learning rate", gt=0)
@@ -362,6 +404,57 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"dpo.label_smoothing: only the sigmoid and robust losses use it, not loss_type={cfg.dpo.loss_type}; set it to 0")
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
+    if any(s < 1 for s in cfg.train.local_steps_per_client):
+        problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
+    return problems + participation_checks(cfg) + strategy_checks(cfg)
+
+
+def per_round(cfg: RunConfig) -> int:
+    """Clients sampled per round."""
+    fed = cfg.federation
+    return clients_per_round(cfg.partition.num_clients, fed.clients_per_round, fed.fraction)
+
+
+def participation_checks(cfg: RunConfig) -> list[str]:
+    fed, k = cfg.federation, per_round(cfg)
+    if fed.min_clients > k:
+        return [f"federation.min_clients: {fed.min_clients} is more than the {k} clients sampled per round; lower it"]
+    return []
+
+
+def strategy_checks(cfg: RunConfig) -> list[str]:
+    """Hyper-parameters the chosen strategy does not read; aggregator parameters that are
+    required; Krum's f against the fewest updates a round can aggregate."""
+    s, fed = cfg.strategy, cfg.federation
+    used = STRATEGY_PARAMS.get(s.name, ()) + AGGREGATOR_PARAMS.get(s.aggregator, ())
+    problems = [
+        f"strategy.{key}: not used by strategy.name={s.name} with strategy.aggregator={s.aggregator}; remove it"
+        for key in sorted({k for ks in (*STRATEGY_PARAMS.values(), *AGGREGATOR_PARAMS.values()) for k in ks})
+        if getattr(s, key) is not None and key not in used
+    ]
+    if s.aggregator == "trimmed_mean" and s.trim_beta is None:
+        problems.append("strategy.trim_beta: trimmed_mean needs the fraction to trim at each end, e.g. strategy.trim_beta=0.1")
+    if s.aggregator in ("krum", "multikrum"):
+        if s.krum_f is None:
+            problems.append(f"strategy.krum_f: {s.aggregator} needs the number of attackers to tolerate, e.g. strategy.krum_f=1")
+            return problems
+        n, need = per_round(cfg), 2 * s.krum_f + 3
+        if n < need:
+            problems.append(
+                f"strategy.krum_f: {s.aggregator} with f={s.krum_f} needs more than 2f+2={need - 1} updates per round, "
+                f"but {n} clients are sampled; lower strategy.krum_f or sample more clients"
+            )
+        elif fed.dropout > 0 and fed.min_clients < need:
+            n = fed.min_clients
+            problems.append(
+                f"federation.min_clients: with federation.dropout a round may aggregate only {n} updates, but "
+                f"{s.aggregator} with strategy.krum_f={s.krum_f} needs {need}; set federation.min_clients={need}"
+            )
+        if s.multikrum_m is not None and s.multikrum_m > n - s.krum_f:
+            problems.append(
+                f"strategy.multikrum_m: {s.multikrum_m} is more than the {n} updates a round may have minus "
+                f"strategy.krum_f={s.krum_f}; lower it"
+            )
     return problems
 
 

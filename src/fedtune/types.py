@@ -20,3 +20,16 @@ class ClientUpdate:
     delta: Adapter  # local adapter - global adapter
     metrics: dict[str, float] = field(default_factory=dict)  # loss, steps, tokens, seconds ...
     control_delta: Optional[Adapter] = None  # SCAFFOLD: change of the client's control variate
+
+
+@dataclass
+class ClientFailure:
+    """A sampled client that did not return an update this round."""
+
+    client_id: int
+    reason: str  # e.g. "simulated dropout (federation.dropout=0.2)"
+
+
+# Keys of the ``client_config`` dict a strategy sends its clients each round (empty for FedAvg).
+PROX_MU = "prox_mu"  # FedProx: float mu of the proximal term mu/2 ||w - w_global||^2
+SERVER_CONTROL = "server_control"  # SCAFFOLD: Adapter, the server control variate c

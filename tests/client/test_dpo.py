@@ -15,6 +15,7 @@ from fedtune.data.demo_preferences import demo_preferences
 from fedtune.data.preferences import PreferencePair, collate_pairs, encode_preferences
 from fedtune.model.base import load_model
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+from fedtune.types import PROX_MU, SERVER_CONTROL
 
 T = torch.tensor
 
@@ -200,3 +201,19 @@ def test_reference_global_versus_initial(setup):
     # against its own starting point the policy has no reward yet (up to LoRA dropout noise)
     assert abs(by_global.metrics["margin"]) < abs(by_initial.metrics["margin"])
     assert abs(by_initial.metrics["margin"]) > 0.05
+
+
+def test_fedprox_and_scaffold_reach_dpo_training(setup):
+    # the strategy hooks live in the shared optimizer step, so DPO gets them like SFT
+    _, params, encoded, _, _ = setup
+    g = get_adapter(params)
+    plain = trainer(setup).fit(0, encoded, g, round=1, lr=1e-2)
+    mu_zero = trainer(setup).fit(0, encoded, g, round=1, lr=1e-2, client_config={PROX_MU: 0.0})
+    assert all(torch.equal(plain.delta[k], mu_zero.delta[k]) for k in g)
+    zeros = {k: torch.zeros_like(v) for k, v in g.items()}
+    scaffold = trainer(setup).fit(0, encoded, g, round=1, lr=1e-2, client_config={SERVER_CONTROL: zeros}, client_control=zeros)
+    assert all(torch.equal(plain.delta[k], scaffold.delta[k]) for k in g)
+    assert scaffold.control_delta.keys() == g.keys() and any(v.abs().sum() > 0 for v in scaffold.control_delta.values())
+    pulled = trainer(setup).fit(0, encoded, g, round=1, lr=1e-2, client_config={PROX_MU: 100.0})
+    assert sum(v.norm() for v in pulled.delta.values()) < sum(v.norm() for v in plain.delta.values())
+    assert trainer(setup).fit(0, encoded, g, round=1, lr=1e-2, local_steps=1).metrics["steps"] == 1

@@ -94,3 +94,52 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
     one = step([collate(items, pad)])
     two = step([collate(items[:2], pad), collate(items[2:], pad)])
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in g)
+
+
+def _equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedprox_with_mu_zero_is_fedavg_bit_for_bit_and_mu_pulls_towards_the_global(setup):
+    from fedtune.types import PROX_MU
+
+    _, params, encs, _ = setup
+    g = get_adapter(params)
+    plain = trainer(setup).fit(1, encs, g, round=1, lr=1e-2)
+    zero = trainer(setup).fit(1, encs, g, round=1, lr=1e-2, client_config={PROX_MU: 0.0})
+    assert _equal(plain.delta, zero.delta) and zero.control_delta is None
+    strong = trainer(setup).fit(1, encs, g, round=1, lr=1e-2, client_config={PROX_MU: 50.0})
+    norm = lambda d: sum(float(v.square().sum()) for v in d.values()) ** 0.5  # noqa: E731
+    assert norm(strong.delta) < 0.9 * norm(plain.delta)
+
+
+def test_scaffold_with_zero_control_variates_is_fedavg_bit_for_bit(setup):
+    from fedtune.types import SERVER_CONTROL
+
+    _, params, encs, _ = setup
+    g = get_adapter(params)
+    zeros = {k: torch.zeros_like(v) for k, v in g.items()}
+    plain = trainer(setup).fit(1, encs, g, round=1, lr=1e-2)
+    scaffold = trainer(setup).fit(1, encs, g, round=1, lr=1e-2, client_config={SERVER_CONTROL: zeros}, client_control=zeros)
+    assert _equal(plain.delta, scaffold.delta)
+    # Delta c_i = mean raw gradient - c_i: adapter-shaped, CPU float32, and not zero after training
+    assert scaffold.control_delta.keys() == g.keys()
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in scaffold.control_delta.values())
+    assert any(v.abs().sum() > 0 for v in scaffold.control_delta.values())
+
+
+def test_scaffold_correction_changes_local_training(setup):
+    from fedtune.types import SERVER_CONTROL
+
+    _, params, encs, _ = setup
+    g = get_adapter(params)
+    c = {k: torch.full_like(v, 0.01) for k, v in g.items()}
+    plain = trainer(setup).fit(1, encs, g, round=1, lr=1e-2)
+    corrected = trainer(setup).fit(1, encs, g, round=1, lr=1e-2, client_config={SERVER_CONTROL: c})
+    assert not _equal(plain.delta, corrected.delta)
+
+
+def test_local_steps_override_per_fit(setup):
+    _, params, encs, _ = setup
+    upd = trainer(setup, local_steps=3).fit(0, encs, get_adapter(params), round=1, lr=1e-2, local_steps=1)
+    assert upd.metrics["steps"] == 1

@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedtune.server.sampling import clients_per_round, sample_clients
+from fedtune.server.sampling import clients_per_round, local_steps_per_client, sample_clients
 
 
 @pytest.mark.parametrize("n, count, fraction, want", [(10, 3, None, 3), (10, None, 0.25, 3), (10, None, 1.0, 10), (10, None, None, 10), (4, None, 0.01, 1)])
@@ -28,3 +28,13 @@ def test_weighted_sampling_prefers_large_clients():
 
 def test_full_participation():
     assert sample_clients(5, 5, np.random.default_rng(0)) == [0, 1, 2, 3, 4]
+
+
+def test_local_steps_per_client_are_seeded_fixed_per_client_and_drawn_from_the_choices():
+    a = local_steps_per_client([2, 4, 8], 200, seed=5)
+    assert a == local_steps_per_client([2, 4, 8], 200, seed=5)
+    assert set(a) == {2, 4, 8} and len(a) == 200
+    assert a[:50] == local_steps_per_client([2, 4, 8], 50, seed=5)  # a client's draw does not depend on the others
+    assert a != local_steps_per_client([2, 4, 8], 200, seed=6)
+    assert local_steps_per_client([], 10, seed=0) is None
+    assert local_steps_per_client([3], 4, seed=0) == [3, 3, 3, 3]

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
 from fedtune.data.batching import plan_steps
 from fedtune.data.preferences import EncodedPair, collate_pairs
@@ -173,12 +174,12 @@ class PreferenceTrainer:
         self.device = next(iter(params.values())).device
         self.optimizer = AdapterOptimizer(params, weight_decay=weight_decay, max_grad_norm=max_grad_norm, precision=precision)
 
-    def plan(self, client_id: int, round: int, pairs: Sequence[EncodedPair]) -> list[list[list[int]]]:
+    def plan(self, client_id: int, round: int, pairs: Sequence[EncodedPair], local_steps: Optional[int] = None) -> list[list[list[int]]]:
         """The client's optimizer steps this round (positions into ``pairs``)."""
         rng = generator(self.seed, "batches", round, client_id)
         return plan_steps(
             [p.length for p in pairs], self.batch_size, self.grad_accum, rng,
-            epochs=self.local_epochs, max_steps=self.local_steps, by_length=self.by_length,
+            epochs=self.local_epochs, max_steps=self.local_steps if local_steps is None else local_steps, by_length=self.by_length,
         )
 
     def reference_adapter(self, global_adapter: Adapter) -> Optional[Adapter]:
@@ -194,12 +195,18 @@ class PreferenceTrainer:
         round: int,
         lr: float,
         client_config: Optional[dict] = None,
+        client_control: Optional[Adapter] = None,
+        local_steps: Optional[int] = None,
         on_step: Optional[StepCallback] = None,
     ) -> ClientUpdate:
-        """Train from ``global_adapter`` on ``pairs``; return the adapter delta and DPO metrics."""
+        """Train from ``global_adapter`` on ``pairs``; return the adapter delta and DPO metrics.
+
+        ``client_config``/``client_control`` switch on FedProx/SCAFFOLD exactly as for SFT
+        (client/hooks.py); ``local_steps`` overrides the trainer's own (heterogeneous clients)."""
         start = time.perf_counter()
         set_adapter(self.params, global_adapter)
-        steps = self.plan(client_id, round, pairs)
+        terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)
+        steps = self.plan(client_id, round, pairs, local_steps)
         ref = self.reference_of(pairs, steps, self.reference_adapter(global_adapter))
         reference_seconds = time.perf_counter() - start
         self.optimizer.reset()
@@ -209,7 +216,7 @@ class PreferenceTrainer:
         with dropout_rng(self.seed, round, client_id, self.device):
             for i, step in enumerate(steps):
                 batches = [(collate_pairs([pairs[j] for j in m], self.pad_id), torch.stack([ref[j] for j in m])) for m in step]
-                step_rows = self._step(batches, warmup_lr(lr, i, self.warmup_steps))
+                step_rows = self._step(batches, warmup_lr(lr, i, self.warmup_steps), terms)
                 rows.extend(step_rows)
                 tokens += sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
                 real += sum(int(b["attention_mask"].sum()) for b, _ in batches)
@@ -228,7 +235,8 @@ class PreferenceTrainer:
             "reference_seconds": reference_seconds,
             "seconds": time.perf_counter() - start,
         }
-        return ClientUpdate(client_id, len(pairs), delta, metrics)
+        control_delta = terms.control_delta() if terms is not None else None
+        return ClientUpdate(client_id, len(pairs), delta, metrics, control_delta)
 
     def reference_of(self, pairs: Sequence[EncodedPair], steps: list, adapter: Optional[Adapter]) -> dict[int, torch.Tensor]:
         """Reference log-probs [chosen, rejected] of each pair the fit will visit, computed
@@ -239,7 +247,7 @@ class PreferenceTrainer:
         refs = reference_logps(self.model, self.params, batches, adapter, self.optimizer.autocast)
         return {j: row for c, r in zip(chunks, refs) for j, row in zip(c, r)}  # pair -> (2,)
 
-    def _step(self, batches: list[tuple[dict, torch.Tensor]], lr: float) -> list[dict[str, torch.Tensor]]:
+    def _step(self, batches: list[tuple[dict, torch.Tensor]], lr: float, terms: Optional[LocalTerms] = None) -> list[dict[str, torch.Tensor]]:
         """One optimizer step over micro-batches of (pairs, reference log-probs); the loss is
         the mean over the step's pairs. Returns per-pair metrics."""
         n_pairs = sum(int(ref.shape[0]) for _, ref in batches)
@@ -255,5 +263,5 @@ class PreferenceTrainer:
             )  # (b,)
             self.optimizer.backward(losses.sum() / n_pairs)
             rows.append(pair_stats(losses, chosen, rejected, ref[:, 0], ref[:, 1], self.beta))
-        self.optimizer.step(lr)
+        self.optimizer.step(lr, terms)
         return rows

@@ -10,10 +10,11 @@ Each trainer keeps its own loss and step loop and calls these pieces.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
+from fedtune.client.hooks import LocalTerms
 from fedtune.seeding import torch_seed
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,6 +29,7 @@ class AdapterOptimizer:
     """AdamW over the adapter parameters, with backward/step for one precision."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], *, weight_decay: float, max_grad_norm: float, precision: str):
+        self.named = params
         self.params = list(params.values())
         self.max_grad_norm = max_grad_norm
         self.device = self.params[0].device
@@ -47,12 +49,15 @@ class AdapterOptimizer:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, lr: float) -> None:
-        """Clip the accumulated gradients, take one AdamW step at ``lr`` and clear the gradients."""
+    def step(self, lr: float, terms: Optional[LocalTerms] = None) -> None:
+        """Add the strategy's gradient ``terms`` (FedProx/SCAFFOLD, client/hooks.py), clip the
+        accumulated gradients, take one AdamW step at ``lr`` and clear the gradients."""
         for group in self.adamw.param_groups:
             group["lr"] = lr
         if self.scaler:
             self.scaler.unscale_(self.adamw)
+        if terms is not None:
+            terms.apply(self.named)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if self.scaler:

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
 from fedtune.data.batching import plan_steps
 from fedtune.data.prompts import Encoded, collate
@@ -50,13 +51,16 @@ class LocalTrainer:
         self.device = next(iter(params.values())).device
         self.optimizer = AdapterOptimizer(params, weight_decay=weight_decay, max_grad_norm=max_grad_norm, precision=precision)
 
-    def plan(self, client_id: int, round: int, examples: Sequence[Encoded]) -> list[list[list[int]]]:
-        """The client's optimizer steps this round (positions into ``examples``)."""
+    def plan(
+        self, client_id: int, round: int, examples: Sequence[Encoded], local_steps: Optional[int] = None
+    ) -> list[list[list[int]]]:
+        """The client's optimizer steps this round (positions into ``examples``);
+        ``local_steps`` overrides the trainer's own (heterogeneous clients)."""
         rng = generator(self.seed, "batches", round, client_id)
         lengths = [int(e.input_ids.numel()) for e in examples]
         return plan_steps(
             lengths, self.batch_size, self.grad_accum, rng,
-            epochs=self.local_epochs, max_steps=self.local_steps, by_length=self.by_length,
+            epochs=self.local_epochs, max_steps=self.local_steps if local_steps is None else local_steps, by_length=self.by_length,
         )
 
     def fit(
@@ -68,15 +72,21 @@ class LocalTrainer:
         round: int,
         lr: float,
         client_config: Optional[dict] = None,
+        client_control: Optional[Adapter] = None,
+        local_steps: Optional[int] = None,
         on_step: Optional[StepCallback] = None,
     ) -> ClientUpdate:
         """Train from ``global_adapter`` on ``examples``; return the adapter delta.
 
-        ``client_config`` is what the strategy tells clients this round (empty for FedAvg)."""
+        ``client_config`` is what the strategy tells clients this round (empty for FedAvg;
+        FedProx's mu, SCAFFOLD's server control variate: client/hooks.py);
+        ``client_control`` is this client's own SCAFFOLD variate c_i (None: zeros), and the
+        update then carries its change in ``control_delta``."""
         start = time.perf_counter()
         set_adapter(self.params, global_adapter)
         self.optimizer.reset()
-        steps = self.plan(client_id, round, examples)
+        terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)
+        steps = self.plan(client_id, round, examples, local_steps)
         self.model.train()
         nll_sum = torch.zeros((), device=self.device)
         tokens = real = padded = 0
@@ -84,7 +94,7 @@ class LocalTrainer:
             for i, step in enumerate(steps):
                 batches = [collate([examples[j] for j in micro], self.pad_id) for micro in step]
                 step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                step_nll = self._step(batches, step_tokens, warmup_lr(lr, i, self.warmup_steps))
+                step_nll = self._step(batches, step_tokens, warmup_lr(lr, i, self.warmup_steps), terms)
                 nll_sum += step_nll
                 tokens += step_tokens
                 real += sum(int(b["attention_mask"].sum()) for b in batches)
@@ -102,9 +112,10 @@ class LocalTrainer:
             "lr": lr,
             "seconds": time.perf_counter() - start,
         }
-        return ClientUpdate(client_id, len(examples), delta, metrics)
+        control_delta = terms.control_delta() if terms is not None else None
+        return ClientUpdate(client_id, len(examples), delta, metrics, control_delta)
 
-    def _step(self, batches: list[dict], step_tokens: int, lr: float) -> torch.Tensor:
+    def _step(self, batches: list[dict], step_tokens: int, lr: float, terms: Optional[LocalTerms] = None) -> torch.Tensor:
         """One optimizer step over ``batches`` (gradient accumulation); returns the summed NLL."""
         total = torch.zeros((), device=self.device)
         for batch in batches:
@@ -114,5 +125,5 @@ class LocalTrainer:
             loss = nll.sum() / max(step_tokens, 1)  # mean over every labelled token of the step
             self.optimizer.backward(loss)
             total += nll.detach().sum()
-        self.optimizer.step(lr)
+        self.optimizer.step(lr, terms)
         return total

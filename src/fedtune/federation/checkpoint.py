@@ -8,6 +8,10 @@ Layout (names are constants)::
         strategy_state.safetensors                       strategy state tensors
         state.json                                       round, metrics lines, config hash, file hashes
 
+Per-client state that lives across rounds (SCAFFOLD's client control variates) is not copied
+into each checkpoint: it sits in ``run_dir/client_state/``, versioned by round, and resuming
+from round k drops the versions written after k (federation/client_state.py).
+
 A checkpoint is written into a temporary folder, flushed to disk, then renamed into place,
 and only then does LATEST move to it: a crash at any moment leaves the previous checkpoint
 intact and LATEST pointing at a complete one.

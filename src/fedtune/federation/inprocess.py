@@ -4,10 +4,16 @@
 round loop, which reads top to bottom:
 
     sample clients -> client config -> local fits -> aggregate -> evaluate -> log -> checkpoint
+
+A sampled client may fail to return (simulated by ``federation.dropout``); failures are
+logged as ``{"type": "failure", ...}`` lines, and a round with fewer than
+``federation.min_clients`` updates is skipped: the global adapter and strategy state stay as
+they were, and client state written in that round is rolled back.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -29,11 +35,12 @@ from fedtune.reporting.metrics import METRICS_FILE, MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator
 from fedtune.server.sampling import clients_per_round, sample_clients
-from fedtune.server.strategies import build_strategy
 from fedtune.types import Adapter
 
 CONFIG_FILE = "config.yaml"
 FINAL_ADAPTER = "adapter"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,11 +99,20 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
         client_config = fed.strategy.client_config(rnd, state)
         lr = round_lr(rnd, total, cfg.train.lr, cfg.train.lr_schedule, cfg.train.min_lr)
 
-        updates = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
+        updates, failures = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
         for u in updates:
             fed.metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples, **u.metrics})
+        for f in failures:
+            fed.metrics.log({"type": "failure", "round": rnd, "client": f.client_id, "reason": f.reason})
+            log.info("round %d: client %d returned no update (%s)", rnd, f.client_id, f.reason)
 
-        global_adapter, state = fed.strategy.aggregate(global_adapter, updates, state)
+        skipped = None
+        if len(updates) >= cfg.federation.min_clients:
+            global_adapter, state = fed.strategy.aggregate(global_adapter, updates, state)
+        else:
+            skipped = f"{len(updates)} of {len(clients)} clients returned, fewer than federation.min_clients={cfg.federation.min_clients}"
+            fed.clients.rollback(rnd)
+            log.warning("round %d skipped: %s", rnd, skipped)
 
         if rnd % cfg.eval.every == 0 or rnd == total:
             last_eval = fed.evaluate(global_adapter)
@@ -104,7 +120,8 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
             fed.progress.evaluated(rnd, last_eval)
 
         seconds = time.perf_counter() - started
-        fed.metrics.log({"type": "round", "round": rnd, "clients": clients, "lr": lr, "seconds": seconds})
+        fed.metrics.log({"type": "round", "round": rnd, "clients": clients, "failed": [f.client_id for f in failures],
+                         "skipped": skipped, "lr": lr, "seconds": seconds})
         fed.checkpoint(rnd, global_adapter, state)
         fed.progress.round_finished(rnd, seconds)
         if fed.stop.is_set() and rnd < total:
@@ -138,8 +155,10 @@ def run(
         cfg=cfg,
         run_dir=run_dir,
         bundle=bundle,
-        clients=LocalClients(setup.build_trainer(cfg, bundle), [[encoded[i] for i in shard] for shard in partition.shards], progress),
-        strategy=build_strategy(cfg.strategy.name),
+        clients=setup.build_clients(
+            cfg, setup.build_trainer(cfg, bundle), [[encoded[i] for i in shard] for shard in partition.shards], progress, run_dir
+        ),
+        strategy=setup.build_strategy(cfg),
         evaluator=setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [categories[i] for i in partition.holdout]),
         metrics=MetricsLog(run_dir / METRICS_FILE),
         progress=progress,
@@ -163,6 +182,7 @@ def run(
     else:
         fed.metrics.truncate(ckpt.metrics_lines)
         global_adapter, state, start = ckpt.adapter, ckpt.strategy_state, ckpt.round
+        fed.clients.rollback(start + 1)  # client state written after the checkpoint never happened
         earlier = list(read_metrics(fed.metrics.path))
         result.initial_eval = next((r for r in earlier if r["type"] == "eval" and r["round"] == 0), None)
         result.samples_before = next((r["items"] for r in earlier if r["type"] == "samples" and r["round"] == 0), [])

@@ -18,7 +18,7 @@ import torch
 
 from fedtune.client.dpo import PreferenceTrainer
 from fedtune.client.sft import LocalTrainer
-from fedtune.config import DEMO_DATA, RunConfig
+from fedtune.config import DEMO_DATA, STRATEGY_PARAMS, RunConfig
 from fedtune.data import partition as part
 from fedtune.data.demo import demo_examples
 from fedtune.data.demo_preferences import demo_preferences
@@ -28,9 +28,15 @@ from fedtune.data.sources import Example, LoadReport, load_examples
 from fedtune.errors import CheckpointError, ConfigError, ModelError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.preferences import PreferenceEvaluator
+from fedtune.federation.client_state import CLIENT_STATE, ClientStateStore
+from fedtune.federation.clients import LocalClients
 from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
+from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator, torch_seed
+from fedtune.server import strategies
+from fedtune.server.aggregate import build_aggregator
+from fedtune.server.sampling import local_steps_per_client
 from fedtune.types import Adapter
 
 log = logging.getLogger(__name__)
@@ -197,6 +203,22 @@ def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, Pr
             reference=d.reference, initial_adapter=bundle.initial_adapter, **common,
         )
     return LocalTrainer(bundle.model, bundle.params, **common)
+
+
+def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer], data: list[list[Encoded]], progress: Progress, run_dir: Path) -> LocalClients:
+    return LocalClients(
+        trainer, data, progress,
+        seed=cfg.seed, dropout=cfg.federation.dropout,
+        local_steps=local_steps_per_client(cfg.train.local_steps_per_client, len(data), cfg.seed),
+        state=ClientStateStore(run_dir / CLIENT_STATE, keep=cfg.output.keep_checkpoints),
+    )
+
+
+def build_strategy(cfg: RunConfig) -> strategies.Strategy:
+    s = cfg.strategy
+    aggregator = build_aggregator(s.aggregator, trim_beta=s.trim_beta, krum_f=s.krum_f, multikrum_m=s.multikrum_m)
+    hyper = {k: getattr(s, k) for k in STRATEGY_PARAMS[s.name] if getattr(s, k) is not None}
+    return strategies.build_strategy(s.name, aggregator=aggregator, num_clients=cfg.partition.num_clients, **hyper)
 
 
 def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categories: list[str]) -> Union[HeldoutEvaluator, PreferenceEvaluator]:

@@ -1,10 +1,13 @@
-"""Which clients train in a round. Pure functions of sizes and a Generator."""
+"""Which clients train in a round, and how much work each does. Pure functions of sizes,
+settings and seeded generators."""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import numpy as np
+
+from fedtune.seeding import generator
 
 
 def clients_per_round(num_clients: int, count: Optional[int], fraction: Optional[float]) -> int:
@@ -28,3 +31,12 @@ def sample_clients(
         sizes = np.asarray(sizes, dtype=np.float64)
         p = sizes / sizes.sum()
     return sorted(rng.choice(num_clients, size=k, replace=False, p=p).tolist())
+
+
+def local_steps_per_client(choices: Sequence[int], num_clients: int, seed: int) -> Optional[list[int]]:
+    """Heterogeneous local work: each client's optimizer steps per round, drawn once and
+    uniformly from ``choices`` with the generator of (seed, "workload", client), so a client
+    keeps its speed across rounds and resumes. None when ``choices`` is empty (all equal)."""
+    if not choices:
+        return None
+    return [int(choices[generator(seed, "workload", c).integers(len(choices))]) for c in range(num_clients)]
