@@ -53,13 +53,16 @@ class LocalTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=weight_decay)
 
-    def plan(self, client_id: int, round: int, examples: Sequence[Encoded]) -> list[list[list[int]]]:
-        """The client's optimizer steps this round (positions into ``examples``)."""
+    def plan(
+        self, client_id: int, round: int, examples: Sequence[Encoded], max_steps: Optional[int] = None
+    ) -> list[list[list[int]]]:
+        """The client's optimizer steps this round (positions into ``examples``); ``max_steps``
+        overrides local_steps/local_epochs (the centralized baseline's per-round budget)."""
         rng = generator(self.seed, "batches", round, client_id)
         lengths = [int(e.input_ids.numel()) for e in examples]
         return plan_steps(
             lengths, self.batch_size, self.grad_accum, rng,
-            epochs=self.local_epochs, max_steps=self.local_steps, by_length=self.by_length,
+            epochs=self.local_epochs, max_steps=max_steps or self.local_steps, by_length=self.by_length,
         )
 
     def fit(
@@ -72,6 +75,7 @@ class LocalTrainer:
         lr: float,
         client_config: Optional[dict] = None,
         on_step: Optional[StepCallback] = None,
+        max_steps: Optional[int] = None,
     ) -> ClientUpdate:
         """Train from ``global_adapter`` on ``examples``; return the adapter delta.
 
@@ -79,7 +83,7 @@ class LocalTrainer:
         start = time.perf_counter()
         set_adapter(self.params, global_adapter)
         self.optimizer.state.clear()
-        steps = self.plan(client_id, round, examples)
+        steps = self.plan(client_id, round, examples, max_steps)
         self.model.train()
         nll_sum = torch.zeros((), device=self.device)
         tokens = real = padded = 0
