@@ -326,11 +326,11 @@ def serve(
     """Serve a run's adapter on its base model as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     from fedtune.serving import ChatServer, load_chat_model
 
-    chat = load_chat_model(run_dir, base=base, name=name)
     try:
-        server = ChatServer(chat, host, port)
+        server = ChatServer(None, host, port)
     except OSError as e:
-        raise _server_error(host, port, e) from None
+        raise FedtuneError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
+    server.chat = chat = load_chat_model(run_dir, base=base, name=name)
     err.print(f"serving '{chat.name}' at {server.url} (POST /chat/completions, GET /models); Ctrl-C to stop")
     try:
         server.serve_forever()
@@ -338,10 +338,6 @@ def serve(
         pass
     finally:
         server.server_close()
-
-
-def _server_error(host: str, port: int, e: OSError) -> FedtuneError:
-    return FedtuneError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host")
 
 
 def main() -> None:

@@ -173,6 +173,7 @@ class OutputConfig:
     dir: str = _f("runs/run", "run directory (config, metrics, checkpoints, final adapter)")
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
     keep_checkpoints: int = _f(2, "newest round checkpoints to keep", ge=1)
+    report: bool = _f(True, "write report.html (plots, tables, sample answers) when the run stops or finishes")
 
 
 @dataclass

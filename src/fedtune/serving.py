@@ -326,9 +326,12 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class ChatServer(ThreadingHTTPServer):
+    """The HTTP server. It binds at construction (so a busy port fails before a model is
+    loaded); ``chat`` may be set afterwards, before ``serve_forever``."""
+
     daemon_threads = True
 
-    def __init__(self, chat: ChatModel, host: str = "127.0.0.1", port: int = 8000):
+    def __init__(self, chat: Optional[ChatModel], host: str = "127.0.0.1", port: int = 8000):
         self.chat, self.count = chat, 0  # count: completions served
         super().__init__((host, port), Handler)
 

@@ -95,6 +95,10 @@ def compare(cfg: RunConfig, *, progress: Optional[Progress] = None, stop: Option
     progress, stop = progress or Progress(), stop or threading.Event()
     root = Path(cfg.output.dir)
     runs = plan_runs(cfg)
+    names = ([BASE] if BASE in cfg.compare.models else []) + [n for n, _ in runs]
+    reference = cfg.eval.judge.reference
+    if cfg.eval.judge.base_url and reference not in ("data", *names):
+        raise ConfigError(f"eval.judge.reference: '{reference}' is neither 'data' nor a compared model ({', '.join(names)})")
     for name, sub in runs:
         status = run_or_reuse(sub, reuse=cfg.compare.reuse, progress=progress, stop=stop)
         progress.message(f"compare: {name} {status} ({sub.output.dir})")
@@ -110,7 +114,6 @@ def compare(cfg: RunConfig, *, progress: Optional[Progress] = None, stop: Option
 
     bundle = setup.build_model(cfg)
     evalset = build_eval_set(cfg, bundle, [examples[i] for i in partition.holdout])
-    names = ([BASE] if BASE in cfg.compare.models else []) + [n for n, _ in runs]
     results = {}
     for name in names:
         progress.message(f"compare: evaluating {name}")
@@ -140,9 +143,7 @@ def check_partitions(root: Path, names: list[str], shared: dict) -> None:
 
 def _judge(cfg: RunConfig, questions: list[Question], answers: dict[str, list[str]], progress: Progress) -> Optional[dict]:
     reference = cfg.eval.judge.reference
-    if reference != "data":
-        if reference not in answers:
-            raise ConfigError(f"eval.judge.reference: '{reference}' is not a compared model ({', '.join(answers)}) or 'data'")
+    if reference != "data":  # a compared model's answers are the reference (checked in compare)
         questions = [Question(q.text, a) for q, a in zip(questions, answers[reference])]
         answers = {m: a for m, a in answers.items() if m != reference}
     return judge_answers(cfg.eval.judge, questions, answers, on_model=lambda m: progress.message(f"compare: judging {m}"))
@@ -173,8 +174,7 @@ def assemble(cfg: RunConfig, root: Path, names: list[str], results: dict, evalse
         "heldout": {n: results[n]["heldout"] for n in names},
         "generation": {n: results[n]["generation"] for n in names},
         "judge": judge and judge["models"],
-        "judge_note": judge and (f"judge {judge['judge_model']} on {judge['questions']} questions, reference: "
-                                 f"{cfg.eval.judge.reference}; requests {judge['client']}"),
+        "judge_note": judge and judge_note(judge, cfg.eval.judge.reference),
         "judge_reference_ratings": judge and judge["reference_ratings"],
         "budget": budget,
         "curves": curves,
@@ -213,3 +213,11 @@ def budget_note(cfg: RunConfig, budget: dict) -> str:
                      f"{per_round} per round as when sampled in the federation.")
     parts.append("base: the base model with LoRA disabled (no training). All models are evaluated on the same held-out rows.")
     return " ".join(parts)
+
+
+def judge_note(judge: dict, reference: str) -> str:
+    stats = judge["client"]
+    ref = "the held-out reference answers" if reference == "data" else f"the answers of {reference}"
+    return (f"judge {judge['judge_model']}, {judge['questions']} questions per model, relative to {ref} "
+            f"(relative score = sum of the model's 1-10 ratings / sum of the reference's; wins/ties/losses from pairwise "
+            f"judgements in both orders); {stats['requests']} requests, {stats['cached']} from the cache, {stats['retries']} retries")

@@ -90,19 +90,13 @@ def score_answers(answers: Sequence[str], references: Sequence[str], categories:
 
 
 def pick_generation_subset(categories: Sequence[str], limit: int | None) -> list[int]:
-    """Positions to answer: all, or ``limit`` of them spread round-robin over categories
-    (in order within each category), so every category is represented. Deterministic."""
-    if limit is None or limit >= len(categories):
-        return list(range(len(categories)))
+    """Positions to answer, in round-robin order over the categories (first rows of each
+    category, then the second ...), cut at ``limit`` (None: all). Any prefix of the result is
+    as balanced across categories as it can be, so judging or showing the first k answers
+    covers every category. Deterministic."""
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(categories):
         by_cat[c].append(i)
     queues = [by_cat[c] for c in sorted(by_cat)]
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < limit:
-        for q in queues:
-            if depth < len(q) and len(picked) < limit:
-                picked.append(q[depth])
-        depth += 1
-    return sorted(picked)
+    order = [q[depth] for depth in range(max(map(len, queues), default=0)) for q in queues if depth < len(q)]
+    return order if limit is None else order[:limit]

@@ -185,7 +185,8 @@ def run(
         save_adapter(run_dir / FINAL_ADAPTER, global_adapter, bundle.peft_config)
         result.samples_after = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": result.rounds_done, "items": result.samples_after})
-    write_report(run_dir)
+    if cfg.output.report:
+        write_report(run_dir)
     return result
 
 
