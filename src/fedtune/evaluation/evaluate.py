@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -111,9 +111,9 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
         examples, source = run_heldout(cfg, run_dir), "the run's held-out set"
     else:
         d = cfg.data
-        examples, report = load_examples(data, vars(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
+        examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
         source = f"{report.source} ({report.rows} rows, {report.skipped} skipped)"
-    cfg_run, bundle, folder = setup.load_run_model(run_dir)
+    _, bundle, folder = setup.load_run_model(run_dir)
     evalset = build_eval_set(cfg, bundle, examples)
     adapter = None if base else load_adapter(folder)[0]
     result = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,

@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from fedtune.config import load_config
 from fedtune.errors import CheckpointError
 from fedtune.reporting import html as h
 from fedtune.reporting import plots
@@ -43,8 +44,8 @@ def run_report(run_dir: Path) -> Path:
     rounds = [(r["round"], r["clients"]) for r in records if r["type"] == "round"]
     samples = [r for r in records if r["type"] == "samples"]
     partition = _read_json(run_dir / "partition.json")
-    config = _read_yaml(run_dir / "config.yaml")
-    mode = config.get("federation", {}).get("mode", "federated")
+    cfg = load_config(run_dir / "config.yaml")
+    mode = cfg.federation.mode
     sections = [h.section("summary", h.table(["", "value"], _run_summary(evals, fits, rounds, mode)))]
     if evals:
         curve = [(e["round"], e["loss"]) for e in evals]
@@ -75,7 +76,7 @@ def run_report(run_dir: Path) -> Path:
                 for b, a in zip(before["items"], after["items"])]
         sections.append(h.section("sample answers", h.table(["prompt", "reference", f"round {before['round']}", f"round {after['round']}"], rows)))
     sections.extend(_evaluations(run_dir))
-    subtitle = f"{mode} run of {config.get('model', {}).get('name', '?')} on {config.get('data', {}).get('path', '?')}"
+    subtitle = f"{mode} run of {cfg.model.name} on {cfg.data.path}, {cfg.partition.num_clients} clients, {cfg.strategy.name}"
     return _write(run_dir, h.page(f"fedtune run: {run_dir.name}", subtitle, sections))
 
 
@@ -110,7 +111,9 @@ def _evaluations(run_dir: Path) -> list[str]:
 
 def comparison_report(folder: Path, comp: dict) -> Path:
     models = comp["models"]
-    sections = [h.section("summary", h.note(comp["budget_note"]), summary_table(comp))]
+    checks = [(name, "yes" if ok else "no") for name, ok in comp.get("summary", {}).get("ordering", {}).items()]
+    sections = [h.section("summary", h.note(comp["budget_note"]), summary_table(comp),
+                          h.table(["FedIT ordering on held-out loss", "holds"], checks) if checks else "")]
     plots.loss_curves({m: comp["curves"][m] for m in models if comp["curves"].get(m)}, folder / "loss_per_round.png", dashed=["base"])
     per_cat = {m: _per_cat(comp["heldout"][m]) for m in models}
     plots.category_bars(per_cat, folder / "loss_per_category.png", ylabel="held-out loss", title="held-out loss per category")
@@ -182,12 +185,6 @@ def _prompt(item: dict) -> str:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _write(folder: Path, text: str) -> Path:
