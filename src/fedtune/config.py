@@ -388,6 +388,11 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         )
     if cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")
+    if fed.mode != "federated" and cfg.strategy.name != "fedavg":
+        problems.append(
+            f"strategy.name: federation.mode={fed.mode} trains one client per round without aggregation; use fedavg "
+            f"(FedAvg of one update is that update), not {cfg.strategy.name}"
+        )
     bad_local = [c for c in cfg.local.clients if not 0 <= c < part.num_clients]
     if bad_local:
         problems.append(f"local.clients: {bad_local} not in 0..{part.num_clients - 1} (partition.num_clients={part.num_clients})")

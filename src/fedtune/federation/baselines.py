@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from fedtune.config import CompareConfig, LocalConfig, RunConfig
+from fedtune.config import CompareConfig, LocalConfig, RunConfig, StrategyConfig
 from fedtune.errors import ConfigError
 from fedtune.federation.clients import LocalClients
 from fedtune.seeding import generator
@@ -37,12 +37,14 @@ POOLED_CLIENT = 0  # the id of the one client of a centralized run
 
 def with_mode(cfg: RunConfig, mode: str, out_dir: Path | str, local_client: int | None = None) -> RunConfig:
     """``cfg`` as a ``mode`` run writing to ``out_dir``. Settings that do not apply to the
-    mode (local.* outside local mode, compare.*) go back to their defaults, so the same
-    sub-run gets the same config (and can be reused) whatever the comparison around it."""
+    mode (local.* outside local mode, compare.*, and for the baselines strategy.*: FedAvg of
+    one update is plain training) go back to their defaults, so the same sub-run gets the
+    same config (and can be reused) whatever the comparison around it."""
     local = LocalConfig(clients=[local_client]) if mode == "local" else LocalConfig()
     return dataclasses.replace(
         cfg,
         federation=dataclasses.replace(cfg.federation, mode=mode),
+        strategy=cfg.strategy if mode == "federated" else StrategyConfig(),
         local=local,
         output=dataclasses.replace(cfg.output, dir=str(out_dir)),
         compare=CompareConfig(),
