@@ -388,6 +388,8 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         )
     if cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")
+    if fed.mode == "centralized" and cfg.task != "sft":
+        problems.append(f"federation.mode=centralized: supported for task=sft, not task={cfg.task}")
     if fed.mode != "federated" and cfg.strategy.name != "fedavg":
         problems.append(
             f"strategy.name: federation.mode={fed.mode} trains one client per round without aggregation; use fedavg "

@@ -25,7 +25,7 @@ from typing import Optional
 
 from fedtune.config import RunConfig, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.evaluation.evaluate import FINAL_ADAPTER, build_eval_set, evaluate_model, judge_answers
+from fedtune.evaluation.evaluate import FINAL_ADAPTER, build_eval_set, evaluate_model, judge_answers, require_sft
 from fedtune.evaluation.grading import Question
 from fedtune.federation import baselines, setup
 from fedtune.federation.inprocess import CONFIG_FILE, RunResult, run
@@ -93,6 +93,7 @@ def compare(cfg: RunConfig, *, progress: Optional[Progress] = None, stop: Option
     """Train (or reuse) every compared run, evaluate all models alike, write
     ``comparison.json`` and ``report.html`` in ``output.dir``."""
     progress, stop = progress or Progress(), stop or threading.Event()
+    require_sft(cfg)
     root = Path(cfg.output.dir)
     runs = plan_runs(cfg)
     names = ([BASE] if BASE in cfg.compare.models else []) + [n for n, _ in runs]

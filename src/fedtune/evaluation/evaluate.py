@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 from fedtune.config import JudgeConfig, RunConfig, from_dict, parse_overrides, read_yaml
 from fedtune.data.prompts import user_message
 from fedtune.data.sources import Example, load_examples
-from fedtune.errors import CheckpointError
+from fedtune.errors import CheckpointError, ConfigError
 from fedtune.evaluation.generation import pick_generation_subset, score_answers
 from fedtune.evaluation.grading import Question, grade
 from fedtune.evaluation.heldout import HeldoutEvaluator
@@ -85,6 +85,11 @@ def judge_answers(judge: JudgeConfig, questions: list[Question], answers: dict[s
     return {**graded, "judge_model": judge.model, "questions": min(n, len(questions)), "client": dict(client.stats)}
 
 
+def require_sft(cfg: RunConfig) -> None:
+    if cfg.task != "sft":
+        raise ConfigError(f"task: evaluation by generation (eval, compare) is for task=sft runs, not task={cfg.task}")
+
+
 def run_heldout(cfg: RunConfig, run_dir: Path) -> list[Example]:
     """The held-out rows of a run, as its ``partition.json`` recorded them."""
     examples, _ = setup.load_data(cfg)
@@ -107,6 +112,7 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a fedtune run directory (no config.yaml); check the path")
     cfg = from_dict(parse_overrides(read_yaml(run_dir / "config.yaml"), list(overrides)))
+    require_sft(cfg)
     if data is None:
         examples, source = run_heldout(cfg, run_dir), "the run's held-out set"
     else:

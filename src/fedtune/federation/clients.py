@@ -28,6 +28,9 @@ class LocalClients:
         self.trainer, self.data, self.progress = trainer, data, progress
         self.round_steps = round_steps or {}
 
+    def _budget(self, round: int) -> dict:
+        return {"max_steps": self.round_steps[round]} if round in self.round_steps else {}
+
     def __len__(self) -> int:
         return len(self.data)
 
@@ -35,7 +38,7 @@ class LocalClients:
         return [len(d) for d in self.data]
 
     def steps(self, client: int, round: int) -> int:
-        return len(self.trainer.plan(client, round, self.data[client], self.round_steps.get(round)))
+        return len(self.trainer.plan(client, round, self.data[client], **self._budget(round)))
 
     def fit(self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float) -> list[ClientUpdate]:
         updates = []
@@ -43,7 +46,7 @@ class LocalClients:
             self.progress.client_started(round, cid, self.steps(cid, round))
             update = self.trainer.fit(
                 cid, self.data[cid], global_adapter, round=round, lr=lr, client_config=client_config,
-                on_step=self.progress.step, max_steps=self.round_steps.get(round),
+                on_step=self.progress.step, **self._budget(round),
             )
             self.progress.client_finished(round, cid, update.metrics)
             updates.append(update)

@@ -87,8 +87,9 @@ def _run_summary(evals: list, fits: list, rounds: list, mode: str) -> list[tuple
                          ("training seconds", round(sum(float(f.get("seconds", 0.0)) for f in fits), 1))]
     if evals:
         rows += [(f"held-out loss, round {evals[0]['round']}", evals[0]["loss"]),
-                 (f"held-out loss, round {evals[-1]['round']}", evals[-1]["loss"]),
-                 (f"held-out perplexity, round {evals[-1]['round']}", evals[-1]["ppl"])]
+                 (f"held-out loss, round {evals[-1]['round']}", evals[-1]["loss"])]
+        if "ppl" in evals[-1]:  # SFT (a DPO evaluation has a loss but no perplexity)
+            rows.append((f"held-out perplexity, round {evals[-1]['round']}", evals[-1]["ppl"]))
     return rows
 
 
