@@ -64,6 +64,15 @@ def test_greedy_answers_are_repeatable_and_text_parts_are_accepted(server):
     assert ask("hello") == ask([{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}])
 
 
+def test_stop_strings_end_the_answer(server):
+    ask = lambda **kw: json.loads(call(server, "/v1/chat/completions", {  # noqa: E731
+        "messages": [{"role": "user", "content": "Write two lines."}], "max_tokens": 8, **kw})[2])["choices"][0]
+    free = ask()
+    cut = ask(stop=["\n"])
+    assert "\n" not in cut["message"]["content"] and free["message"]["content"].startswith(cut["message"]["content"])
+    assert cut["finish_reason"] == "stop" or cut["message"]["content"] == free["message"]["content"]
+
+
 def test_streaming_sends_chunks_then_done(server):
     status, kind, text = call(server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True})

@@ -18,6 +18,7 @@ Built on the standard library (``http.server``): no extra dependency.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -164,15 +165,24 @@ class ChatModel:
             kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if req.stop:  # end generation at a stop string (the text is cut before it afterwards)
+            kwargs.update(stop_strings=req.stop, tokenizer=self.tokenizer)
         return kwargs
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        """Sampling draws from ``seed`` without touching the process's RNG state."""
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
     @torch.inference_mode()
     def complete(self, req: ChatRequest) -> dict:
         """{"text", "prompt_tokens", "completion_tokens", "finish_reason"}"""
         ids = self.prompt_ids(req.messages)
         kwargs = self._kwargs(req, ids)
-        with self.lock, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(req.seed)
+        with self.lock, self._seeded(req.seed):
             self.model.eval()
             new = self.model.generate(**kwargs)[0, ids.shape[1]:]  # (t_new,)
         text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), req.stop)
@@ -218,8 +228,7 @@ class ChatModel:
     @torch.inference_mode()
     def _generate_into(self, kwargs: dict, seed: int, streamer, result: dict) -> None:
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with self._seeded(seed):
                 self.model.eval()
                 result["new"] = self.model.generate(**kwargs, streamer=streamer)[0, kwargs["input_ids"].shape[1] :].cpu()
         except Exception as err:  # end the stream; the request thread reports it
