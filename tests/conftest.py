@@ -73,6 +73,7 @@ def tiny_overrides(tiny_model_dir, tmp_path) -> list[str]:
         "train.lr=0.002",
         "eval.num_samples=1",
         "eval.max_new_tokens=4",
+        "output.report=false",  # plots cost seconds per run; tests of the report turn it on
         f"output.dir={tmp_path / 'run'}",
     ]
 
@@ -80,3 +81,18 @@ def tiny_overrides(tiny_model_dir, tmp_path) -> list[str]:
 @pytest.fixture
 def tiny_config(tiny_overrides):
     return load_config(None, tiny_overrides)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished one-round run of the tiny model (treat as read-only; copy it to change it)."""
+    from fedtune.federation.inprocess import run
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    overrides = [
+        f"model.name={tiny_model_dir}", "data.demo_per_category=20", "data.max_length=64", "partition.method=shards",
+        "partition.num_clients=3", "partition.holdout_per_category=2", "federation.rounds=1", "train.local_steps=2",
+        "train.lr=0.002", "eval.num_samples=1", "eval.max_new_tokens=4", "eval.generation_examples=4", f"output.dir={out}",
+    ]
+    run(load_config(None, overrides))
+    return out

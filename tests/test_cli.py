@@ -90,3 +90,36 @@ def test_dpo_run_shows_reward_metrics_and_bad_pairs_exit_3(tiny_overrides, tmp_p
     assert ok.returncode == 0, ok.stderr
     assert "held-out DPO loss, reward accuracy, margin" in ok.stdout and "0.693, 0.500, +0.000" in ok.stdout
     assert "reward accuracy" in ok.stderr
+
+
+def test_eval_report_and_serve_commands(finished_run, tmp_path):
+    import shutil
+    import socket
+
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    ev = fedtune("eval", run_dir, "eval.generation_examples=2")
+    assert ev.returncode == 0, ev.stderr
+    assert "ROUGE-L" in ev.stdout and "evaluations/heldout.json" in ev.stdout.replace("\n", "")
+    rep = fedtune("report", run_dir)
+    assert rep.returncode == 0 and "report.html" in rep.stdout
+    assert_one_line_error(fedtune("eval", tmp_path / "nowhere"), 4, "not a fedtune run directory")
+    assert_one_line_error(fedtune("report", tmp_path), 4, "holds neither metrics.jsonl nor comparison.json")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(fedtune("serve", run_dir, "--port", port), 1, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_compare_command_prints_the_table(tiny_overrides, tmp_path):
+    proc = fedtune("compare", *tiny_overrides, "federation.rounds=1", "compare.models=[base, federated]", "eval.generation_examples=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out loss per category" in proc.stdout and "federated" in proc.stdout and "ROUGE-L" in proc.stdout
+    assert (tmp_path / "run" / "comparison.json").is_file() and (tmp_path / "run" / "report.html").is_file()
+
+
+def test_run_in_local_mode_gives_each_client_its_own_run(tiny_overrides, tmp_path):
+    proc = fedtune("run", *tiny_overrides, "federation.mode=local", "local.clients=[0, 2]", "federation.rounds=1")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in sorted((tmp_path / "run").iterdir())] == ["local-0", "local-2"]
+    assert all((tmp_path / "run" / d / "adapter" / "adapter_config.json").is_file() for d in ("local-0", "local-2"))

@@ -25,3 +25,10 @@ def test_dpo_recipes_are_dpo_runs():
     assert demo.task == after.task == "dpo" and demo.data.path == "demo"
     assert after.model.init_adapter == sft.output.dir and after.dpo.reference == "initial"
     assert (after.model.name, after.lora) == (sft.model.name, sft.lora)  # the SFT adapter fits
+
+
+def test_demo_compare_recipe_compares_all_four_on_a_non_iid_split():
+    cfg = load_config(RECIPES[0].parent / "demo-compare.yaml")
+    assert cfg.compare.models == ["base", "local", "federated", "centralized"]
+    assert cfg.partition.method == "shards" and cfg.model.name == "smollm2-135m-instruct" and cfg.data.path == "demo"
+    assert cfg.federation.mode == "federated" and cfg.local.count >= 2

@@ -100,8 +100,14 @@ def run(
         cfg = _config(path, overrides)
     stop = threading.Event()
     signal.signal(signal.SIGINT, functools.partial(_on_interrupt, stop))
-    result = run_federation(cfg, resume=resume is not None, progress=RichProgress(err), stop=stop)
-    _show_result(result)
+    if cfg.federation.mode == "local" and len(cfg.local.clients) != 1 and resume is None:
+        from fedtune.evaluation.compare import run_local_each
+
+        results = run_local_each(cfg, progress=RichProgress(err), stop=stop)  # one run directory per client
+    else:
+        results = [run_federation(cfg, resume=resume is not None, progress=RichProgress(err), stop=stop)]
+    for result in results:
+        _show_result(result)
 
 
 def _on_interrupt(stop: threading.Event, *_: object) -> None:
@@ -132,6 +138,7 @@ def _show_result(result) -> None:
         out.print(f"  [green]after:[/]  {a['answer']}", highlight=False)
     if result.finished:
         out.print(f"adapter (PEFT format): {result.run_dir / 'adapter'}")
+    out.print(f"report: {result.run_dir / 'report.html'}")
 
 
 def _eval_cell(r: dict, dpo: bool) -> str:
@@ -232,6 +239,113 @@ def chat(
         else:
             reply = gen(bundle.model, bundle.tokenizer, [text], template=cfg.data.template, max_new_tokens=max_new_tokens)[0]
         out.print(f"model> {reply}", highlight=False, markup=False)
+
+
+@app.command()
+@handle_errors
+def compare(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides")) -> None:
+    """Base vs local-only vs federated vs centralized on one partition: train (or reuse) the
+    runs, evaluate them alike, write comparison.json and report.html."""
+    from fedtune.evaluation.compare import compare as run_compare
+    from fedtune.reporting.progress import RichProgress
+
+    cfg = _config(*_split_args(args))
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, functools.partial(_on_interrupt, stop))
+    result = run_compare(cfg, progress=RichProgress(err), stop=stop)
+    if result.comparison is None:
+        err.print(f"stopped; run `fedtune compare` again with the same config to continue ({result.folder})")
+        raise typer.Exit(130)
+    _show_comparison(result.comparison)
+    out.print(f"comparison: {result.folder / 'comparison.json'}\nreport: {result.folder / 'report.html'}")
+
+
+def _show_comparison(comp: dict) -> None:
+    models = comp["models"]
+    table = Table(title=f"{comp['name']}: held-out loss per category (lower is better)")
+    table.add_column("category")
+    for m in models:
+        table.add_column(m, justify="right")
+    heldout = comp["heldout"]
+    table.add_row("all", *[f"{heldout[m]['loss']:.3f}" for m in models], style="bold")
+    for c in heldout[models[0]]["per_category"]:
+        table.add_row(c, *[f"{heldout[m]['per_category'][c]['loss']:.3f}" for m in models])
+    out.print(table)
+    summary = Table(title="summary")
+    for col in ("model", "loss", "perplexity", "ROUGE-L", "exact match", "steps", *(["judge rel.", "W/T/L"] if comp["judge"] else [])):
+        summary.add_column(col, justify="left" if col == "model" else "right")
+    for m in models:
+        gen, judge = comp["generation"][m], (comp["judge"] or {}).get(m, {})
+        extra = []
+        if comp["judge"]:
+            single, pair = judge.get("single") or {}, judge.get("pairwise") or {}
+            rel = single.get("relative")
+            extra = [f"{rel:.3f}" if rel is not None else "-", f"{pair.get('win', '-')}/{pair.get('tie', '-')}/{pair.get('loss', '-')}"]
+        summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", f"{gen['rouge_l']:.3f}",
+                        f"{gen['exact_match']:.3f}", str(comp["budget"][m]["optimizer_steps"]), *extra)
+    out.print(summary)
+    out.print(comp["budget_note"], highlight=False)
+    for check, ok in comp["summary"]["ordering"].items():
+        out.print(f"  {'[green]yes[/]' if ok else '[red]no[/]'}  {check}")
+
+
+@app.command(name="eval")
+@handle_errors
+def eval_(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    args: List[str] = typer.Argument(None, help="key=value overrides of the run's config (e.g. data.columns.output=response)"),
+    data: Optional[str] = typer.Option(None, "--data", help="evaluate on this file (default: the run's held-out set)"),
+    base: bool = typer.Option(False, "--base", help="evaluate the base model (adapter disabled)"),
+) -> None:
+    """Evaluate a run's adapter: held-out loss/perplexity per category, ROUGE-L, exact match."""
+    from fedtune.evaluation.evaluate import evaluate_run
+
+    record = evaluate_run(run_dir, data=data, base=base, overrides=args or [])
+    table = Table(title=record["description"])
+    for col in ("category", "loss", "perplexity", "ROUGE-L", "exact match"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    gen = record["generation"]
+    table.add_row("all", f"{record['heldout']['loss']:.4f}", f"{record['heldout']['ppl']:.2f}", f"{gen['rouge_l']:.3f}", f"{gen['exact_match']:.3f}")
+    for c, v in record["heldout"]["per_category"].items():
+        g = gen["per_category"].get(c)
+        table.add_row(c, f"{v['loss']:.4f}", f"{v['ppl']:.2f}", *([f"{g['rouge_l']:.3f}", f"{g['exact_match']:.3f}"] if g else ["-", "-"]))
+    out.print(table)
+    out.print(f"saved: {run_dir / 'evaluations' / (record['name'] + '.json')}")
+
+
+@app.command()
+@handle_errors
+def report(run_dir: Path = typer.Argument(..., help="a run or comparison directory")) -> None:
+    """(Re)write report.html with its plots for a run or a comparison."""
+    from fedtune.reporting.report import write_report
+
+    out.print(f"report: {write_report(run_dir)}")
+
+
+@app.command()
+@handle_errors
+def serve(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, "--port"),
+    name: Optional[str] = typer.Option(None, "--name", help="model id to serve (default: the run directory's name)"),
+    base: bool = typer.Option(False, "--base", help="serve the base model (adapter disabled)"),
+) -> None:
+    """Serve a run's adapter on its base model as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    from fedtune.serving import ChatServer, load_chat_model
+
+    try:
+        server = ChatServer(None, host, port)
+    except OSError as e:
+        raise FedtuneError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
+    server.chat = chat = load_chat_model(run_dir, base=base, name=name)
+    err.print(f"serving '{chat.name}' at {server.url} (POST /chat/completions, GET /models); Ctrl-C to stop")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main() -> None:

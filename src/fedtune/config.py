@@ -30,6 +30,7 @@ from fedtune.server.sampling import clients_per_round
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 DEMO_DATA = "demo"
+COMPARE_MODELS = ("base", "local", "federated", "centralized")
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -102,6 +103,12 @@ class FederationConfig:
     sampling: str = _f("uniform", "client sampling: uniform, or weighted by data size", choices=("uniform", "weighted"))
     dropout: float = _f(0.0, "simulated failures: each sampled client fails to return its update with this probability", ge=0, lt=1)
     min_clients: int = _f(1, "fewest returned updates a round needs; a round with fewer is skipped (global unchanged) and logged", ge=1)
+    mode: str = _f(
+        "federated",
+        "federated; centralized (one client holding all training shards, with the federated run's step budget); "
+        "local (each client of local.* trains alone on its own shard)",
+        choices=("federated", "centralized", "local"),
+    )
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi")
@@ -118,6 +125,12 @@ STRATEGY_PARAMS = {
     "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
 }
 AGGREGATOR_PARAMS = {"trimmed_mean": ("trim_beta",), "krum": ("krum_f",), "multikrum": ("krum_f", "multikrum_m")}
+
+
+@dataclass
+class LocalConfig:
+    clients: list[int] = _f([], "clients that train alone in federation.mode=local (default: local.count random clients)")
+    count: int = _f(3, "random clients that train alone when local.clients is empty", ge=1)
 
 
 @dataclass
@@ -177,12 +190,40 @@ class DpoConfig:
 
 
 @dataclass
+class JudgeConfig:
+    base_url: Optional[str] = _f(None, "OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (null: no judge)")
+    model: str = _f("gpt-4o-mini", "judge model name sent to the endpoint")
+    api_key_env: str = _f("OPENAI_API_KEY", "environment variable holding the API key (unset: no key sent)")
+    grading: str = _f("both", "single-answer 1-10 scores, pairwise A/B against the reference, or both", choices=("single", "pairwise", "both"))
+    reference: str = _f("data", "reference answers: 'data' (the held-out outputs) or a compared model (e.g. centralized)")
+    examples: Optional[int] = _f(None, "judge at most this many of the generated answers per model (null: all)", ge=1)
+    requests_per_second: float = _f(2.0, "rate limit on judge requests", gt=0)
+    max_retries: int = _f(4, "retries on connection errors, 429 and 5xx, with exponential backoff", ge=0)
+    backoff: float = _f(1.0, "first retry delay in seconds (doubles each retry)", ge=0)
+    timeout: float = _f(120.0, "seconds to wait for one judge reply", gt=0)
+    max_tokens: int = _f(512, "tokens the judge may write per judgement", ge=1)
+    cache_dir: Optional[str] = _f(None, "judgement cache folder (null: <fedtune cache>/judge)")
+
+
+@dataclass
 class EvalConfig:
     every: int = _f(1, "evaluate the global adapter every N rounds (and always after the last)", ge=1)
     batch_size: int = _f(8, "examples per evaluation batch", ge=1)
     sample_prompts: list[str] = _f([], "prompts answered before and after training (default: from the held-out set)")
     num_samples: int = _f(2, "held-out prompts answered before/after when sample_prompts is empty", ge=0)
     max_new_tokens: int = _f(64, "tokens generated per sample answer", ge=1)
+    generation_examples: Optional[int] = _f(
+        48, "held-out examples answered for ROUGE-L / exact match in compare and eval (null: all)", ge=0
+    )
+    judge: JudgeConfig = _f(JudgeConfig(), "LLM-as-judge grading (off unless judge.base_url is set)")
+
+
+@dataclass
+class CompareConfig:
+    models: list[str] = _f(
+        ["base", "local", "federated", "centralized"], "what `fedtune compare` trains/evaluates side by side"
+    )
+    reuse: bool = _f(True, "reuse finished sub-runs with the same config (unfinished ones are resumed)")
 
 
 @dataclass
@@ -190,6 +231,7 @@ class OutputConfig:
     dir: str = _f("runs/run", "run directory (config, metrics, checkpoints, final adapter)")
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
     keep_checkpoints: int = _f(2, "newest round checkpoints to keep", ge=1)
+    report: bool = _f(True, "write report.html (plots, tables, sample answers) when the run stops or finishes")
 
 
 @dataclass
@@ -201,15 +243,20 @@ class RunConfig:
     data: DataConfig = _f(DataConfig(), "dataset")
     partition: PartitionConfig = _f(PartitionConfig(), "split across clients")
     federation: FederationConfig = _f(FederationConfig(), "rounds and client sampling")
+    local: LocalConfig = _f(LocalConfig(), "local-only baseline (federation.mode=local)")
     strategy: StrategyConfig = _f(StrategyConfig(), "server aggregation")
     train: TrainConfig = _f(TrainConfig(), "local training on each client")
     dpo: DpoConfig = _f(DpoConfig(), "preference optimisation (task=dpo)")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
     output: OutputConfig = _f(OutputConfig(), "where results go")
+    compare: CompareConfig = _f(CompareConfig(), "`fedtune compare`: base vs local-only vs federated vs centralized")
 
 
 # Keys that may change when resuming a run: they do not affect the math of finished rounds.
-RESUMABLE_CHANGES = ("federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens")
+RESUMABLE_CHANGES = (
+    "federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens",
+    "eval.generation_examples", "eval.judge.", "compare.",
+)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -402,6 +449,23 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")
     if cfg.dpo.label_smoothing > 0 and cfg.dpo.loss_type not in ("sigmoid", "robust"):
         problems.append(f"dpo.label_smoothing: only the sigmoid and robust losses use it, not loss_type={cfg.dpo.loss_type}; set it to 0")
+    if fed.mode == "centralized" and cfg.task != "sft":
+        problems.append(f"federation.mode=centralized: supported for task=sft, not task={cfg.task}")
+    if fed.mode != "federated" and cfg.strategy.name != "fedavg":
+        problems.append(
+            f"strategy.name: federation.mode={fed.mode} trains one client per round without aggregation; use fedavg "
+            f"(FedAvg of one update is that update), not {cfg.strategy.name}"
+        )
+    bad_local = [c for c in cfg.local.clients if not 0 <= c < part.num_clients]
+    if bad_local:
+        problems.append(f"local.clients: {bad_local} not in 0..{part.num_clients - 1} (partition.num_clients={part.num_clients})")
+    if len(set(cfg.local.clients)) != len(cfg.local.clients):
+        problems.append(f"local.clients: {cfg.local.clients} repeats a client")
+    if not cfg.local.clients and cfg.local.count > part.num_clients:
+        problems.append(f"local.count: {cfg.local.count} is more than partition.num_clients={part.num_clients}")
+    unknown = [m for m in cfg.compare.models if m not in COMPARE_MODELS]
+    if unknown:
+        problems.append(f"compare.models: {unknown} unknown; choose from {', '.join(COMPARE_MODELS)}")
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
     if any(s < 1 for s in cfg.train.local_steps_per_client):

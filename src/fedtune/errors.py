@@ -47,3 +47,9 @@ class ModelError(FedtuneError):
     """The base model or its tokenizer cannot be loaded or used as asked."""
 
     exit_code = 6
+
+
+class JudgeError(FedtuneError):
+    """The LLM judge endpoint is unreachable, refuses the request or answers malformed JSON."""
+
+    exit_code = 7

@@ -55,7 +55,8 @@ class LocalTrainer:
         self, client_id: int, round: int, examples: Sequence[Encoded], local_steps: Optional[int] = None
     ) -> list[list[list[int]]]:
         """The client's optimizer steps this round (positions into ``examples``);
-        ``local_steps`` overrides the trainer's own (heterogeneous clients)."""
+        ``local_steps`` overrides the trainer's own (heterogeneous clients, or
+        the centralized baseline's per-round budget)."""
         rng = generator(self.seed, "batches", round, client_id)
         lengths = [int(e.input_ids.numel()) for e in examples]
         return plan_steps(

@@ -29,6 +29,8 @@ class LocalClients:
     (seed, "failures", round, client), so a resumed run fails the same clients.
     ``local_steps``: optimizer steps per round for each client (None: the trainer's own).
     ``state``: where clients keep state between rounds (needed by SCAFFOLD).
+    ``round_steps`` (round -> optimizer steps) fixes every fit's step budget instead; the
+    centralized baseline uses it (federation/baselines.py).
     """
 
     def __init__(
@@ -41,9 +43,11 @@ class LocalClients:
         dropout: float = 0.0,
         local_steps: Optional[Sequence[int]] = None,
         state: Optional[ClientStateStore] = None,
+        round_steps: Optional[dict[int, int]] = None,
     ):
         self.trainer, self.data, self.progress = trainer, data, progress
         self.seed, self.dropout, self.local_steps, self.state = seed, dropout, local_steps, state
+        self.round_steps = round_steps or {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -55,13 +59,17 @@ class LocalClients:
         """Whether ``client`` drops out of ``round`` (simulated, seeded)."""
         return self.dropout > 0 and generator(self.seed, "failures", round, client).random() < self.dropout
 
-    def _local_steps(self, client: int) -> Optional[int]:
+    def _local_steps(self, client: int, round: int) -> Optional[int]:
+        """The fit's step budget: the round's fixed one, else the client's own, else None
+        (the trainer's train.local_steps/local_epochs)."""
+        if round in self.round_steps:
+            return self.round_steps[round]
         return None if self.local_steps is None else self.local_steps[client]
 
     def steps(self, client: int, round: int) -> int:
         if self.fails(client, round):
             return 0
-        return len(self.trainer.plan(client, round, self.data[client], self._local_steps(client)))
+        return len(self.trainer.plan(client, round, self.data[client], self._local_steps(client, round)))
 
     def fit(
         self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float
@@ -76,7 +84,7 @@ class LocalClients:
             self.progress.client_started(round, cid, self.steps(cid, round))
             update = self.trainer.fit(
                 cid, self.data[cid], global_adapter, round=round, lr=lr, client_config=client_config,
-                client_control=control, local_steps=self._local_steps(cid), on_step=self.progress.step,
+                client_control=control, local_steps=self._local_steps(cid, round), on_step=self.progress.step,
             )
             if update.control_delta is not None:  # the client keeps c_i^+ = c_i + Delta c_i
                 self.state.save(cid, round, {k: control[k] + update.control_delta[k] for k in control})

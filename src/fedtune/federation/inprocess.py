@@ -14,6 +14,7 @@ they were, and client state written in that round is rolled back.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import shutil
 import threading
 import time
@@ -25,7 +26,7 @@ from fedtune.client.schedule import round_lr
 from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.evaluation.heldout import HeldoutEvaluator
-from fedtune.federation import setup
+from fedtune.federation import baselines, setup
 from fedtune.federation.clients import LocalClients
 from fedtune.federation.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.model.generate import generate
@@ -33,6 +34,7 @@ from fedtune.model.lora import save_adapter, set_adapter
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
 from fedtune.reporting.metrics import METRICS_FILE, MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
+from fedtune.reporting.report import write_report
 from fedtune.seeding import generator
 from fedtune.server.sampling import clients_per_round, sample_clients
 from fedtune.types import Adapter
@@ -75,6 +77,8 @@ class Federation:
     def schedule(self, round: int) -> list[int]:
         """Clients of ``round``: a pure function of (seed, round), so resume replays it."""
         fed = self.cfg.federation
+        if fed.mode != "federated":  # baselines: the pooled client, or one client alone
+            return baselines.fixed_schedule(self.cfg)
         k = clients_per_round(len(self.clients), fed.clients_per_round, fed.fraction)
         sizes = self.clients.sizes() if fed.sampling == "weighted" else None
         return sample_clients(len(self.clients), k, generator(self.cfg.seed, "sampling", round), sizes)
@@ -140,6 +144,7 @@ def run(
     """Run (or, with ``resume``, continue) the federation that ``cfg`` describes."""
     progress = progress or Progress()
     run_dir = Path(cfg.output.dir)
+    baselines.check_mode(cfg)
     ckpt = check_run_dir(cfg, run_dir, resume)  # fail early, before any file is written
 
     examples, report = setup.load_data(cfg)
@@ -164,6 +169,9 @@ def run(
         progress=progress,
         stop=stop or threading.Event(),
     )
+    if cfg.federation.mode == "centralized":  # one client with all training shards, the federated step budget
+        federated = dataclasses.replace(fed, cfg=baselines.with_mode(cfg, "federated", run_dir))
+        fed.clients = baselines.pooled_clients(federated.schedule, fed.clients, cfg.federation.rounds)
     prompts = setup.sample_prompts(cfg, examples, partition.holdout)
     result = RunResult(run_dir, 0, cfg.federation.rounds)
 
@@ -199,6 +207,8 @@ def run(
         save_adapter(run_dir / FINAL_ADAPTER, global_adapter, bundle.peft_config)
         result.samples_after = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": result.rounds_done, "items": result.samples_after})
+    if cfg.output.report:
+        write_report(run_dir)
     return result
 
 

@@ -1,0 +1,142 @@
+"""Evaluate one model — the base model (adapter disabled) or an adapter on it — on a set of
+examples: held-out loss and perplexity per category, generation metrics (ROUGE-L, exact match)
+on a bounded subset, and, when a judge is configured, LLM-judge scores.
+
+``evaluate_run`` is ``fedtune eval RUN_DIR [--data FILE]``: a run's adapter on its own held-out
+set (the rows ``partition.json`` held out) or on any instruction file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from fedtune.config import JudgeConfig, RunConfig, from_dict, parse_overrides, read_yaml
+from fedtune.data.prompts import user_message
+from fedtune.data.sources import Example, load_examples
+from fedtune.errors import CheckpointError, ConfigError
+from fedtune.evaluation.generation import pick_generation_subset, score_answers
+from fedtune.evaluation.grading import Question, grade
+from fedtune.evaluation.heldout import HeldoutEvaluator
+from fedtune.federation import setup
+from fedtune.model.generate import generate
+from fedtune.model.lora import load_adapter, set_adapter
+from fedtune.reporting.report import EVALUATIONS, write_report
+from fedtune.types import Adapter
+
+FINAL_ADAPTER = "adapter"
+
+
+@dataclass
+class EvalSet:
+    """Examples to evaluate on, their batches, and which of them are answered."""
+
+    examples: list[Example]
+    evaluator: HeldoutEvaluator
+    answered: list[int]  # positions into examples answered for generation metrics
+
+    @property
+    def questions(self) -> list[Question]:
+        return [Question(user_message(e.instruction, e.input), e.output) for e in (self.examples[i] for i in self.answered)]
+
+
+def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence[Example]) -> EvalSet:
+    examples = list(examples)
+    encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    evaluator = setup.build_evaluator(cfg, bundle, encoded, [e.category for e in examples])
+    return EvalSet(examples, evaluator, pick_generation_subset([e.category for e in examples], cfg.eval.generation_examples))
+
+
+def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optional[Adapter], *, template: str,
+                   max_new_tokens: int, batch_size: int) -> dict:
+    """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
+    (LoRA disabled) when ``adapter`` is None. Answers are greedy."""
+    if adapter is not None:
+        set_adapter(bundle.params, adapter)
+    chosen = [evalset.examples[i] for i in evalset.answered]
+    with bundle.model.disable_adapter() if adapter is None else contextlib.nullcontext():
+        heldout = evalset.evaluator.evaluate(bundle.model)
+        answers = generate(
+            bundle.model, bundle.tokenizer, [e.instruction for e in chosen], inputs=[e.input for e in chosen],
+            template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        ) if chosen else []
+    generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
+    return {"heldout": heldout, "generation": generation, "answers": answers}
+
+
+def judge_answers(judge: JudgeConfig, questions: list[Question], answers: dict[str, list[str]],
+                  on_model: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+    """LLM-judge grades of each model's answers against ``questions``' references, or None
+    when no judge is configured (``eval.judge.base_url`` unset)."""
+    if not judge.base_url:
+        return None
+    from fedtune.evaluation.judge import build_judge
+
+    client = build_judge(
+        judge.base_url, judge.model, api_key_env=judge.api_key_env, cache_dir=judge.cache_dir,
+        requests_per_second=judge.requests_per_second, max_retries=judge.max_retries, backoff=judge.backoff,
+        timeout=judge.timeout, max_tokens=judge.max_tokens,
+    )
+    n = judge.examples or len(questions)
+    graded = grade(client.complete, questions[:n], {m: a[:n] for m, a in answers.items()}, protocol=judge.grading, on_model=on_model)
+    return {**graded, "judge_model": judge.model, "questions": min(n, len(questions)), "client": dict(client.stats)}
+
+
+def require_sft(cfg: RunConfig) -> None:
+    if cfg.task != "sft":
+        raise ConfigError(f"task: evaluation by generation (eval, compare) is for task=sft runs, not task={cfg.task}")
+
+
+def run_heldout(cfg: RunConfig, run_dir: Path) -> list[Example]:
+    """The held-out rows of a run, as its ``partition.json`` recorded them."""
+    examples, _ = setup.load_data(cfg)
+    path = run_dir / setup.PARTITION_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; pass the held-out data with --data FILE")
+    saved = json.loads(path.read_text())
+    if saved.get("data_fingerprint") != setup.fingerprint(examples):
+        raise CheckpointError(f"{path}: data.path no longer holds the data this run was split from; pass --data FILE")
+    return [examples[i] for i in saved["holdout"]]
+
+
+def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = False, overrides: Sequence[str] = ()) -> dict:
+    """Evaluate a run's adapter (or, with ``base``, its base model) on its held-out set or on
+    ``data`` (read with the run's ``data.columns``; ``overrides`` such as
+    ``data.columns.output=response`` or ``eval.generation_examples=100`` adjust the run's
+    config). Writes ``run_dir/evaluations/<name>.json``, refreshes the run's report and
+    returns the record."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no config.yaml); check the path")
+    cfg = from_dict(parse_overrides(read_yaml(run_dir / "config.yaml"), list(overrides)))
+    require_sft(cfg)
+    if data is None:
+        examples, source = run_heldout(cfg, run_dir), "the run's held-out set"
+    else:
+        d = cfg.data
+        examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
+        source = f"{report.source} ({report.rows} rows, {report.skipped} skipped)"
+    _, bundle, folder = setup.load_run_model(run_dir)
+    evalset = build_eval_set(cfg, bundle, examples)
+    adapter = None if base else load_adapter(folder)[0]
+    result = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
+                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    model_name = "base" if base else run_dir.name
+    name = ("base-" if base else "") + ("heldout" if data is None else Path(data).stem)
+    record = {
+        "name": name,
+        "description": f"{'base model (adapter disabled)' if base else f'adapter {folder}'} on {source}: "
+                       f"{len(examples)} examples, {len(evalset.answered)} answered",
+        "heldout": result["heldout"],
+        "generation": result["generation"],
+        "judge": judge_answers(cfg.eval.judge, evalset.questions, {model_name: result["answers"]}),
+        "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
+    }
+    out = run_dir / EVALUATIONS / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    write_report(run_dir)
+    return record

@@ -1,0 +1,122 @@
+"""Figures for run and comparison reports, written as PNG files.
+
+Each function takes plain data and an output path, draws one figure on its own
+``matplotlib.figure.Figure`` (Agg canvas, never pyplot: no global figure state, safe in
+threads and servers) and returns the path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 110
+
+
+def _figure(width: float = 7.5, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def loss_curves(
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    path: Path,
+    *,
+    title: str = "held-out loss per round",
+    thin: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    dashed: Sequence[str] = (),
+) -> Path:
+    """One line per series of (round, loss); ``thin`` series (e.g. categories) drawn lighter,
+    ``dashed`` ones (e.g. the untrained base model) as dashed lines without markers."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, points in (thin or {}).items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, linewidth=0.8, alpha=0.45, label=name)
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            style = dict(linestyle="--", linewidth=1.5) if name in dashed else dict(marker="o", linewidth=2.2)
+            ax.plot(xs, ys, label=name, **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (nats / response token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2 if len(series) + len(thin or {}) > 6 else 1)
+    return _save(fig, path)
+
+
+def category_bars(values: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: str, title: str) -> Path:
+    """Grouped bars: categories along x, one bar per model (``values[model][category]``)."""
+    models = list(values)
+    categories = sorted({c for v in values.values() for c in v})
+    fig = _figure(max(7.5, 0.9 * len(categories) + 2), 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(categories))]
+        ax.bar(xs, [values[model].get(c, float("nan")) for c in categories], width=width, label=model)
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+    finite = [v for per in values.values() for v in per.values() if v == v]
+    if finite and min(finite) > 0:  # zoom in: differences between models are small next to the values
+        lo, hi = min(finite), max(finite)
+        pad = 0.1 * (hi - lo) + 0.01 * hi
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def participation(rounds: Sequence[tuple[int, Sequence[int]]], num_clients: int, path: Path) -> Path:
+    """A round x client grid: a filled cell where the client trained in that round."""
+    fig = _figure(max(5.0, 0.35 * len(rounds) + 2.5), max(2.5, 0.28 * num_clients + 1.2))
+    ax = fig.add_subplot()
+    grid = [[0.0] * max(len(rounds), 1) for _ in range(num_clients)]
+    for col, (_, clients) in enumerate(rounds):
+        for c in clients:
+            if 0 <= c < num_clients:
+                grid[c][col] = 1.0
+    ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
+    ax.set_xticks(range(len(rounds)), [str(r) for r, _ in rounds], fontsize=7)
+    ax.set_yticks(range(num_clients), [str(c) for c in range(num_clients)], fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_ylabel("client")
+    counts = [sum(row) for row in grid]
+    ax.set_title(f"client participation ({int(sum(counts))} fits; per client {int(min(counts))}-{int(max(counts))})")
+    return _save(fig, path)
+
+
+def partition_histogram(table: Mapping[str, Mapping[str, int]], path: Path) -> Path:
+    """Stacked bars: examples per client (x), split by category (colour)."""
+    clients = list(table)
+    categories = sorted({c for row in table.values() for c in row})
+    fig = _figure(max(6.0, 0.45 * len(clients) + 3), 4.0)
+    ax = fig.add_subplot()
+    bottom = [0] * len(clients)
+    cmap = matplotlib.colormaps["tab20" if len(categories) > 10 else "tab10"]
+    for i, cat in enumerate(categories):
+        heights = [table[c].get(cat, 0) for c in clients]
+        ax.bar(range(len(clients)), heights, bottom=bottom, label=cat, color=cmap(i % cmap.N))
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(range(len(clients)), clients, fontsize=7, rotation=0 if len(clients) < 16 else 90)
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.set_title("examples per client per category")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)

@@ -1,0 +1,105 @@
+import json
+import threading
+
+import pytest
+
+from fedtune.config import load_config
+from fedtune.errors import ConfigError
+from fedtune.evaluation.compare import compare, ordering
+from fedtune.reporting.metrics import read_metrics
+from fedtune.reporting.progress import Progress
+from fedtune.serving import ChatServer, load_chat_model
+
+
+class Messages(Progress):
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+@pytest.fixture(scope="module")
+def judge_server(finished_run):
+    """One model judging another: the tiny finished run, served over HTTP."""
+    srv = ChatServer(load_chat_model(finished_run, name="judge"), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def records(run_dir, kind):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
+
+
+def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, judge_server):
+    # Arrange
+    overrides = tiny_overrides + [
+        "federation.rounds=2", "local.clients=[1]", "eval.generation_examples=4",
+        f"eval.judge.base_url={judge_server.url}", "eval.judge.model=judge", "eval.judge.max_tokens=4",
+        "eval.judge.examples=2", "eval.judge.requests_per_second=1000", f"eval.judge.cache_dir={tmp_path / 'judge'}",
+        f"output.dir={tmp_path / 'cmp'}",
+    ]
+    cfg = load_config(None, overrides)
+
+    # Act
+    result = compare(cfg)
+
+    # Assert: the runs, on one partition
+    root, comp = result.folder, result.comparison
+    assert comp["models"] == ["base", "local-1", "federated", "centralized"]
+    partitions = {n: json.loads((root / n / "partition.json").read_text()) for n in comp["models"][1:]}
+    assert all(p == partitions["federated"] for p in partitions.values())
+    assert json.loads((root / "comparison.json").read_text()) == json.loads(json.dumps(comp))
+    # the local-only run trained client 1, alone, every round
+    assert [r["clients"] for r in records(root / "local-1", "round")] == [[1], [1]]
+    # centralized used the federated budget
+    assert comp["budget"]["centralized"]["optimizer_steps"] == comp["budget"]["federated"]["optimizer_steps"] == 2 * 2 * 3
+    assert comp["budget"]["local-1"]["optimizer_steps"] == 2 * 3 and comp["budget"]["base"]["optimizer_steps"] == 0
+    # every model evaluated on the same held-out rows; the federated number is its run's final evaluation
+    held = comp["heldout"]
+    assert len({h["examples"] for h in held.values()}) == 1 and held["base"]["examples"] == 30
+    assert held["federated"]["loss"] == pytest.approx(records(root / "federated", "eval")[-1]["loss"], rel=1e-5)
+    assert held["base"]["loss"] == pytest.approx(records(root / "federated", "eval")[0]["loss"], rel=1e-5)
+    assert all(g["examples"] == 4 for g in comp["generation"].values())
+    assert all(len(s["answers"]) == 4 for s in comp["samples"]) and len(comp["samples"]) == 4
+    assert set(comp["summary"]["ordering"]) == {"centralized <= federated", "federated < local (median)", "local (median) < base"}
+    # the judge graded every model against the references (2 questions each)
+    assert set(comp["judge"]) == set(comp["models"])
+    assert all(len(j["single"]["ratings"]) == 2 and len(j["pairwise"]["outcomes"]) == 2 for j in comp["judge"].values())
+    # the report and its pictures
+    html = (root / "report.html").read_text()
+    for png in ("loss_per_round.png", "loss_per_category.png", "participation.png", "partition.png", "rouge_per_category.png"):
+        assert f'src="{png}"' in html and (root / png).stat().st_size > 1000
+
+    # Act again: everything is reused, the judge answers from its cache
+    served = judge_server.count
+    progress = Messages()
+    again = compare(cfg, progress=progress)
+
+    # Assert
+    assert [m for m in progress.lines if " reused " in m] == [
+        f"compare: {n} reused ({root / n})" for n in ("local-1", "federated", "centralized")
+    ]
+    assert again.comparison["heldout"] == comp["heldout"] and judge_server.count == served
+
+    # a changed training setting is not silently reused
+    with pytest.raises(ConfigError, match=r"local-1 holds a run with a different config \(lora.r \(run: 8, now: 4\)\)"):
+        compare(load_config(None, overrides + ["lora.r=4"]))
+
+
+def test_unknown_judge_reference_fails_before_training(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + ["eval.judge.base_url=http://127.0.0.1:9/v1", "eval.judge.reference=gpt"])
+    with pytest.raises(ConfigError, match="eval.judge.reference: 'gpt' is neither 'data' nor a compared model"):
+        compare(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ordering_checks_the_fedit_relations():
+    loss = {"base": 3.0, "local-1": 2.0, "local-2": 2.6, "local-3": 2.2, "federated": 1.5, "centralized": 1.5}
+    # median local = 2.2
+    assert ordering(loss) == {"centralized <= federated": True, "federated < local (median)": True, "local (median) < base": True}
+    loss.update(federated=2.5)
+    assert ordering(loss)["federated < local (median)"] is False
+    assert ordering({"base": 1.0, "federated": 0.5}) == {}

@@ -1,0 +1,56 @@
+import json
+import shutil
+
+import pytest
+
+from fedtune.errors import CheckpointError
+from fedtune.evaluation.evaluate import evaluate_run
+from fedtune.reporting.metrics import read_metrics
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def test_eval_on_the_runs_heldout_set_matches_its_final_evaluation(run_copy):
+    # Act
+    record = evaluate_run(run_copy)
+
+    # Assert
+    final = [r for r in read_metrics(run_copy / "metrics.jsonl") if r["type"] == "eval"][-1]
+    holdout = json.loads((run_copy / "partition.json").read_text())["holdout"]
+    assert record["heldout"]["examples"] == len(holdout) == final["examples"]
+    assert record["heldout"]["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    assert record["generation"]["examples"] == 4 and len(record["samples"]) == 4  # eval.generation_examples=4
+    assert len(record["generation"]["per_category"]) == 4  # spread over categories
+    assert record["judge"] is None
+    saved = json.loads((run_copy / "evaluations" / "heldout.json").read_text())
+    assert saved["heldout"]["loss"] == record["heldout"]["loss"]
+    assert "evaluation: heldout" in (run_copy / "report.html").read_text()
+
+
+def test_eval_of_the_base_model_is_the_untrained_starting_point(run_copy):
+    record = evaluate_run(run_copy, base=True)
+    start = [r for r in read_metrics(run_copy / "metrics.jsonl") if r["type"] == "eval"][0]
+    assert record["name"] == "base-heldout" and record["heldout"]["loss"] == pytest.approx(start["loss"], rel=1e-5)
+
+
+def test_eval_on_another_file_with_its_own_columns(run_copy, tmp_path):
+    # Arrange
+    rows = [{"instruction": f"What is {i} plus 1?", "response": f"{i} plus 1 equals {i + 1}."} for i in range(5)]
+    data = tmp_path / "extra.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # Act
+    record = evaluate_run(run_copy, data=str(data), overrides=["data.columns.output=response", "eval.generation_examples=2"])
+
+    # Assert
+    assert record["name"] == "extra" and record["heldout"]["examples"] == 5
+    assert list(record["heldout"]["per_category"]) == ["all"] and record["generation"]["examples"] == 2
+    assert (run_copy / "evaluations" / "extra.json").is_file()
+
+
+def test_eval_needs_a_run_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a fedtune run directory"):
+        evaluate_run(tmp_path)

@@ -1,0 +1,79 @@
+import re
+import shutil
+
+import pytest
+
+from fedtune.errors import CheckpointError
+from fedtune.reporting.report import comparison_report, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def images_of(report):
+    """The PNGs a report links to: each must exist beside it and be a non-empty PNG."""
+    srcs = re.findall(r'<img src="([^"]+)"', report.read_text())
+    for src in srcs:
+        path = report.parent / src
+        assert "/" not in src and path.is_file(), src
+        data = path.read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000, src
+    return srcs
+
+
+def test_a_finished_run_has_a_report_with_its_figures(finished_run, tmp_path):
+    # Arrange: the run wrote its report when it finished; redraw it in a copy
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    assert (run / "report.html").is_file()
+    for png in run.glob("*.png"):
+        png.unlink()
+
+    # Act
+    report = write_report(run)
+
+    # Assert
+    assert set(images_of(report)) == {"loss_per_round.png", "loss_per_category.png", "participation.png", "partition.png"}
+    html = report.read_text()
+    assert "sample answers" in html and "held-out loss, round 1" in html and "<script" not in html
+
+
+def heldout(loss):
+    return {"loss": loss, "ppl": 2.718 ** loss, "examples": 4,
+            "per_category": {"a": {"loss": loss - 0.1, "ppl": 1.0, "examples": 2}, "b": {"loss": loss + 0.1, "ppl": 1.0, "examples": 2}}}
+
+
+def generation(rouge):
+    return {"rouge_l": rouge, "exact_match": 0.5, "examples": 2,
+            "per_category": {"a": {"rouge_l": rouge, "exact_match": 1.0, "examples": 1}, "b": {"rouge_l": 0.0, "exact_match": 0.0, "examples": 1}}}
+
+
+def test_comparison_report_from_a_comparison_record(tmp_path):
+    # Arrange: a hand-written comparison.json-style record with a judge section and an answer to escape
+    models = ["base", "federated"]
+    comp = {
+        "name": "cmp", "description": "two models", "budget_note": "equal budgets", "models": models,
+        "heldout": {"base": heldout(3.0), "federated": heldout(2.0)},
+        "generation": {"base": generation(0.1), "federated": generation(0.6)},
+        "judge": {"base": {"single": {"mean": 3.0, "relative": 0.4, "unparsed": 0}, "pairwise": {"win": 0, "tie": 1, "loss": 1, "unparsed": 0}},
+                  "federated": {"single": {"mean": 7.0, "relative": 0.9, "unparsed": 1}, "pairwise": {"win": 1, "tie": 1, "loss": 0, "unparsed": 0}}},
+        "judge_note": "judge x", "budget": {"base": {"optimizer_steps": 0}, "federated": {"optimizer_steps": 12, "tokens": 300}},
+        "curves": {"base": [[0, 3.0], [2, 3.0]], "federated": [[0, 3.0], [1, 2.4], [2, 2.0]]},
+        "participation": [[1, [0, 1]], [2, [1, 2]]],
+        "partition": {"method": "shards", "num_clients": 3, "categories": {"0": {"a": 3}, "1": {"a": 1, "b": 2}, "2": {"b": 3}}, "holdout": 4},
+        "samples": [{"prompt": "Say <b>hi</b>", "input": "", "reference": "hi", "category": "a",
+                     "answers": {"base": "<script>x</script>", "federated": "hi"}}],
+    }
+
+    # Act
+    report = comparison_report(tmp_path, comp)
+
+    # Assert
+    assert set(images_of(report)) == {"loss_per_round.png", "loss_per_category.png", "rouge_per_category.png",
+                                      "participation.png", "partition.png"}
+    html = report.read_text()
+    assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>" not in html  # answers are escaped
+    assert "LLM judge" in html and "0.9000" in html
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(CheckpointError, match="holds neither metrics.jsonl nor comparison.json"):
+        write_report(tmp_path)
