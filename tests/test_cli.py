@@ -75,3 +75,15 @@ def test_run_generate_chat_and_resume_codes(tiny_overrides, tmp_path):
 def test_model_errors_exit_6(tiny_overrides, tmp_path):
     proc = fedtune("run", *tiny_overrides, f"model.name={tmp_path / 'no-model'}")
     assert_one_line_error(proc, 6, "model folder", "not found; check model.name")
+
+
+def test_flower_app_writes_a_flower_app_and_flower_run_needs_tls_or_insecure(tiny_overrides, tmp_path):
+    proc = fedtune("flower", "app", *tiny_overrides, "federation.engine=flower", "--out", tmp_path / "app")
+    assert proc.returncode == 0, proc.stderr
+    assert 'serverapp = "fedtune.federation.flower.server_app:app"' in (tmp_path / "app" / "pyproject.toml").read_text()
+    assert f"flwr run {tmp_path / 'app'}" in proc.stdout
+
+    proc = fedtune("flower", "run", *tiny_overrides, "federation.engine=flower", "--superlink", "127.0.0.1:1")
+    assert_one_line_error(proc, 2, "--root-certificates ca.crt", "--insecure")
+    proc = fedtune("flower", "app", *tiny_overrides, "--out", tmp_path / "other")
+    assert_one_line_error(proc, 2, "needs federation.engine=flower")

@@ -89,11 +89,29 @@ class PartitionConfig:
 
 @dataclass
 class FederationConfig:
-    engine: str = _f("inprocess", "engine that runs the rounds", choices=("inprocess",))
+    engine: str = _f(
+        "inprocess",
+        "engine that runs the rounds: this process, or Flower (`fedtune run` simulates on Ray; `fedtune flower run` deploys)",
+        choices=("inprocess", "flower"),
+    )
     rounds: int = _f(3, "number of federated rounds", ge=1)
     clients_per_round: Optional[int] = _f(None, "clients sampled per round (default: all)", ge=1)
     fraction: Optional[float] = _f(None, "fraction of clients sampled per round (instead of clients_per_round)", gt=0, le=1)
     sampling: str = _f("uniform", "client sampling: uniform, or weighted by data size", choices=("uniform", "weighted"))
+    min_clients: int = _f(1, "fewest valid client updates a round needs; with fewer the round fails and the last checkpoint stays", ge=1)
+
+
+@dataclass
+class FlowerConfig:
+    client_cpus: float = _f(1.0, "simulation: CPU cores per ClientApp (Ray actor); clients train in parallel up to cores / client_cpus", gt=0)
+    client_gpus: float = _f(0.0, "simulation: GPUs per ClientApp (0.25 = four clients share one GPU)", ge=0)
+    client_logs: bool = _f(False, "simulation: show the ClientApps' own output (Ray actor logs); their errors are logged either way")
+    heldout_path: Optional[str] = _f(
+        None, "deployment with node-owned data: the server's held-out set, a data file read with data.columns "
+        "(default: the held-out split of data.path, which the server must then be able to read)"
+    )
+    connect_timeout: float = _f(300.0, "seconds the server waits for SuperNodes to report before round 1", gt=0)
+    round_timeout: Optional[float] = _f(None, "seconds to wait for a round's replies (null: until every node replied or is declared offline)", gt=0)
 
 
 @dataclass
@@ -143,6 +161,7 @@ class RunConfig:
     data: DataConfig = _f(DataConfig(), "dataset")
     partition: PartitionConfig = _f(PartitionConfig(), "split across clients")
     federation: FederationConfig = _f(FederationConfig(), "rounds and client sampling")
+    flower: FlowerConfig = _f(FlowerConfig(), "the Flower engine (federation.engine=flower)")
     strategy: StrategyConfig = _f(StrategyConfig(), "server aggregation")
     train: TrainConfig = _f(TrainConfig(), "local training on each client")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
@@ -150,7 +169,9 @@ class RunConfig:
 
 
 # Keys that may change when resuming a run: they do not affect the math of finished rounds.
-RESUMABLE_CHANGES = ("federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens")
+RESUMABLE_CHANGES = (
+    "federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens", "federation.engine", "flower.",
+)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -338,6 +359,12 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(
             f"federation.clients_per_round: {fed.clients_per_round} is more than "
             f"partition.num_clients={part.num_clients}"
+        )
+    per_round = fed.clients_per_round or (math.ceil(fed.fraction * part.num_clients - 1e-9) if fed.fraction else part.num_clients)
+    if fed.min_clients > per_round:
+        problems.append(
+            f"federation.min_clients: {fed.min_clients} is more than the {per_round} clients a round trains; "
+            "lower it or sample more clients per round"
         )
     if cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")

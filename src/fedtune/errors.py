@@ -47,3 +47,9 @@ class ModelError(FedtuneError):
     """The base model or its tokenizer cannot be loaded or used as asked."""
 
     exit_code = 6
+
+
+class FederationError(FedtuneError):
+    """A distributed federation cannot run as set up (nodes missing, two nodes claiming one client)."""
+
+    exit_code = 7

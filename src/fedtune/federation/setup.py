@@ -100,6 +100,12 @@ def make_partition(cfg: RunConfig, examples: list[Example]) -> Partition:
     return Partition(shards, holdout, p.method, fingerprint(examples))
 
 
+def load_and_split(cfg: RunConfig) -> tuple[list[Example], LoadReport, Partition]:
+    """The examples of ``data.path``, how loading went, and their split across clients."""
+    examples, report = load_data(cfg)
+    return examples, report, make_partition(cfg, examples)
+
+
 def encode_examples(tokenizer, examples: list[Example], template: str, max_length: int) -> list[Encoded]:
     pairs = [render_example(tokenizer, template, e.instruction, e.input, e.output) for e in examples]
     return encode_pairs(tokenizer, pairs, max_length, template)
