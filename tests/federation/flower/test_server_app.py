@@ -1,7 +1,10 @@
 import json
 import logging
 
+import pytest
+
 from fedtune.config import load_config
+from fedtune.errors import DataError
 from fedtune.federation import setup
 from fedtune.federation.flower.server_app import NODE_DATA, LogProgress, server_data
 
@@ -31,3 +34,9 @@ def test_log_progress_reports_rounds_clients_and_evaluations(caplog):
         p.evaluated(2, {"loss": 1.0, "ppl": 2.718})
     assert caplog.messages == ["round 2: clients [0, 3]", "round 2 client 3: loss 1.2500, 4 steps, 2.0s",
                                "round 2 held-out: loss 1.0000, perplexity 2.72"]
+
+
+def test_a_server_without_the_data_is_told_about_heldout_path(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + [f"data.path={tmp_path / 'owners-only.jsonl'}"])
+    with pytest.raises(DataError, match="owners-only.jsonl not found; check data.path .*set flower.heldout_path"):
+        server_data(cfg)

@@ -95,10 +95,18 @@ def flwr_run(
         command = [*flwr_command(), "run", str(app), CONNECTION, "--stream"]
         run_id = None
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout:
-                echo(line.rstrip("\n"))
-                found = re.search(r"Successfully started run (\d+)", line)
-                run_id = run_id or (found and int(found.group(1)))
+            try:
+                for line in proc.stdout:
+                    echo(line.rstrip("\n"))
+                    found = re.search(r"Successfully started run (\d+)", line)
+                    run_id = run_id or (found and int(found.group(1)))
+            except KeyboardInterrupt:  # Ctrl-C: stop the run on the SuperLink too, not just the log
+                proc.terminate()
+                if run_id is not None:
+                    subprocess.run([*flwr_command(), "stop", str(run_id), CONNECTION], env=env, capture_output=True, timeout=60)
+                raise FederationError(
+                    f"stopped run {run_id} on {superlink}; its last checkpoint is intact: continue it with --resume"
+                ) from None
         if proc.returncode != 0 or run_id is None:
             raise FederationError(f"`flwr run` could not start the run on {superlink} (exit code {proc.returncode}); see its output above")
         return run_status(run_id, env)

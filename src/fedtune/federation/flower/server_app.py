@@ -19,6 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig
+from fedtune.errors import DataError
 from fedtune.federation import inprocess, setup
 from fedtune.federation.flower.runconfig import RESUME_KEY, config_from_run_config
 from fedtune.federation.flower.transport import FlowerClients
@@ -32,7 +33,11 @@ NODE_DATA = "node-data"  # partition method recorded when the clients' data stay
 def server_data(cfg: RunConfig) -> tuple[list, object, setup.Partition]:
     """(examples, load report, partition) the server works with (see the module docstring)."""
     if cfg.flower.heldout_path is None:
-        return setup.load_and_split(cfg)
+        try:
+            return setup.load_and_split(cfg)
+        except DataError as err:
+            raise DataError(f"{err} (on the server; when the SuperNodes hold the data, set flower.heldout_path "
+                            "to a held-out file on the server instead)") from None
     held = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=cfg.flower.heldout_path))
     examples, report = setup.load_data(held)
     partition = setup.Partition(

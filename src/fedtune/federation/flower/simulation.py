@@ -10,11 +10,12 @@ once; as many clients train at once as the machine has room for actors.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Optional
 
 from fedtune.config import RunConfig
 from fedtune.federation.flower.runconfig import run_config_of
-from fedtune.federation.inprocess import RunResult
+from fedtune.federation.inprocess import RunResult, check_run_dir
 from fedtune.reporting.progress import Progress
 
 
@@ -41,6 +42,7 @@ def run(
     from fedtune.federation.flower.runconfig import CONFIG_KEY
     from fedtune.federation.flower.server_app import serve
 
+    check_run_dir(cfg, Path(cfg.output.dir), resume)  # fail before Ray starts, not after
     result: dict[str, RunResult] = {}
     server = ServerApp()
 
