@@ -85,13 +85,18 @@ class LocalDeployment:
             link.append("--enable-supernode-auth")
         self.spawn(link, "superlink")
         self.wait_for_superlink()
+        # SuperNodes sharing this machine share its cores: without a cap each ClientApp's torch
+        # would use them all, and oversubscribed threads train several times slower.
+        # (An OMP_NUM_THREADS already set wins.)
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, len(self.node_configs))))}
+        threads.update({k: v for k, v in self.env.items() if k == "OMP_NUM_THREADS"})
         for i, values in enumerate(self.node_configs):
             node = [str(bin_dir / "flower-supernode"), "--superlink", self.superlink, "--port", str(free_port()),
                     "--node-config", node_config_arg(values), *self.tls_client_args()]
             if self.authenticate:
                 self.register(i)
                 node += ["--auth-supernode-private-key", str(self.certificates / f"supernode-{i}")]
-            self.spawn(node, f"supernode-{i}")
+            self.spawn(node, f"supernode-{i}", threads)
 
     def register(self, i: int) -> None:
         """Register SuperNode ``i``'s public key with the SuperLink (``flwr supernode register``)."""
@@ -111,9 +116,9 @@ class LocalDeployment:
     def tls_client_args(self) -> list[str]:
         return ["--insecure"] if self.certificates is None else ["--root-certificates", str(self.certificates / "ca.crt")]
 
-    def spawn(self, command: list[str], name: str) -> subprocess.Popen:
+    def spawn(self, command: list[str], name: str, env: Optional[dict] = None) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("w")
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, start_new_session=True)
         self.procs.append(proc)
         return proc
 
