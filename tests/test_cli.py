@@ -123,3 +123,15 @@ def test_run_in_local_mode_gives_each_client_its_own_run(tiny_overrides, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in sorted((tmp_path / "run").iterdir())] == ["local-0", "local-2"]
     assert all((tmp_path / "run" / d / "adapter" / "adapter_config.json").is_file() for d in ("local-0", "local-2"))
+
+
+def test_flower_app_writes_a_flower_app_and_flower_run_needs_tls_or_insecure(tiny_overrides, tmp_path):
+    proc = fedtune("flower", "app", *tiny_overrides, "federation.engine=flower", "--out", tmp_path / "app")
+    assert proc.returncode == 0, proc.stderr
+    assert 'serverapp = "fedtune.federation.flower.server_app:app"' in (tmp_path / "app" / "pyproject.toml").read_text()
+    assert f"flwr run {tmp_path / 'app'}" in proc.stdout
+
+    proc = fedtune("flower", "run", *tiny_overrides, "federation.engine=flower", "--superlink", "127.0.0.1:1")
+    assert_one_line_error(proc, 2, "--root-certificates ca.crt", "--insecure")
+    proc = fedtune("flower", "app", *tiny_overrides, "--out", tmp_path / "other")
+    assert_one_line_error(proc, 2, "needs federation.engine=flower")

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -34,6 +35,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and
 
 def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedtune").setLevel(logging.INFO if not debug else logging.DEBUG)
     if not debug:
@@ -45,6 +48,13 @@ def _quiet_libraries(debug: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _quiet_flower() -> None:
+    """Flower sets its logger to DEBUG when imported: keep it to errors unless --debug."""
+    import flwr.supercore.logger  # noqa: F401
+
+    logging.getLogger("flwr").setLevel(logging.DEBUG if _state["debug"] else logging.ERROR)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -85,7 +95,8 @@ def run(
 ) -> None:
     """Run a federation (or resume one). Ctrl-C stops after the current round."""
     from fedtune.config import read_yaml
-    from fedtune.federation.inprocess import CONFIG_FILE, run as run_federation
+    from fedtune.federation.engine import run as run_federation
+    from fedtune.federation.inprocess import CONFIG_FILE
     from fedtune.reporting.progress import RichProgress
 
     path, overrides = _split_args(args or [])
@@ -98,6 +109,8 @@ def run(
             cfg = _config(path, overrides + [f"output.dir={resume}"])
     else:
         cfg = _config(path, overrides)
+    if cfg.federation.engine == "flower":
+        _quiet_flower()
     stop = threading.Event()
     signal.signal(signal.SIGINT, functools.partial(_on_interrupt, stop))
     if cfg.federation.mode == "local" and len(cfg.local.clients) != 1 and resume is None:
@@ -346,6 +359,74 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+# ----------------------------------------------------------------------------- fedtune flower ...
+
+flower = typer.Typer(no_args_is_help=True, help="Run a federation on a Flower deployment (SuperLink + one SuperNode per data owner).")
+app.add_typer(flower, name="flower")
+
+
+@flower.command("run")
+@handle_errors
+def run_deployed(
+    args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides"),
+    superlink: str = typer.Option(..., "--superlink", help="the SuperLink's address, host:port"),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of a TLS SuperLink (ca.crt)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS (a local try-out only)"),
+    resume: bool = typer.Option(False, "--resume", help="continue output.dir (on the server) from its last checkpoint"),
+) -> None:
+    """Start the run with `flwr run` and follow its log until it ends."""
+    from fedtune.federation.flower.deploy import COMPLETED, flwr_run
+
+    cfg = _config(*_split_args(args))
+    status = flwr_run(cfg, superlink, resume=resume, insecure=insecure, root_certificates=root_certificates, echo=_echo_flower)
+    _flower_finished(status, COMPLETED)
+
+
+@flower.command("app")
+@handle_errors
+def write_app(
+    args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write the Flower App (pyproject.toml) into"),
+    resume: bool = typer.Option(False, "--resume", help="the app resumes output.dir instead of starting it"),
+) -> None:
+    """Write a Flower App for `flwr run APP_DIR CONNECTION` (the config travels inside it)."""
+    from fedtune.federation.flower.deploy import write_app as write
+
+    write(_config(*_split_args(args)), out_dir, resume)
+    out.print(f"Flower App written to {out_dir}; start it with: flwr run {out_dir} <superlink connection> --stream", highlight=False)
+
+
+@flower.command("local")
+@handle_errors
+def run_local(
+    args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the processes' logs go (default: a temporary folder)"),
+) -> None:
+    """Try the deployment runtime on this machine: a SuperLink and one SuperNode per client
+    (each with --node-config partition-id=N) on 127.0.0.1, then the run, then shut down."""
+    from fedtune.federation.flower.deploy import COMPLETED, flwr_run
+    from fedtune.federation.flower.localnet import LocalDeployment
+
+    cfg = _config(*_split_args(args))
+    with tempfile.TemporaryDirectory(prefix="fedtune-local-") as tmp:
+        nodes = [{"partition-id": i} for i in range(cfg.partition.num_clients)]
+        with LocalDeployment(workdir or Path(tmp), nodes) as net:
+            err.print(f"SuperLink on {net.superlink}, {len(nodes)} SuperNodes; logs in {net.workdir}", highlight=False)
+            status = flwr_run(cfg, net.superlink, insecure=True, echo=_echo_flower)
+    _flower_finished(status, COMPLETED)
+
+
+def _echo_flower(line: str) -> None:
+    err.print(line, markup=False, highlight=False)
+
+
+def _flower_finished(status: dict, completed: str) -> None:
+    if status.get("status") != completed:
+        err.print(f"[bold red]error:[/] the Flower run ended {status.get('status')}: {status.get('status-details')}", highlight=False)
+        raise typer.Exit(7)
+    out.print(f"run {status['run-id']} {status['status']} in {status['elapsed']:.0f}s", highlight=False)
 
 
 def main() -> None:

@@ -96,7 +96,11 @@ class PartitionConfig:
 
 @dataclass
 class FederationConfig:
-    engine: str = _f("inprocess", "engine that runs the rounds", choices=("inprocess",))
+    engine: str = _f(
+        "inprocess",
+        "engine that runs the rounds: this process, or Flower (`fedtune run` simulates on Ray; `fedtune flower run` deploys)",
+        choices=("inprocess", "flower"),
+    )
     rounds: int = _f(3, "number of federated rounds", ge=1)
     clients_per_round: Optional[int] = _f(None, "clients sampled per round (default: all)", ge=1)
     fraction: Optional[float] = _f(None, "fraction of clients sampled per round (instead of clients_per_round)", gt=0, le=1)
@@ -131,6 +135,19 @@ AGGREGATOR_PARAMS = {"trimmed_mean": ("trim_beta",), "krum": ("krum_f",), "multi
 class LocalConfig:
     clients: list[int] = _f([], "clients that train alone in federation.mode=local (default: local.count random clients)")
     count: int = _f(3, "random clients that train alone when local.clients is empty", ge=1)
+
+
+@dataclass
+class FlowerConfig:
+    client_cpus: float = _f(1.0, "simulation: CPU cores per ClientApp (Ray actor); clients train in parallel up to cores / client_cpus", gt=0)
+    client_gpus: float = _f(0.0, "simulation: GPUs per ClientApp (0.25 = four clients share one GPU)", ge=0)
+    client_logs: bool = _f(False, "simulation: show the ClientApps' own output (Ray actor logs); their errors are logged either way")
+    heldout_path: Optional[str] = _f(
+        None, "deployment with node-owned data: the server's held-out set, a data file read with data.columns "
+        "(default: the held-out split of data.path, which the server must then be able to read)"
+    )
+    connect_timeout: float = _f(300.0, "seconds the server waits for SuperNodes to report before round 1", gt=0)
+    round_timeout: Optional[float] = _f(None, "seconds to wait for a round's replies (null: until every node replied or is declared offline)", gt=0)
 
 
 @dataclass
@@ -244,6 +261,7 @@ class RunConfig:
     partition: PartitionConfig = _f(PartitionConfig(), "split across clients")
     federation: FederationConfig = _f(FederationConfig(), "rounds and client sampling")
     local: LocalConfig = _f(LocalConfig(), "local-only baseline (federation.mode=local)")
+    flower: FlowerConfig = _f(FlowerConfig(), "the Flower engine (federation.engine=flower)")
     strategy: StrategyConfig = _f(StrategyConfig(), "server aggregation")
     train: TrainConfig = _f(TrainConfig(), "local training on each client")
     dpo: DpoConfig = _f(DpoConfig(), "preference optimisation (task=dpo)")
@@ -255,7 +273,7 @@ class RunConfig:
 # Keys that may change when resuming a run: they do not affect the math of finished rounds.
 RESUMABLE_CHANGES = (
     "federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens",
-    "eval.generation_examples", "eval.judge.", "compare.",
+    "eval.generation_examples", "eval.judge.", "compare.", "federation.engine", "flower.",
 )
 
 
@@ -445,6 +463,14 @@ def cross_checks(cfg: RunConfig) -> list[str]:
             f"federation.clients_per_round: {fed.clients_per_round} is more than "
             f"partition.num_clients={part.num_clients}"
         )
+    per_round = fed.clients_per_round or (math.ceil(fed.fraction * part.num_clients - 1e-9) if fed.fraction else part.num_clients)
+    if fed.min_clients > per_round:
+        problems.append(
+            f"federation.min_clients: {fed.min_clients} is more than the {per_round} clients a round trains; "
+            "lower it or sample more clients per round"
+        )
+    if fed.engine == "flower" and fed.dropout > 0:
+        problems.append("federation.dropout: simulated dropout is for the in-process engine; on Flower, real nodes fail (set it to 0)")
     if cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")
     if cfg.dpo.label_smoothing > 0 and cfg.dpo.loss_type not in ("sigmoid", "robust"):
@@ -461,7 +487,7 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"local.clients: {bad_local} not in 0..{part.num_clients - 1} (partition.num_clients={part.num_clients})")
     if len(set(cfg.local.clients)) != len(cfg.local.clients):
         problems.append(f"local.clients: {cfg.local.clients} repeats a client")
-    if not cfg.local.clients and cfg.local.count > part.num_clients:
+    if fed.mode == "local" and not cfg.local.clients and cfg.local.count > part.num_clients:
         problems.append(f"local.count: {cfg.local.count} is more than partition.num_clients={part.num_clients}")
     unknown = [m for m in cfg.compare.models if m not in COMPARE_MODELS]
     if unknown:

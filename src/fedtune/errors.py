@@ -53,3 +53,9 @@ class JudgeError(FedtuneError):
     """The LLM judge endpoint is unreachable, refuses the request or answers malformed JSON."""
 
     exit_code = 7
+
+
+class FederationError(FedtuneError):
+    """A distributed federation cannot run as set up (nodes missing, two nodes claiming one client)."""
+
+    exit_code = 8

@@ -57,6 +57,8 @@ def local_client_ids(cfg: RunConfig) -> list[int]:
     """``local.clients``, or ``local.count`` clients drawn from (seed, "local")."""
     if cfg.local.clients:
         return list(cfg.local.clients)
+    if cfg.local.count > cfg.partition.num_clients:
+        raise ConfigError(f"local.count: {cfg.local.count} is more than partition.num_clients={cfg.partition.num_clients}; lower it")
     rng = generator(cfg.seed, "local")
     return sorted(rng.choice(cfg.partition.num_clients, size=cfg.local.count, replace=False).tolist())
 

@@ -20,10 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fedtune.client.schedule import round_lr
 from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
+from fedtune.data.sources import LoadReport
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import baselines, setup
@@ -140,15 +141,22 @@ def run(
     resume: bool = False,
     progress: Optional[Progress] = None,
     stop: Optional[threading.Event] = None,
+    data: Optional[Callable[[RunConfig], tuple[list, LoadReport, setup.Partition]]] = None,
+    connect: Optional[Callable[..., LocalClients]] = None,
 ) -> RunResult:
-    """Run (or, with ``resume``, continue) the federation that ``cfg`` describes."""
+    """Run (or, with ``resume``, continue) the federation that ``cfg`` describes.
+
+    Another engine reuses this setup and loop through two hooks: ``data(cfg)`` gives the
+    server's (examples, load report, partition) (default: read ``data.path`` and split it),
+    and ``connect(cfg, bundle, shards, progress, metrics)`` gives the object whose
+    ``fit(...)`` reaches the clients (default: :class:`LocalClients`, every fit in this process).
+    """
     progress = progress or Progress()
     run_dir = Path(cfg.output.dir)
     baselines.check_mode(cfg)
     ckpt = check_run_dir(cfg, run_dir, resume)  # fail early, before any file is written
 
-    examples, report = setup.load_data(cfg)
-    partition = setup.make_partition(cfg, examples)
+    examples, report, partition = (data or setup.load_and_split)(cfg)
     categories = [e.category for e in examples]
     progress.message(f"data: {len(examples)} rows from {report.source}; {len(partition.shards)} clients, "
                      f"{len(partition.holdout)} held out ({partition.method} split)")
@@ -156,16 +164,16 @@ def run(
     encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
     write_run_dir(cfg, run_dir, resume)
     setup.write_partition(run_dir, partition, categories, check=resume)
+    metrics = MetricsLog(run_dir / METRICS_FILE)
+    shards = [[encoded[i] for i in shard] for shard in partition.shards]
     fed = Federation(
         cfg=cfg,
         run_dir=run_dir,
         bundle=bundle,
-        clients=setup.build_clients(
-            cfg, setup.build_trainer(cfg, bundle), [[encoded[i] for i in shard] for shard in partition.shards], progress, run_dir
-        ),
+        clients=(connect or local_clients)(cfg, bundle, shards, progress, metrics),
         strategy=setup.build_strategy(cfg),
         evaluator=setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [categories[i] for i in partition.holdout]),
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        metrics=metrics,
         progress=progress,
         stop=stop or threading.Event(),
     )
@@ -210,6 +218,11 @@ def run(
     if cfg.output.report:
         write_report(run_dir)
     return result
+
+
+def local_clients(cfg: RunConfig, bundle: setup.ModelBundle, shards: list, progress: Progress, metrics: MetricsLog) -> LocalClients:
+    """The in-process transport: every client's fit runs here, on the one shared model."""
+    return setup.build_clients(cfg, setup.build_trainer(cfg, bundle), shards, progress, Path(cfg.output.dir))
 
 
 def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]:

@@ -115,6 +115,12 @@ def make_partition(cfg: RunConfig, examples: list[Example]) -> Partition:
     return Partition(shards, holdout, p.method, fingerprint(examples))
 
 
+def load_and_split(cfg: RunConfig) -> tuple[list[Record], LoadReport, Partition]:
+    """The examples of ``data.path``, how loading went, and their split across clients."""
+    examples, report = load_data(cfg)
+    return examples, report, make_partition(cfg, examples)
+
+
 def encode_examples(tokenizer, examples: list[Record], template: str, max_length: int) -> list[Union[Encoded, EncodedPair]]:
     if examples and isinstance(examples[0], PreferencePair):
         return encode_preferences(tokenizer, examples, template, max_length)

@@ -1,0 +1,186 @@
+"""The fedtune ClientApp: a Flower message in, one ``LocalTrainer.fit`` on this node's data,
+the update out. No math here: the fit is the in-process engine's.
+
+Which data a node trains on comes from its ``--node-config``:
+
+- ``data-path="/data/mine.jsonl" client-id=3``: a data owner's own file (read with the run's
+  ``data.*`` settings; every row trains). The file never leaves the node.
+- ``partition-id=3`` (what Flower's simulation gives each virtual node, also usable by a
+  SuperNode): shard 3 of the run's own ``data.path`` split, exactly as the in-process engine
+  splits it.
+
+Flower may run many messages in one process (the simulation's Ray actors live for the whole
+run) or start a process per message (deployment, ``--isolation subprocess``). Either way the
+base model and the tokenised shard are built once per process and kept in :data:`CACHE`, the
+one module-level cache the house rules allow.
+
+A SCAFFOLD client keeps its control variate c_i in Flower's per-node run state
+(``context.state``), so it lives as long as the SuperNode's run: a resumed run (a new Flower
+run) starts the variates at zero again, where the in-process engine restores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtune.client.sft import LocalTrainer
+from fedtune.config import RunConfig, to_dict
+from fedtune.data.batching import plan_steps
+from fedtune.errors import ConfigError
+from fedtune.federation import setup
+from fedtune.federation.flower import records
+from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
+from fedtune.server.sampling import local_steps_per_client
+from fedtune.types import SERVER_CONTROL
+
+log = logging.getLogger(__name__)
+
+DATA_PATH = "data-path"  # --node-config keys
+CLIENT_ID = "client-id"
+PARTITION_ID = "partition-id"  # Flower's simulation sets this one
+SCAFFOLD_STATE = "fedtune.scaffold_control"  # the node's c_i in context.state
+
+
+class NodeCache:
+    """This process's base model + trainer, and tokenised shards, keyed by the settings that
+    built them (a new run with other settings rebuilds them)."""
+
+    def __init__(self):
+        self.trainer_key: Optional[str] = None
+        self.bundle: Optional[setup.ModelBundle] = None
+        self.trainer: Optional[LocalTrainer] = None
+        self.shards: dict[str, tuple[int, list]] = {}
+        self.model_loads = 0  # how often this process built the base model (for benchmarks)
+
+    def get_trainer(self, cfg: RunConfig) -> LocalTrainer:
+        key = _key(cfg.seed, cfg.model, cfg.lora, cfg.train)
+        if key != self.trainer_key:
+            self.bundle = self.trainer = None  # free the old model before loading another
+            node_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_adapter=None))
+            self.bundle = setup.build_model(node_cfg)  # the server sends the starting adapter
+            self.trainer = setup.build_trainer(node_cfg, self.bundle)
+            self.trainer_key, self.model_loads = key, self.model_loads + 1
+        return self.trainer
+
+    def get_shard(self, cfg: RunConfig, node_config: dict) -> tuple[int, list]:
+        """(client id, examples) of this node; encoded once the model's tokenizer is loaded."""
+        key = _key(cfg.seed, cfg.data, cfg.partition, sorted(node_config.items()), self.trainer_key)
+        if key not in self.shards:
+            client, examples = node_examples(cfg, node_config)
+            encoded = setup.encode_examples(self.bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
+            self.shards[key] = (client, encoded)
+        return self.shards[key]
+
+
+CACHE = NodeCache()
+
+
+def _key(*parts) -> str:
+    return json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+
+
+def node_examples(cfg: RunConfig, node_config: dict) -> tuple[int, list]:
+    """(client id, examples) this node trains on, from its ``--node-config``."""
+    if DATA_PATH in node_config:
+        client = node_config.get(CLIENT_ID)
+        if not isinstance(client, int) or isinstance(client, bool) or client < 0:
+            raise ConfigError(f"SuperNode --node-config: {DATA_PATH} needs {CLIENT_ID}=N (a number from 0) beside it")
+        own = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(node_config[DATA_PATH])))
+        examples, report = setup.load_data(own)
+        log.info("client %d: %d examples from %s (%d skipped)", client, len(examples), report.source, report.skipped)
+        return client, examples
+    if PARTITION_ID in node_config:
+        client = int(node_config[PARTITION_ID])
+        examples, _, partition = setup.load_and_split(cfg)
+        if client >= len(partition.shards):
+            raise ConfigError(f"SuperNode --node-config: {PARTITION_ID}={client}, but partition.num_clients={len(partition.shards)}")
+        return client, [examples[i] for i in partition.shards[client]]
+    raise ConfigError(
+        f"SuperNode --node-config names no data: start it with --node-config '{DATA_PATH}=\"/path/data.jsonl\" {CLIENT_ID}=0'"
+    )
+
+
+def client_steps(cfg: RunConfig, client: int) -> Optional[int]:
+    """``client``'s own steps per round under train.local_steps_per_client (None: the trainer's)."""
+    steps = local_steps_per_client(cfg.train.local_steps_per_client, cfg.partition.num_clients, cfg.seed)
+    return None if steps is None or client >= len(steps) else steps[client]
+
+
+def count_steps(cfg: RunConfig, num_examples: int, client: int) -> int:
+    """Optimizer steps ``client`` with ``num_examples`` takes per round (the plan's length does
+    not depend on the example lengths, the round or the seed)."""
+    t, own = cfg.train, client_steps(cfg, client)
+    plan = plan_steps([1] * num_examples, t.batch_size, t.grad_accum, np.random.default_rng(0),
+                      epochs=t.local_epochs, max_steps=t.local_steps if own is None else own, by_length=(t.batching == "length"))
+    return len(plan)
+
+
+def node_control(context: Context, server_control: dict) -> dict:
+    """This node's SCAFFOLD variate c_i, kept in Flower's per-node run state (zeros at first)."""
+    if SCAFFOLD_STATE in context.state.array_records:
+        stored = records.from_record(context.state[SCAFFOLD_STATE])
+        if stored.keys() == server_control.keys() and all(stored[k].shape == v.shape for k, v in server_control.items()):
+            return stored
+        log.warning("discarding a stored SCAFFOLD variate that does not fit this adapter")
+    return {k: torch.zeros_like(v) for k, v in server_control.items()}
+
+
+def answer_query(cfg: RunConfig, message: Message, context: Context) -> Message:
+    """Which client this node holds, its example count and steps per round (no model needed)."""
+    client, examples = node_examples(cfg, dict(context.node_config))
+    return Message(records.node_content(client, len(examples), count_steps(cfg, len(examples), client)), reply_to=message)
+
+
+def answer_train(cfg: RunConfig, message: Message, context: Context) -> Message:
+    """One local fit on this node's data, from the global adapter in ``message``."""
+    adapter, client, round, lr, client_config = records.read_train(message.content)
+    started = time.perf_counter()
+    trainer = CACHE.get_trainer(cfg)
+    holds, examples = CACHE.get_shard(cfg, dict(context.node_config))
+    setup_seconds = time.perf_counter() - started  # ~0 when this process already holds them
+    if holds != client:
+        raise ConfigError(f"a message for client {client} reached the SuperNode holding client {holds}")
+    control = node_control(context, client_config[SERVER_CONTROL]) if SERVER_CONTROL in client_config else None
+    update = trainer.fit(client, examples, adapter, round=round, lr=lr, client_config=client_config,
+                         client_control=control, local_steps=client_steps(cfg, client))
+    if update.control_delta is not None:  # the node keeps c_i^+ = c_i + Delta c_i for its next round
+        context.state[SCAFFOLD_STATE] = records.to_record({k: control[k] + update.control_delta[k] for k in control})
+    update.metrics["setup_seconds"] = setup_seconds
+    log.info("round %d client %d: loss %.4f, %d steps", round, client, update.metrics["loss"], update.metrics["steps"])
+    return Message(records.update_content(update), reply_to=message)
+
+
+def make_client_app(config_yaml: Optional[str] = None) -> ClientApp:
+    """The ClientApp. Deployment reads the run's config from the run config (``flwr run``);
+    the simulation passes it here.
+
+    The handlers only call module-level functions: Ray pickles this app for every message,
+    and a module-level function travels by reference, so :data:`CACHE` is the actor's own
+    (a closure over it would carry a fresh copy each time).
+    """
+    app = ClientApp()
+
+    def config(context: Context) -> RunConfig:
+        return parse_config(config_yaml) if config_yaml is not None else config_from_run_config(context.run_config)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        return answer_query(config(context), message, context)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return answer_train(config(context), message, context)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,153 @@
+"""What travels between the fedtune ServerApp and ClientApp, as Flower records.
+
+Only adapter tensors (canonical PEFT keys, float32) and plain numbers cross the wire. Record
+keys are the constants below::
+
+    query   server -> node   QUERY      {}
+            node -> server              NODE: ConfigRecord {client, num_examples, steps}
+    train   server -> node   TRAIN      ADAPTER: ArrayRecord  global adapter
+                                        FIT: ConfigRecord     {client, round, lr}
+                                        CLIENT_CONFIG: ConfigRecord          scalar strategy settings
+                                        CLIENT_CONFIG + ".<name>": ArrayRecord tensor-valued settings
+            node -> server              DELTA: ArrayRecord    local - global
+                                        CONTROL_DELTA: ArrayRecord (SCAFFOLD, optional)
+                                        UPDATE: ConfigRecord  {client, num_examples}
+                                        METRICS: MetricRecord loss, steps, tokens, seconds ...
+
+A reply is read back with :func:`read_update`, which raises :class:`ReplyError` with a reason
+for anything that is not a well-formed update; checking it against the global adapter is the
+strategy's validator's job (``fedtune.server.strategies.check_updates``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune.types import Adapter, ClientUpdate
+
+ADAPTER = "adapter"
+FIT = "fit"
+CLIENT_CONFIG = "client_config"
+DELTA = "delta"
+CONTROL_DELTA = "control_delta"
+UPDATE = "update"
+METRICS = "metrics"
+NODE = "node"
+QUERY = "query"
+
+CLIENT = "client"
+ROUND = "round"
+LR = "lr"
+NUM_EXAMPLES = "num_examples"
+STEPS = "steps"
+TENSOR = "tensor"  # the one key of a client-config entry that is a single tensor
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be read as a client update; the message is the reason."""
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def to_record(adapter: Adapter) -> ArrayRecord:
+    """Adapter -> ArrayRecord, keys unchanged (canonical PEFT names)."""
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in adapter.items()})
+
+
+def from_record(record: ArrayRecord) -> Adapter:
+    """ArrayRecord -> adapter (CPU tensors in the dtype that was sent; a copy, writable)."""
+    out = {}
+    for k, array in record.items():
+        try:
+            out[k] = torch.from_numpy(np.array(array.numpy()))
+        except (TypeError, ValueError) as err:
+            raise ReplyError(f"tensor {k} cannot be read ({err})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- server -> node
+
+
+def train_content(global_adapter: Adapter, client: int, round: int, lr: float, client_config: dict) -> RecordDict:
+    """The TRAIN message for one client: the global adapter and what its fit needs."""
+    records: dict[str, Any] = {
+        ADAPTER: to_record(global_adapter),
+        FIT: ConfigRecord({CLIENT: client, ROUND: round, LR: float(lr)}),
+    }
+    scalars = {}
+    for name, value in client_config.items():
+        if isinstance(value, torch.Tensor):
+            records[f"{CLIENT_CONFIG}.{name}"] = to_record({TENSOR: value})
+        elif isinstance(value, dict):
+            records[f"{CLIENT_CONFIG}.{name}"] = to_record(value)
+        else:
+            scalars[name] = value
+    records[CLIENT_CONFIG] = ConfigRecord(scalars)
+    return RecordDict(records)
+
+
+def read_train(content: RecordDict) -> tuple[Adapter, int, int, float, dict]:
+    """(global adapter, client, round, lr, client_config) of a TRAIN message."""
+    fit = content[FIT]
+    client_config: dict[str, Any] = dict(content[CLIENT_CONFIG])
+    prefix = f"{CLIENT_CONFIG}."
+    for key, record in content.array_records.items():
+        if key.startswith(prefix):
+            tensors = from_record(record)
+            client_config[key[len(prefix):]] = tensors[TENSOR] if list(tensors) == [TENSOR] else tensors
+    return from_record(content[ADAPTER]), int(fit[CLIENT]), int(fit[ROUND]), float(fit[LR]), client_config
+
+
+def query_content() -> RecordDict:
+    return RecordDict({QUERY: ConfigRecord({})})
+
+
+# ----------------------------------------------------------------------------- node -> server
+
+
+def node_content(client: int, num_examples: int, steps: int) -> RecordDict:
+    """A node's answer to the query: which fedtune client it is and how much it trains."""
+    return RecordDict({NODE: ConfigRecord({CLIENT: client, NUM_EXAMPLES: num_examples, STEPS: steps})})
+
+
+def read_node(content: RecordDict) -> tuple[int, int, int]:
+    """(client, num_examples, steps) of a node's answer; ReplyError if malformed."""
+    record = content.config_records.get(NODE)
+    values = [record.get(k) if record is not None else None for k in (CLIENT, NUM_EXAMPLES, STEPS)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ReplyError(f"the node's answer has no valid {CLIENT}/{NUM_EXAMPLES}/{STEPS} (got {values})")
+    return values[0], values[1], values[2]
+
+
+def update_content(update: ClientUpdate) -> RecordDict:
+    """A client update as a reply: the delta, the example count and the metrics."""
+    records: dict[str, Any] = {
+        DELTA: to_record(update.delta),
+        UPDATE: ConfigRecord({CLIENT: update.client_id, NUM_EXAMPLES: update.num_examples}),
+        METRICS: MetricRecord({k: int(v) if isinstance(v, bool) else v for k, v in update.metrics.items()}),
+    }
+    if update.control_delta is not None:
+        records[CONTROL_DELTA] = to_record(update.control_delta)
+    return RecordDict(records)
+
+
+def read_update(content: RecordDict, expected_client: int) -> ClientUpdate:
+    """The ClientUpdate in a reply; ReplyError naming what is missing or wrong."""
+    update = content.config_records.get(UPDATE)
+    if update is None or DELTA not in content.array_records:
+        raise ReplyError(f"the reply lacks the '{UPDATE}' or '{DELTA}' record")
+    client, n = update.get(CLIENT), update.get(NUM_EXAMPLES)
+    if client != expected_client:
+        raise ReplyError(f"the reply says it is client {client!r}, but the message went to client {expected_client}")
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise ReplyError(f"{NUM_EXAMPLES} is missing or not an integer (got {n!r})")
+    metrics = dict(content.metric_records.get(METRICS) or {})
+    control: Optional[Adapter] = None
+    if CONTROL_DELTA in content.array_records:
+        control = from_record(content[CONTROL_DELTA])
+    return ClientUpdate(client, n, from_record(content[DELTA]), metrics, control)

@@ -1,0 +1,55 @@
+"""``federation.engine=flower`` under ``fedtune run``: Flower's simulation runtime.
+
+The fedtune ServerApp runs in a thread of this process (so progress, Ctrl-C and the result
+work as in-process); each of the ``partition.num_clients`` virtual SuperNodes runs the fedtune
+ClientApp on Ray, in actors that reserve ``flower.client_cpus`` cores and
+``flower.client_gpus`` GPUs each. Actors live for the whole run, so each loads the base model
+once; as many clients train at once as the machine has room for actors.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional
+
+from fedtune.config import RunConfig
+from fedtune.federation.flower.runconfig import run_config_of
+from fedtune.federation.inprocess import RunResult, check_run_dir
+from fedtune.reporting.progress import Progress
+
+
+def backend_config(cfg: RunConfig) -> dict:
+    """Ray backend settings: resources per ClientApp, and whether actors' output is shown."""
+    return {
+        "client_resources": {"num_cpus": cfg.flower.client_cpus, "num_gpus": cfg.flower.client_gpus},
+        "init_args": {"log_to_driver": cfg.flower.client_logs},
+    }
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    progress: Optional[Progress] = None,
+    stop: Optional[threading.Event] = None,
+) -> RunResult:
+    """Run (or resume) the federation ``cfg`` describes on Flower's simulation runtime."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation  # deprecated in flwr 1.41 for `flwr run`; kept for its in-process ServerApp
+
+    from fedtune.federation.flower.client_app import make_client_app
+    from fedtune.federation.flower.runconfig import CONFIG_KEY
+    from fedtune.federation.flower.server_app import serve
+
+    check_run_dir(cfg, Path(cfg.output.dir), resume)  # fail before Ray starts, not after
+    result: dict[str, RunResult] = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        result["run"] = serve(grid, cfg, resume=resume, progress=progress or Progress(), stop=stop)
+
+    client = make_client_app(run_config_of(cfg)[CONFIG_KEY])
+    run_simulation(server, client, num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg))
+    return result["run"]

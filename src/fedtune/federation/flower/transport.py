@@ -1,0 +1,215 @@
+"""How the fedtune ServerApp reaches its clients: Flower Messages through the Grid.
+
+:class:`FlowerClients` stands where the in-process engine has
+:class:`~fedtune.federation.clients.LocalClients`: the round loop calls the same
+``fit(round, clients, global_adapter, client_config, lr) -> (updates, failures)`` and cannot
+tell them apart. Clients are fedtune client ids; each SuperNode says which one it holds when
+first queried (its ``--node-config``; in simulation, its partition id).
+
+A round keeps going when some clients fail: a node that is not connected, that errors or
+disconnects (the SuperLink answers for a node whose heartbeat stops), that does not reply
+within ``round_timeout``, or whose update is malformed or does not fit the global adapter
+(wrong keys, shapes or dtype, NaN/Inf, no example count) is returned as a failure (the round
+loop logs it to ``metrics.jsonl`` with the reason) and left out of aggregation. Fewer than
+``min_clients`` valid updates fail the round with :class:`~fedtune.errors.AggregationError`;
+the last checkpoint stays intact, and the run resumes once nodes are back. (The in-process
+engine skips such a round instead: its failures are simulated and seeded, so a resumed run
+would fail the same way again.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence
+
+from flwr.app import Message, MessageType
+
+from fedtune.errors import AggregationError, FederationError
+from fedtune.federation.flower import records
+from fedtune.reporting.metrics import MetricsLog
+from fedtune.reporting.progress import Progress
+from fedtune.server.strategies import check_updates
+from fedtune.types import Adapter, ClientFailure, ClientUpdate
+
+log = logging.getLogger(__name__)
+
+NODES = "nodes"  # metrics.jsonl line type
+POLL_SECONDS = 0.25  # how often replies are pulled (Flower's send_and_receive waits 3 s between pulls)
+
+
+class FlowerClients:
+    """The clients of a Flower federation, seen from the ServerApp."""
+
+    def __init__(
+        self,
+        grid,
+        *,
+        num_clients: int,
+        min_clients: int,
+        progress: Progress,
+        metrics: MetricsLog,
+        connect_timeout: float,
+        round_timeout: Optional[float] = None,
+    ):
+        self.grid, self.num_clients, self.min_clients = grid, num_clients, min_clients
+        self.progress, self.metrics = progress, metrics
+        self.connect_timeout, self.round_timeout = connect_timeout, round_timeout
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+        self.size: dict[int, int] = {}  # client id -> training examples
+        self.step_count: dict[int, int] = {}  # client id -> optimizer steps per round
+        self.asked: set[int] = set()  # node ids already queried
+        self.connected = False
+
+    # ------------------------------------------------------------------ the LocalClients interface
+
+    def __len__(self) -> int:
+        return self.num_clients
+
+    def sizes(self) -> list[int]:
+        """Examples per client; a client that never reported counts as the mean of the others."""
+        self.connect()
+        mean = round(sum(self.size.values()) / len(self.size)) if self.size else 1
+        return [self.size.get(c, mean) for c in range(self.num_clients)]
+
+    def steps(self, client: int, round: int) -> int:
+        self.connect()
+        return self.step_count.get(client, 0)
+
+    def rollback(self, round: int) -> None:
+        """Client state lives on the nodes (see client_app.py): nothing to roll back here."""
+
+    def fit(
+        self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """Send the global adapter to ``clients``; return their valid updates in client order,
+        and the clients that failed with the reason."""
+        self.connect()
+        self.discover(self.round_timeout)  # nodes that (re)joined since the last round
+        messages, failures = {}, []
+        for cid in clients:
+            if cid not in self.node_of:
+                failures.append(ClientFailure(cid, "no SuperNode holding this client is connected"))
+                continue
+            content = records.train_content(global_adapter, cid, round, lr, client_config)
+            messages[cid] = Message(content, dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN, group_id=str(round))
+            self.progress.client_started(round, cid, self.steps(cid, round))
+
+        updates = []
+        replies = exchange(self.grid, messages, self.round_timeout)
+        for cid in messages:
+            reply = replies.get(cid)
+            if reply is None:
+                waited = f"within flower.round_timeout={self.round_timeout:g}s" if self.round_timeout else "(it could not be sent)"
+                failures.append(ClientFailure(cid, f"no reply {waited}"))
+            elif reply.has_error():
+                failures.append(ClientFailure(cid, f"{reply.error.reason} (Flower error code {reply.error.code})"))
+            else:
+                try:
+                    update = records.read_update(reply.content, cid)
+                    check_updates(global_adapter, [update])
+                except (records.ReplyError, AggregationError) as err:
+                    failures.append(ClientFailure(cid, f"update rejected: {err}"))
+                    continue
+                self.finished(round, update)
+                updates.append(update)
+
+        if len(updates) < self.min_clients:
+            for f in failures:
+                log.warning("round %d: client %d failed: %s", round, f.client_id, f.reason)
+            raise AggregationError(
+                f"round {round}: {len(updates)} valid client update(s) of {len(clients)}, fewer than "
+                f"federation.min_clients={self.min_clients} (reasons in metrics.jsonl); the round was not "
+                "aggregated and the last checkpoint is intact: bring the SuperNodes back and resume the run"
+            )
+        return updates, failures  # updates in client order (``clients`` is sorted): the in-process sums, the same floats
+
+    # ------------------------------------------------------------------ which node holds which client
+
+    def connect(self) -> None:
+        """Once, when first needed (after the server's setup and initial evaluation): query
+        SuperNodes until every client has reported or ``connect_timeout`` passes; at least
+        ``min_clients`` must have reported by then."""
+        if self.connected:
+            return
+        self.progress.message(f"waiting for {self.num_clients} clients to connect")
+        deadline = time.monotonic() + self.connect_timeout
+        while len(self.node_of) < self.num_clients and time.monotonic() < deadline:
+            self.discover(max(1.0, deadline - time.monotonic()))
+            if len(self.node_of) < self.num_clients:
+                time.sleep(0.5)
+        missing = sorted(set(range(self.num_clients)) - set(self.node_of))
+        if len(self.node_of) < self.min_clients:
+            raise FederationError(
+                f"{len(self.node_of)} of {self.num_clients} clients connected within flower.connect_timeout="
+                f"{self.connect_timeout:g}s (federation.min_clients={self.min_clients}); start the SuperNodes "
+                "(each with --node-config 'data-path=\"...\" client-id=N') or raise the timeout"
+            )
+        self.metrics.log({"type": NODES, "round": 0, "clients": {str(c): n for c, n in sorted(self.size.items())},
+                          "missing": missing})
+        if missing:
+            log.warning("starting without clients %s: they did not connect in %gs", missing, self.connect_timeout)
+        self.connected = True
+
+    def discover(self, timeout: Optional[float]) -> None:
+        """Ask nodes not yet asked which client they hold (waiting at most ``timeout`` seconds)."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.asked]
+        if not new:
+            return
+        messages = {n: Message(records.query_content(), dst_node_id=n, message_type=MessageType.QUERY) for n in new}
+        claims: dict[int, int] = {}
+        for node, reply in exchange(self.grid, messages, timeout).items():
+            self.asked.add(node)
+            if reply.has_error():
+                log.warning("SuperNode %s could not say which client it holds: %s", node, reply.error.reason)
+                continue
+            try:
+                cid, n, steps = records.read_node(reply.content)
+            except records.ReplyError as err:
+                log.warning("SuperNode %s: %s", node, err)
+                continue
+            self.claim(node, cid, n, steps, claims)
+
+    def claim(self, node: int, cid: int, num_examples: int, steps: int, claims: dict[int, int]) -> None:
+        if cid >= self.num_clients:
+            raise FederationError(
+                f"SuperNode {node} holds client {cid}, but partition.num_clients={self.num_clients}; "
+                "number the SuperNodes' client-id from 0 or raise partition.num_clients"
+            )
+        if cid in claims:
+            raise FederationError(
+                f"SuperNodes {claims[cid]} and {node} both hold client {cid}; give each --node-config its own client-id"
+            )
+        if cid in self.node_of and self.node_of[cid] != node:
+            log.info("client %d is now on SuperNode %d (was %d)", cid, node, self.node_of[cid])
+        claims[cid] = self.node_of[cid] = node
+        self.size[cid], self.step_count[cid] = num_examples, steps
+
+    # ------------------------------------------------------------------ logging
+
+    def finished(self, round: int, update: ClientUpdate) -> None:
+        steps = int(update.metrics.get("steps", 0))
+        for i in range(steps):  # the node trained remotely: advance the step display at once
+            self.progress.step(i + 1, steps, float(update.metrics.get("loss", 0.0)))
+        self.progress.client_finished(round, update.client_id, update.metrics)
+
+
+def exchange(grid, messages: dict, timeout: Optional[float], poll: float = POLL_SECONDS) -> dict:
+    """Push ``messages`` ({key: Message}) and pull their replies until all are in or
+    ``timeout`` seconds pass (None: no limit; the SuperLink answers for nodes that go away).
+    Returns {key: reply}. Replies are matched by the message they answer, which also matches
+    the errors the SuperLink writes itself (their sender is the SuperLink, not the node)."""
+    keys = list(messages)
+    ids = list(grid.push_messages([messages[k] for k in keys]))
+    pending = {i: k for i, k in zip(ids, keys) if i}
+    replies: dict = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            key = pending.pop(reply.metadata.reply_to_message_id, None)
+            if key is not None:
+                replies[key] = reply
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll)
+    return replies

@@ -1,0 +1,10 @@
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower Messages take their run and sender from the process's task identity, which a
+    ServerApp process has; tests built outside one set it here."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

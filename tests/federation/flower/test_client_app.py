@@ -1,0 +1,111 @@
+import json
+
+from ray import cloudpickle
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from hypothesis import given, settings, strategies as st
+
+from fedtune.client.sft import LocalTrainer
+from fedtune.config import dump_yaml, load_config
+from fedtune.data.prompts import Encoded
+from fedtune.errors import ConfigError
+from fedtune.federation import setup
+from fedtune.federation.flower import client_app, records
+
+
+def rows_file(path, n):
+    path.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}", "category": "c"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_data_owner_trains_on_every_row_of_its_own_file(tiny_config, tmp_path):
+    client, examples = client_app.node_examples(tiny_config, {"data-path": str(rows_file(tmp_path / "mine.jsonl", 5)), "client-id": 3})
+    assert client == 3 and [e.instruction for e in examples] == [f"say {i}" for i in range(5)]
+
+
+def test_a_partition_node_trains_on_the_in_process_shard(tiny_config):
+    examples, _, partition = setup.load_and_split(tiny_config)
+    client, mine = client_app.node_examples(tiny_config, {"partition-id": 2, "num-partitions": 4})
+    assert client == 2 and mine == [examples[i] for i in partition.shards[2]]
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"data-path": "x.jsonl"}, "data-path needs client-id=N"),
+        ({"data-path": "x.jsonl", "client-id": "0"}, "data-path needs client-id=N"),
+        ({}, "names no data: start it with --node-config 'data-path="),
+        ({"partition-id": 9}, "partition-id=9, but partition.num_clients=4"),
+    ],
+)
+def test_node_config_mistakes_say_what_to_pass(tiny_config, node_config, message):
+    with pytest.raises(ConfigError, match=message):
+        client_app.node_examples(tiny_config, node_config)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60), batch=st.integers(1, 8), accum=st.integers(1, 3), epochs=st.integers(1, 3),
+    steps=st.one_of(st.none(), st.integers(1, 9)), by_length=st.booleans(), lengths_seed=st.integers(0, 99),
+)
+def test_count_steps_is_the_length_of_the_trainers_plan(n, batch, accum, epochs, steps, by_length, lengths_seed):
+    cfg = load_config(None, [f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.local_epochs={epochs}",
+                             f"train.local_steps={'null' if steps is None else steps}", f"train.batching={'length' if by_length else 'random'}"])
+    trainer = LocalTrainer(None, {"w": torch.nn.Parameter(torch.zeros(1))}, pad_id=0, batch_size=batch, grad_accum=accum,
+                           local_epochs=epochs, local_steps=steps, by_length=by_length)
+    lengths = torch.Generator().manual_seed(lengths_seed)
+    examples = [Encoded(torch.zeros(int(torch.randint(1, 50, (1,), generator=lengths)), dtype=torch.long), 0) for _ in range(n)]
+
+    assert client_app.count_steps(cfg, n, 1) == len(trainer.plan(client_id=1, round=3, examples=examples))
+
+
+def train_message(cfg, client, adapter):
+    content = records.train_content(adapter, client=client, round=1, lr=cfg.train.lr, client_config={})
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+def test_the_client_app_fit_is_the_in_process_fit_and_the_model_loads_once(tiny_config, monkeypatch):
+    monkeypatch.setattr(client_app, "CACHE", client_app.NodeCache())
+    bundle = setup.build_model(tiny_config)
+    examples, _, partition = setup.load_and_split(tiny_config)
+    encoded = setup.encode_examples(bundle.tokenizer, [examples[i] for i in partition.shards[1]], "chat", tiny_config.data.max_length)
+    expected = setup.build_trainer(tiny_config, bundle).fit(1, encoded, bundle.initial_adapter, round=1, lr=tiny_config.train.lr)
+    # Ray pickles the app for every message: the handlers must still reach this process's cache.
+    app = cloudpickle.loads(cloudpickle.dumps(client_app.make_client_app(dump_yaml(tiny_config))))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={})
+
+    replies = [app(train_message(tiny_config, 1, bundle.initial_adapter), context) for _ in range(2)]
+
+    for reply in replies:
+        update = records.read_update(reply.content, expected_client=1)
+        assert update.num_examples == len(encoded) and update.metrics["steps"] == 3
+        assert all(torch.equal(update.delta[k], expected.delta[k]) for k in expected.delta)
+    assert client_app.CACHE.model_loads == 1
+
+
+def test_a_message_for_another_client_is_refused(tiny_config, monkeypatch):
+    monkeypatch.setattr(client_app, "CACHE", client_app.NodeCache())
+    app = client_app.make_client_app(dump_yaml(tiny_config))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    adapter = setup.build_model(tiny_config).initial_adapter
+    with pytest.raises(Exception, match="a message for client 2 reached the SuperNode holding client 0"):
+        app(train_message(tiny_config, 2, adapter), context)
+
+
+def test_the_query_answer_needs_no_model(tiny_config, monkeypatch):
+    monkeypatch.setattr(client_app, "CACHE", client_app.NodeCache())
+    app = client_app.make_client_app(dump_yaml(tiny_config))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
+    _, _, partition = setup.load_and_split(tiny_config)
+
+    reply = app(Message(records.query_content(), dst_node_id=7, message_type="query"), context)
+
+    assert records.read_node(reply.content) == (3, len(partition.shards[3]), 3)
+    assert client_app.CACHE.model_loads == 0
+
+
+def test_deployment_reads_the_config_from_the_run_config(tiny_config):
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="the Flower run config has no 'fedtune-config'"):
+        client_app.app(Message(records.query_content(), dst_node_id=7, message_type="query"), context)

@@ -1,0 +1,44 @@
+import tomli as tomllib
+import zipfile
+from io import BytesIO
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.config import validate_config
+
+from fedtune.config import load_config
+from fedtune.errors import ConfigError
+from fedtune.federation.flower.deploy import write_app, write_connection
+from fedtune.federation.flower.runconfig import config_from_run_config
+
+
+def test_the_app_is_a_valid_flower_app_that_carries_the_config(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + ["federation.engine=flower"])
+
+    app = write_app(cfg, tmp_path / "app", resume=True)
+
+    pyproject = tomllib.loads((app / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(pyproject, check_module=True, project_dir=app)  # the components import
+    assert valid, errors
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert config_from_run_config(run_config) == cfg and run_config["resume"] is True
+    fab = zipfile.ZipFile(BytesIO(build_fab_from_disk(app)))
+    assert sorted(fab.namelist()) == [".info/CONTENT", "pyproject.toml"]  # no code, no data
+
+
+def test_the_app_needs_the_flower_engine(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="needs federation.engine=flower"):
+        write_app(tiny_config, tmp_path / "app")
+
+
+def test_the_connection_is_insecure_only_when_asked(tmp_path):
+    write_connection(tmp_path / "a", "10.0.0.5:9092", insecure=True, root_certificates=None)
+    assert tomllib.loads((tmp_path / "a" / "config.toml").read_text())["superlink"] == {
+        "default": "fedtune", "fedtune": {"address": "10.0.0.5:9092", "insecure": True}}
+
+    write_connection(tmp_path / "b", "link:9092", insecure=False, root_certificates=tmp_path / "ca.crt")
+    assert tomllib.loads((tmp_path / "b" / "config.toml").read_text())["superlink"]["fedtune"] == {
+        "address": "link:9092", "root-certificates": str(tmp_path / "ca.crt")}
+
+    with pytest.raises(ConfigError, match="--root-certificates ca.crt"):
+        write_connection(tmp_path / "c", "link:9092", insecure=False, root_certificates=None)

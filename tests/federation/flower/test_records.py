@@ -1,0 +1,71 @@
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedtune.federation.flower import records
+from fedtune.types import ClientUpdate
+
+ADAPTER = {
+    "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+    "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.tensor([[0.5], [-1.25], [3.0]]),
+}
+
+
+def test_adapter_round_trip_keeps_keys_values_and_dtype():
+    back = records.from_record(records.to_record(ADAPTER))
+    assert list(back) == list(ADAPTER)
+    for k in ADAPTER:
+        assert back[k].dtype == torch.float32 and torch.equal(back[k], ADAPTER[k])
+    back[next(iter(back))][0, 0] = 99.0  # a writable copy, not a view of the message buffer
+
+
+def test_train_message_carries_round_lr_and_the_strategy_client_config():
+    control = {k: torch.full_like(v, 0.25) for k, v in ADAPTER.items()}
+    content = records.train_content(ADAPTER, client=3, round=7, lr=1e-4, client_config={"prox_mu": 0.01, "c": control, "t": torch.ones(2)})
+
+    adapter, client, round, lr, client_config = records.read_train(content)
+
+    assert (client, round, lr) == (3, 7, 1e-4)
+    assert all(torch.equal(adapter[k], ADAPTER[k]) for k in ADAPTER)
+    assert client_config["prox_mu"] == 0.01
+    assert all(torch.equal(client_config["c"][k], control[k]) for k in control)
+    assert torch.equal(client_config["t"], torch.ones(2))
+
+
+def test_update_round_trip_with_control_delta():
+    update = ClientUpdate(2, 40, ADAPTER, {"loss": 1.5, "steps": 3}, control_delta={k: -v for k, v in ADAPTER.items()})
+
+    back = records.read_update(records.update_content(update), expected_client=2)
+
+    assert (back.client_id, back.num_examples, back.metrics) == (2, 40, {"loss": 1.5, "steps": 3})
+    assert all(torch.equal(back.delta[k], ADAPTER[k]) and torch.equal(back.control_delta[k], -ADAPTER[k]) for k in ADAPTER)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (RecordDict({}), "lacks the 'update' or 'delta' record"),
+        (RecordDict({"delta": records.to_record(ADAPTER), "update": ConfigRecord({"client": 2})}), "num_examples is missing"),
+        (RecordDict({"delta": records.to_record(ADAPTER), "update": ConfigRecord({"client": 2, "num_examples": 1.5})}), "not an integer"),
+        (RecordDict({"delta": records.to_record(ADAPTER), "update": ConfigRecord({"client": 5, "num_examples": 4})}), "says it is client 5"),
+    ],
+)
+def test_malformed_replies_raise_a_reason(content, reason):
+    with pytest.raises(records.ReplyError, match=reason):
+        records.read_update(content, expected_client=2)
+
+
+def test_a_float64_delta_arrives_as_float64_for_the_validator_to_reject():
+    content = RecordDict({
+        "delta": ArrayRecord({k: Array(v.double().numpy()) for k, v in ADAPTER.items()}),
+        "update": ConfigRecord({"client": 0, "num_examples": 4}),
+    })
+    assert all(v.dtype == torch.float64 for v in records.read_update(content, 0).delta.values())
+
+
+def test_node_answer_round_trip_and_validation():
+    assert records.read_node(records.node_content(4, 120, 8)) == (4, 120, 8)
+    with pytest.raises(records.ReplyError, match="no valid client"):
+        records.read_node(RecordDict({"node": ConfigRecord({"client": -1, "num_examples": 3, "steps": 1})}))
+    with pytest.raises(records.ReplyError):
+        records.read_node(RecordDict({}))

@@ -1,0 +1,192 @@
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import Error, Message
+
+from fedtune.errors import AggregationError, FederationError
+from fedtune.federation.flower import records
+from fedtune.federation.flower.transport import FlowerClients
+from fedtune.reporting.metrics import MetricsLog, read_metrics
+from fedtune.reporting.progress import Progress
+from fedtune.types import ClientUpdate
+
+GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+
+
+def delta(value: float) -> dict:
+    return {k: torch.full_like(v, value) for k, v in GLOBAL.items()}
+
+
+class FakeGrid:
+    """Nodes answer in-process: ``nodes[node_id] = (client id, train handler)``; a handler
+    returns a RecordDict, an Error (sent as the SuperLink does: from the SuperLink, not the
+    node), or None (no reply)."""
+
+    def __init__(self, nodes: dict):
+        self.nodes = nodes
+        self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            self.sent.append(m)
+            ids.append(m.metadata.message_id)
+            client, handler = self.nodes[m.metadata.dst_node_id]
+            if m.metadata.message_type == "query":
+                answer = records.node_content(client, 10 * (client + 1), client + 2)
+            else:
+                answer = handler(m)
+            if isinstance(answer, Error):
+                reply = Message(answer, reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = 1  # SUPERLINK_NODE_ID
+                self.replies[m.metadata.message_id] = reply
+            elif answer is not None:
+                self.replies[m.metadata.message_id] = Message(answer, reply_to=m)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def trains(value: float, **update):
+    """A handler that replies with a delta of ``value`` everywhere (and ``update`` overrides)."""
+
+    def handler(m):
+        _, client, _, _, _ = records.read_train(m.content)
+        u = ClientUpdate(client, 10 * (client + 1), delta(value), {"loss": 1.0, "steps": 2, "tokens": 5, "seconds": 0.1})
+        for k, v in update.items():
+            setattr(u, k, v)
+        return records.update_content(u)
+
+    return handler
+
+
+def make(tmp_path, nodes, *, num_clients=None, min_clients=1, **kw):
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    clients = FlowerClients(
+        FakeGrid(nodes), num_clients=num_clients or len(nodes), min_clients=min_clients, progress=Progress(),
+        metrics=metrics, connect_timeout=kw.pop("connect_timeout", 5.0), **kw,
+    )
+    return clients, metrics
+
+
+def lines(metrics, kind):
+    return [r for r in read_metrics(metrics.path) if r["type"] == kind]
+
+
+def test_nodes_say_which_client_they_hold(tmp_path):
+    clients, metrics = make(tmp_path, {901: (1, None), 902: (0, None)})
+
+    assert clients.sizes() == [10, 20] and clients.steps(0, 1) == 2 and clients.steps(1, 5) == 3
+    assert clients.node_of == {0: 902, 1: 901}
+    assert lines(metrics, "nodes") == [{"type": "nodes", "round": 0, "clients": {"0": 10, "1": 20}, "missing": []}]
+
+
+def test_fit_returns_valid_updates_in_client_order(tmp_path):
+    clients, _ = make(tmp_path, {901: (1, trains(2.0)), 902: (0, trains(1.0))})
+
+    updates, failures = clients.fit(1, [0, 1], GLOBAL, {"prox_mu": 0.1}, lr=0.5)
+
+    assert [u.client_id for u in updates] == [0, 1] and [u.num_examples for u in updates] == [10, 20]
+    assert torch.equal(updates[1].delta["a.lora_A.weight"], torch.full((2, 3), 2.0))
+    sent = [records.read_train(m.content) for m in clients.grid.sent if m.metadata.message_type == "train"]
+    assert sorted((c, r, lr, cc["prox_mu"]) for _, c, r, lr, cc in sent) == [(0, 1, 0.5, 0.1), (1, 1, 0.5, 0.1)]
+
+
+def wrong_key(m):
+    u = ClientUpdate(1, 20, {"a.lora_A.weight": torch.zeros(2, 3), "b.lora_B.weight": torch.zeros(3, 2)}, {})
+    return records.update_content(u)
+
+
+def wrong_shape(m):
+    return records.update_content(ClientUpdate(1, 20, {**delta(0.0), "a.lora_B.weight": torch.zeros(2, 3)}, {}))
+
+
+def wrong_dtype(m):
+    return records.update_content(ClientUpdate(1, 20, {k: v.double() for k, v in delta(0.0).items()}, {}))
+
+
+def nan_values(m):
+    return records.update_content(ClientUpdate(1, 20, delta(math.nan), {}))
+
+
+def no_examples(m):
+    content = records.update_content(ClientUpdate(1, 20, delta(0.0), {}))
+    del content["update"]["num_examples"]
+    return content
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (wrong_key, "adapter keys differ"),
+        (wrong_shape, "tensor a.lora_B.weight is (2, 3)"),
+        (wrong_dtype, "torch.float64, expected (2, 3) torch.float32"),
+        (nan_values, "NaN or Inf"),
+        (no_examples, "num_examples is missing"),
+    ],
+)
+def test_a_bad_update_is_rejected_with_its_reason_and_never_merged(tmp_path, bad, reason):
+    clients, metrics = make(tmp_path, {901: (0, trains(1.0)), 902: (1, bad)})
+
+    updates, failures = clients.fit(2, [0, 1], GLOBAL, {}, lr=0.1)
+
+    assert [u.client_id for u in updates] == [0]
+    (rejected,) = failures
+    assert rejected.client_id == 1 and "update rejected" in rejected.reason and reason in rejected.reason
+
+
+def test_failed_silent_and_missing_clients_are_logged_and_the_round_goes_on(tmp_path):
+    unavailable = lambda m: Error(code=5, reason="Error: Node Unavailable")  # noqa: E731 - what the SuperLink sends
+    clients, metrics = make(
+        tmp_path, {901: (0, trains(1.0)), 902: (1, unavailable), 903: (2, lambda m: None)}, num_clients=4, round_timeout=0.5
+    )
+
+    updates, failures = clients.fit(1, [0, 1, 2, 3], GLOBAL, {}, lr=0.1)
+
+    assert [u.client_id for u in updates] == [0]
+    failed = {f.client_id: f.reason for f in failures}
+    assert set(failed) == {1, 2, 3}
+    assert "Node Unavailable (Flower error code 5)" in failed[1]
+    assert "no reply within flower.round_timeout=0.5s" in failed[2]
+    assert "no SuperNode holding this client is connected" in failed[3]
+    assert lines(metrics, "nodes")[0]["missing"] == [3]
+
+
+def test_fewer_valid_updates_than_min_clients_fails_the_round(tmp_path):
+    clients, metrics = make(tmp_path, {901: (0, trains(1.0)), 902: (1, nan_values)}, min_clients=2)
+
+    with pytest.raises(AggregationError, match=r"round 4: 1 valid client update\(s\) of 2, fewer than federation.min_clients=2"):
+        clients.fit(4, [0, 1], GLOBAL, {}, lr=0.1)
+
+
+def test_two_nodes_claiming_one_client_or_an_unknown_client_stop_the_run(tmp_path):
+    with pytest.raises(FederationError, match="SuperNodes 901 and 902 both hold client 0"):
+        make(tmp_path, {901: (0, None), 902: (0, None)})[0].sizes()
+    with pytest.raises(FederationError, match="holds client 5, but partition.num_clients=2"):
+        make(tmp_path, {901: (0, None), 902: (5, None)})[0].sizes()
+
+
+def test_too_few_nodes_within_the_connect_timeout(tmp_path):
+    clients, _ = make(tmp_path, {901: (0, None)}, num_clients=3, min_clients=2, connect_timeout=0.5)
+    with pytest.raises(FederationError, match="1 of 3 clients connected within flower.connect_timeout=0.5s"):
+        clients.sizes()
+
+
+def test_a_node_that_joins_later_is_asked_and_used(tmp_path):
+    clients, metrics = make(tmp_path, {901: (0, trains(1.0))}, num_clients=2, connect_timeout=0.5)
+    first, failures = clients.fit(1, [0, 1], GLOBAL, {}, lr=0.1)
+    assert [u.client_id for u in first] == [0] and [f.client_id for f in failures] == [1]
+
+    clients.grid.nodes[977] = (1, trains(3.0))  # client 1's SuperNode (re)connects under a new node id
+    updates, failures = clients.fit(2, [0, 1], GLOBAL, {}, lr=0.1)
+
+    assert [u.client_id for u in updates] == [0, 1] and clients.node_of[1] == 977 and failures == []
+    json.dumps(list(read_metrics(metrics.path)))  # every line is plain JSON
