@@ -171,3 +171,18 @@ def test_good_strategy_settings():
                              "federation.min_clients=5", "train.local_steps_per_client=[2, 4]"])
     assert cfg.strategy.server_lr == 0.003 and cfg.federation.min_clients == 5
     assert cfg.train.local_steps_per_client == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lora.client_ranks=[0, 9]"], "lora.client_ranks: [0, 9] outside 1..lora.r=8"),
+        (["lora.client_ranks=[2, 8]", "strategy.aggregator=median"], "lora.client_ranks: heterogeneous ranks are aggregated rank slice by rank slice"),
+        (["compression.method=fp8"], "compression.method: 'fp8' is not one of none, int8, int4, topk"),
+        (["compression.topk_fraction=0"], "compression.topk_fraction: must be > 0"),
+    ],
+)
+def test_bad_rank_and_compression_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)

@@ -58,6 +58,10 @@ class LoraConfig:
     alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)", gt=0)
     dropout: float = _f(0.05, "dropout on the LoRA input", ge=0, lt=1)
     target_modules: Union[str, list[str]] = _f("all-linear", "modules to adapt: 'all-linear' or a list of names")
+    client_ranks: list[int] = _f(
+        [], "heterogeneous ranks (HetLoRA): each client's rank, drawn once per client (seeded) from these values "
+        "(each <= lora.r); the global adapter keeps rank lora.r. Empty: every client trains rank lora.r"
+    )
 
 
 @dataclass
@@ -244,6 +248,17 @@ class CompareConfig:
 
 
 @dataclass
+class CompressionConfig:
+    method: str = _f(
+        "none", "client upload encoding: none (float32), int8 / int4 (block-wise quantisation), topk (largest entries)",
+        choices=("none", "int8", "int4", "topk"),
+    )
+    topk_fraction: float = _f(0.1, "method=topk: fraction of each tensor's entries sent", gt=0, le=1)
+    block: int = _f(64, "method=int8/int4: values per quantisation scale", ge=8)
+    error_feedback: bool = _f(True, "add what compression dropped in earlier rounds to the next upload (residual kept per client, on disk)")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs/run", "run directory (config, metrics, checkpoints, final adapter)")
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
@@ -263,6 +278,7 @@ class RunConfig:
     local: LocalConfig = _f(LocalConfig(), "local-only baseline (federation.mode=local)")
     flower: FlowerConfig = _f(FlowerConfig(), "the Flower engine (federation.engine=flower)")
     strategy: StrategyConfig = _f(StrategyConfig(), "server aggregation")
+    compression: CompressionConfig = _f(CompressionConfig(), "client -> server update compression")
     train: TrainConfig = _f(TrainConfig(), "local training on each client")
     dpo: DpoConfig = _f(DpoConfig(), "preference optimisation (task=dpo)")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
@@ -471,6 +487,14 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         )
     if fed.engine == "flower" and fed.dropout > 0:
         problems.append("federation.dropout: simulated dropout is for the in-process engine; on Flower, real nodes fail (set it to 0)")
+    bad_ranks = [r for r in cfg.lora.client_ranks if not 1 <= r <= cfg.lora.r]
+    if bad_ranks:
+        problems.append(f"lora.client_ranks: {bad_ranks} outside 1..lora.r={cfg.lora.r}")
+    if cfg.lora.client_ranks and cfg.strategy.aggregator != "mean":
+        problems.append(
+            f"lora.client_ranks: heterogeneous ranks are aggregated rank slice by rank slice (a weighted mean), "
+            f"not with strategy.aggregator={cfg.strategy.aggregator}; use mean or drop lora.client_ranks"
+        )
     if cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}")
     if cfg.dpo.label_smoothing > 0 and cfg.dpo.loss_type not in ("sigmoid", "robust"):

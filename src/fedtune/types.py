@@ -20,6 +20,7 @@ class ClientUpdate:
     delta: Adapter  # local adapter - global adapter
     metrics: dict[str, float] = field(default_factory=dict)  # loss, steps, tokens, seconds ...
     control_delta: Optional[Adapter] = None  # SCAFFOLD: change of the client's control variate
+    rank: Optional[int] = None  # HetLoRA: the LoRA rank the client trained (None: the full rank)
 
 
 @dataclass

@@ -143,3 +143,20 @@ def test_local_steps_override_per_fit(setup):
     _, params, encs, _ = setup
     upd = trainer(setup, local_steps=3).fit(0, encs, get_adapter(params), round=1, lr=1e-2, local_steps=1)
     assert upd.metrics["steps"] == 1
+
+
+def test_a_lower_rank_client_leaves_the_other_slices_untouched(setup):
+    from fedtune.server.hetlora import truncate
+
+    _, params, encs, _ = setup
+    start = {k: torch.randn_like(v) * 0.1 for k, v in get_adapter(params).items()}
+    update = trainer(setup).fit(0, encs, start, round=1, lr=1e-2, rank=2)
+
+    for k, d in update.delta.items():
+        beyond = d[2:] if "lora_A" in k else d[:, 2:]
+        within = d[:2] if "lora_A" in k else d[:, :2]
+        assert torch.equal(beyond, torch.zeros_like(beyond)), k  # never trained
+        assert within.abs().sum() > 0, k
+    # the client trained from the truncated global adapter: slices beyond 2 stayed zero on the model
+    local = get_adapter(params)
+    assert all(torch.allclose(local[k], truncate(start, 2)[k] + update.delta[k], atol=1e-7) for k in local)

@@ -61,3 +61,15 @@ def test_identical_truncated_updates_are_fixed_points(ranks, seed):
     w = [1 / len(ranks)] * len(ranks)
     out = aggregate_ranks(ds, ranks, w)
     assert torch.allclose(out[A], truncate(full, max(ranks))[A], atol=1e-5)
+
+
+def test_mean_aggregator_averages_heterogeneous_ranks_slice_by_slice():
+    from fedtune.server.aggregate import Mean
+    from fedtune.types import ClientUpdate
+
+    full = {"m.lora_A.weight": torch.ones(2, 1), "m.lora_B.weight": torch.ones(1, 2)}  # rank 2, all ones
+    low = {"m.lora_A.weight": torch.tensor([[3.0], [0.0]]), "m.lora_B.weight": torch.tensor([[3.0, 0.0]])}  # rank 1
+    out = Mean()([ClientUpdate(0, 1, full), ClientUpdate(1, 3, low, rank=1)])
+    # slice 0: (1*1 + 3*3) / 4 = 2.5; slice 1: only the full-rank client trained it -> 1
+    assert torch.equal(out["m.lora_A.weight"], torch.tensor([[2.5], [1.0]]))
+    assert torch.equal(out["m.lora_B.weight"], torch.tensor([[2.5, 1.0]]))

@@ -36,6 +36,7 @@ from fedtune.data.preferences import EncodedPair, collate_pairs
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
+from fedtune.server.hetlora import rank_mask, truncate
 from fedtune.types import Adapter, ClientUpdate
 
 StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
@@ -197,19 +198,24 @@ class PreferenceTrainer:
         client_config: Optional[dict] = None,
         client_control: Optional[Adapter] = None,
         local_steps: Optional[int] = None,
+        rank: Optional[int] = None,
         on_step: Optional[StepCallback] = None,
     ) -> ClientUpdate:
         """Train from ``global_adapter`` on ``pairs``; return the adapter delta and DPO metrics.
 
         ``client_config``/``client_control`` switch on FedProx/SCAFFOLD exactly as for SFT
-        (client/hooks.py); ``local_steps`` overrides the trainer's own (heterogeneous clients)."""
+        (client/hooks.py); ``local_steps`` overrides the trainer's own (heterogeneous clients);
+        ``rank`` trains a truncated adapter as for SFT (HetLoRA)."""
         start = time.perf_counter()
+        mask = None
+        if rank is not None:  # HetLoRA: this client sees and trains only the first ``rank`` slices
+            global_adapter, mask = truncate(global_adapter, rank), rank_mask(global_adapter, rank)
         set_adapter(self.params, global_adapter)
         terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)
         steps = self.plan(client_id, round, pairs, local_steps)
         ref = self.reference_of(pairs, steps, self.reference_adapter(global_adapter))
         reference_seconds = time.perf_counter() - start
-        self.optimizer.reset()
+        self.optimizer.reset(mask)
         self.model.train()
         rows: list[dict[str, torch.Tensor]] = []
         tokens = real = padded = 0

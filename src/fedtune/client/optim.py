@@ -37,10 +37,14 @@ class AdapterOptimizer:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.adamw = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=weight_decay)
 
-    def reset(self) -> None:
-        """Forget the moments of the previous fit."""
+        self.mask: Optional[dict[str, torch.Tensor]] = None
+
+    def reset(self, rank_mask: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Forget the moments of the previous fit; with ``rank_mask`` (HetLoRA,
+        server/hetlora.py) only the masked-in rank slices train in this fit."""
         self.adamw.state.clear()
         self.adamw.zero_grad(set_to_none=True)
+        self.mask = None if rank_mask is None else {k: m.to(self.device) for k, m in rank_mask.items()}
 
     def autocast(self):
         """The forward's precision context (a no-op in fp32)."""
@@ -58,6 +62,10 @@ class AdapterOptimizer:
             self.scaler.unscale_(self.adamw)
         if terms is not None:
             terms.apply(self.named)
+        if self.mask is not None:  # rank slices beyond the client's rank get no gradient, so stay zero
+            for k, p in self.named.items():
+                if p.grad is not None:
+                    p.grad.mul_(self.mask[k])
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if self.scaler:

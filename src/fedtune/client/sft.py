@@ -19,6 +19,7 @@ from fedtune.data.prompts import Encoded, collate
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
+from fedtune.server.hetlora import rank_mask, truncate
 from fedtune.types import Adapter, ClientUpdate
 
 StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
@@ -75,6 +76,7 @@ class LocalTrainer:
         client_config: Optional[dict] = None,
         client_control: Optional[Adapter] = None,
         local_steps: Optional[int] = None,
+        rank: Optional[int] = None,
         on_step: Optional[StepCallback] = None,
     ) -> ClientUpdate:
         """Train from ``global_adapter`` on ``examples``; return the adapter delta.
@@ -82,10 +84,15 @@ class LocalTrainer:
         ``client_config`` is what the strategy tells clients this round (empty for FedAvg;
         FedProx's mu, SCAFFOLD's server control variate: client/hooks.py);
         ``client_control`` is this client's own SCAFFOLD variate c_i (None: zeros), and the
-        update then carries its change in ``control_delta``."""
+        update then carries its change in ``control_delta``. A client of ``rank`` < lora.r
+        (HetLoRA) starts from the global adapter truncated to that rank and trains only
+        those slices; its delta is relative to the truncated adapter."""
         start = time.perf_counter()
+        mask = None
+        if rank is not None:  # HetLoRA: this client sees and trains only the first ``rank`` slices
+            global_adapter, mask = truncate(global_adapter, rank), rank_mask(global_adapter, rank)
         set_adapter(self.params, global_adapter)
-        self.optimizer.reset()
+        self.optimizer.reset(mask)
         terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)
         steps = self.plan(client_id, round, examples, local_steps)
         self.model.train()

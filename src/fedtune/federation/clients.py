@@ -4,7 +4,9 @@ network and gets the same ClientUpdates back; the round loop does not change.)
 
 This is also where the in-process engine simulates what real clients do: fail to answer
 (``dropout``), differ in how much work they do per round (``local_steps``), and keep their
-own state across rounds (SCAFFOLD's control variates, in a :class:`ClientStateStore`).
+own state across rounds (SCAFFOLD's control variates and error-feedback residuals, in a
+:class:`ClientStateStore` on disk), train a lower LoRA rank (``ranks``, HetLoRA), and encode
+their upload (``compression``; the fit metrics carry ``upload_bytes``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fedtune.client.sft import LocalTrainer
 from fedtune.data.prompts import Encoded
 from fedtune.errors import CheckpointError
 from fedtune.federation.client_state import ClientStateStore
+from fedtune.federation.compression import Compression, encode_upload
 from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator
 from fedtune.types import SERVER_CONTROL, Adapter, ClientFailure, ClientUpdate
@@ -28,7 +31,9 @@ class LocalClients:
     ``dropout``: probability that a sampled client fails to return its update, drawn from
     (seed, "failures", round, client), so a resumed run fails the same clients.
     ``local_steps``: optimizer steps per round for each client (None: the trainer's own).
-    ``state``: where clients keep state between rounds (needed by SCAFFOLD).
+    ``state``: where clients keep state between rounds (needed by SCAFFOLD and error feedback).
+    ``ranks``: each client's LoRA rank (None: all train the full rank).
+    ``compression``: how clients encode their deltas for the upload.
     ``round_steps`` (round -> optimizer steps) fixes every fit's step budget instead; the
     centralized baseline uses it (federation/baselines.py).
     """
@@ -44,10 +49,13 @@ class LocalClients:
         local_steps: Optional[Sequence[int]] = None,
         state: Optional[ClientStateStore] = None,
         round_steps: Optional[dict[int, int]] = None,
+        ranks: Optional[Sequence[int]] = None,
+        compression: Compression = Compression(),
     ):
         self.trainer, self.data, self.progress = trainer, data, progress
         self.seed, self.dropout, self.local_steps, self.state = seed, dropout, local_steps, state
         self.round_steps = round_steps or {}
+        self.ranks, self.compression = ranks, compression
 
     def __len__(self) -> int:
         return len(self.data)
@@ -80,34 +88,75 @@ class LocalClients:
             if self.fails(cid, round):
                 failures.append(ClientFailure(cid, f"simulated dropout (federation.dropout={self.dropout})"))
                 continue
-            control = self._control(cid, round, client_config)
+            kept = self._load_state(cid, round, global_adapter)
+            control = self._control(kept.get(CONTROL), client_config)
+            rank = None if self.ranks is None else self.ranks[cid]
             self.progress.client_started(round, cid, self.steps(cid, round))
             update = self.trainer.fit(
                 cid, self.data[cid], global_adapter, round=round, lr=lr, client_config=client_config,
-                client_control=control, local_steps=self._local_steps(cid, round), on_step=self.progress.step,
+                client_control=control, local_steps=self._local_steps(cid, round), rank=rank, on_step=self.progress.step,
             )
+            update.rank = rank
+            if rank is not None:
+                update.metrics["rank"] = rank
+            new_state = self._upload(update, global_adapter, kept.get(RESIDUAL))
             if update.control_delta is not None:  # the client keeps c_i^+ = c_i + Delta c_i
-                self.state.save(cid, round, {k: control[k] + update.control_delta[k] for k in control})
+                new_state[CONTROL] = {k: control[k] + update.control_delta[k] for k in control}
+            if new_state:
+                self.state.save(cid, round, _flatten(new_state))
             self.progress.client_finished(round, cid, update.metrics)
             updates.append(update)
         return updates, failures
 
-    def _control(self, client: int, round: int, client_config: dict) -> Optional[Adapter]:
+    def _upload(self, update: ClientUpdate, global_adapter: Adapter, residual: Optional[Adapter]) -> dict[str, Adapter]:
+        """What crosses the wire: the delta encoded by ``compression`` (the server sees the
+        decoded delta), and its size in the fit metrics. Returns the state the client keeps
+        (its error-feedback residual)."""
+        payload, new_residual = encode_upload(update, self.compression, residual)
+        if self.compression.method != "none":
+            update.delta = self.compression.decode(payload, global_adapter)
+        return {} if new_residual is None else {RESIDUAL: new_residual}
+
+    def _load_state(self, client: int, round: int, like: Adapter) -> dict[str, Adapter]:
+        """What the client kept from its previous fit: {CONTROL: c_i, RESIDUAL: e_i} (parts may be missing)."""
+        if self.state is None:
+            return {}
+        stored = self.state.load(client, round)
+        if stored is None:
+            return {}
+        parts = _unflatten(stored)
+        for name, tensors in parts.items():
+            if tensors.keys() != like.keys() or any(tensors[k].shape != v.shape for k, v in like.items()):
+                raise CheckpointError(
+                    f"{self.state.root}: client {client}'s stored {name} does not fit this adapter; start a new run"
+                )
+        return parts
+
+    def _control(self, stored: Optional[Adapter], client_config: dict) -> Optional[Adapter]:
         """The client's SCAFFOLD variate c_i (zeros before its first round), or None."""
         server_control = client_config.get(SERVER_CONTROL)
         if server_control is None:
             return None
         assert self.state is not None, "SCAFFOLD clients need a ClientStateStore"
-        stored = self.state.load(client, round)
-        if stored is None:
-            return {k: torch.zeros_like(v) for k, v in server_control.items()}
-        if stored.keys() != server_control.keys() or any(stored[k].shape != v.shape for k, v in server_control.items()):
-            raise CheckpointError(
-                f"{self.state.root}: client {client}'s stored control variate does not fit this adapter; start a new run"
-            )
-        return stored
+        return stored if stored is not None else {k: torch.zeros_like(v) for k, v in server_control.items()}
 
     def rollback(self, round: int) -> None:
         """Forget client state written in ``round`` or later (resume, or a skipped round)."""
         if self.state is not None:
             self.state.rollback(round)
+
+
+CONTROL, RESIDUAL = "control", "residual"  # the parts of a client's kept state
+_SEP = "/"
+
+
+def _flatten(parts: dict[str, Adapter]) -> dict[str, torch.Tensor]:
+    return {f"{name}{_SEP}{k}": v for name, tensors in parts.items() for k, v in tensors.items()}
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Adapter]:
+    parts: dict[str, Adapter] = {}
+    for key, v in flat.items():
+        name, _, k = key.partition(_SEP)
+        parts.setdefault(name, {})[k] = v
+    return parts

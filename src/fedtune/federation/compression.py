@@ -18,6 +18,7 @@ Pure functions; the payload's keys are ``<adapter key>::<part>``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -115,3 +116,42 @@ def compress_with_feedback(
     payload = compress(target, method, block=block, fraction=fraction)
     sent = decompress(payload, target, method, block=block)
     return payload, {k: target[k] - sent[k] for k in target}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How a client encodes its upload (``compression.*`` in the config)."""
+
+    method: str = "none"
+    block: int = 64
+    fraction: float = 0.1
+    error_feedback: bool = True
+
+    def encode(self, delta: Adapter, residual: Optional[Adapter]) -> tuple[dict[str, torch.Tensor], Optional[Adapter]]:
+        """(payload, the client's new residual; None without error feedback)."""
+        if self.method == "none":
+            return compress(delta, "none"), None
+        if self.error_feedback:
+            return compress_with_feedback(delta, residual, self.method, block=self.block, fraction=self.fraction)
+        return compress(delta, self.method, block=self.block, fraction=self.fraction), None
+
+    def decode(self, payload: dict[str, torch.Tensor], like: Adapter) -> Adapter:
+        """The delta the server aggregates (float32, shaped like the global adapter)."""
+        return decompress(payload, like, self.method, block=self.block)
+
+
+def dense_bytes(adapter: Adapter) -> int:
+    """Bytes of ``adapter`` sent uncompressed as float32 (the baseline upload)."""
+    return sum(t.numel() * 4 for t in adapter.values())
+
+
+def encode_upload(update, compression: Compression, residual: Optional[Adapter]) -> tuple[dict[str, torch.Tensor], Optional[Adapter]]:
+    """The client side of an upload (in-process and on a Flower node alike): the payload that
+    replaces ``update.delta`` on the wire and the client's new error-feedback residual. Records
+    ``upload_bytes`` (payload + SCAFFOLD's uncompressed control delta) and
+    ``upload_bytes_fp32`` (the same sent as float32) in ``update.metrics``."""
+    payload, new_residual = compression.encode(update.delta, residual)
+    control = dense_bytes(update.control_delta) if update.control_delta is not None else 0
+    update.metrics["upload_bytes"] = payload_bytes(payload) + control
+    update.metrics["upload_bytes_fp32"] = dense_bytes(update.delta) + control
+    return payload, new_residual

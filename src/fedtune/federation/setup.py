@@ -30,6 +30,7 @@ from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.preferences import PreferenceEvaluator
 from fedtune.federation.client_state import CLIENT_STATE, ClientStateStore
 from fedtune.federation.clients import LocalClients
+from fedtune.federation.compression import Compression
 from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
 from fedtune.reporting.progress import Progress
@@ -217,7 +218,14 @@ def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer
         seed=cfg.seed, dropout=cfg.federation.dropout,
         local_steps=local_steps_per_client(cfg.train.local_steps_per_client, len(data), cfg.seed),
         state=ClientStateStore(run_dir / CLIENT_STATE, keep=cfg.output.keep_checkpoints),
+        ranks=local_steps_per_client(cfg.lora.client_ranks, len(data), cfg.seed, stream="ranks"),
+        compression=compression_of(cfg),
     )
+
+
+def compression_of(cfg: RunConfig) -> Compression:
+    c = cfg.compression
+    return Compression(c.method, block=c.block, fraction=c.topk_fraction, error_feedback=c.error_feedback)
 
 
 def build_strategy(cfg: RunConfig) -> strategies.Strategy:

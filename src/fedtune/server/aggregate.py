@@ -34,6 +34,7 @@ import torch
 
 from fedtune.config import AGGREGATOR_PARAMS, AGGREGATORS
 from fedtune.errors import AggregationError, ConfigError
+from fedtune.server.hetlora import aggregate_ranks
 from fedtune.types import Adapter, ClientUpdate
 
 
@@ -100,12 +101,18 @@ def _sorted_stack(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
 
 
 class Mean:
-    """sum_i w_i d_i with w_i = n_i / sum_j n_j (FedAvg's average, weighted by examples)."""
+    """sum_i w_i d_i with w_i = n_i / sum_j n_j (FedAvg's average, weighted by examples).
+    Deltas of clients that trained a lower LoRA rank (HetLoRA) are averaged rank slice by
+    rank slice over the clients that trained each slice (server/hetlora.py)."""
 
     name = "mean"
 
     def __call__(self, updates: Sequence[ClientUpdate]) -> Adapter:
-        return weighted_delta(updates, example_weights(updates))
+        weights = example_weights(updates)
+        if all(u.rank is None for u in updates):
+            return weighted_delta(updates, weights)
+        ranks = [u.rank if u.rank is not None else math.inf for u in updates]
+        return aggregate_ranks([u.delta for u in updates], ranks, weights)
 
 
 class Median:

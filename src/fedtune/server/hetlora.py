@@ -55,10 +55,10 @@ def truncate(adapter: Adapter, rank: int) -> Adapter:
     return {k: v * mask[k] for k, v in adapter.items()}
 
 
-def aggregate_ranks(deltas: Sequence[Adapter], ranks: Sequence[int], weights: Sequence[float]) -> Adapter:
+def aggregate_ranks(deltas: Sequence[Adapter], ranks: Sequence[float], weights: Sequence[float]) -> Adapter:
     """Rank-slice-wise weighted average of zero-padded deltas (see module docstring).
 
-    A slice no client trained stays zero.
+    A slice no client trained stays zero; a rank of ``math.inf`` means the full rank.
     """
     keys = deltas[0].keys()
     out: Adapter = {}
@@ -69,7 +69,7 @@ def aggregate_ranks(deltas: Sequence[Adapter], ranks: Sequence[int], weights: Se
         den = torch.zeros(full, dtype=torch.float32)  # (R,) weight that reached each slice
         for d, r, w in zip(deltas, ranks, weights):
             num += w * d[k]
-            den[: min(r, full)] += w
+            den[: int(min(r, full))] += w
         shape = [1, 1]
         shape[axis] = full
         out[k] = num / torch.where(den > 0, den, torch.ones_like(den)).view(shape)

@@ -33,10 +33,11 @@ def sample_clients(
     return sorted(rng.choice(num_clients, size=k, replace=False, p=p).tolist())
 
 
-def local_steps_per_client(choices: Sequence[int], num_clients: int, seed: int) -> Optional[list[int]]:
-    """Heterogeneous local work: each client's optimizer steps per round, drawn once and
-    uniformly from ``choices`` with the generator of (seed, "workload", client), so a client
-    keeps its speed across rounds and resumes. None when ``choices`` is empty (all equal)."""
+def local_steps_per_client(choices: Sequence[int], num_clients: int, seed: int, stream: str = "workload") -> Optional[list[int]]:
+    """Heterogeneous local work: each client's optimizer steps per round (or, with
+    stream="ranks", its LoRA rank), drawn once and uniformly from ``choices`` with the
+    generator of (seed, stream, client), so a client keeps its capacity across rounds and
+    resumes. None when ``choices`` is empty (all equal)."""
     if not choices:
         return None
-    return [int(choices[generator(seed, "workload", c).integers(len(choices))]) for c in range(num_clients)]
+    return [int(choices[generator(seed, stream, c).integers(len(choices))]) for c in range(num_clients)]

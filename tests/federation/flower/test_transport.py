@@ -190,3 +190,29 @@ def test_a_node_that_joins_later_is_asked_and_used(tmp_path):
 
     assert [u.client_id for u in updates] == [0, 1] and clients.node_of[1] == 977 and failures == []
     json.dumps(list(read_metrics(metrics.path)))  # every line is plain JSON
+
+
+def test_compressed_uploads_are_decoded_and_a_bad_payload_rejected(tmp_path):
+    from fedtune.federation.compression import Compression, encode_upload
+
+    int8 = Compression("int8")
+
+    def sends_int8(value, rank=None):
+        def handler(m):
+            _, client, _, _, _ = records.read_train(m.content)
+            u = ClientUpdate(client, 10, delta(value), {}, rank=rank)
+            payload, _ = encode_upload(u, int8, None)
+            return records.update_content(u, payload)
+        return handler
+
+    def truncated(m):
+        content = sends_int8(1.0)(m)
+        del content["delta"]["a.lora_B.weight::s"]
+        return content
+
+    clients, _ = make(tmp_path, {901: (0, sends_int8(0.5, rank=1)), 902: (1, truncated)}, compression=int8)
+    updates, failures = clients.fit(1, [0, 1], GLOBAL, {}, lr=0.1)
+
+    (u,) = updates
+    assert u.rank == 1 and all(torch.allclose(u.delta[k], delta(0.5)[k], atol=0.5 / 127) for k in GLOBAL)
+    assert [f.client_id for f in failures] == [1] and "int8 payload does not decode" in failures[0].reason

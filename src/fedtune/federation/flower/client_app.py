@@ -14,9 +14,10 @@ run) or start a process per message (deployment, ``--isolation subprocess``). Ei
 base model and the tokenised shard are built once per process and kept in :data:`CACHE`, the
 one module-level cache the house rules allow.
 
-A SCAFFOLD client keeps its control variate c_i in Flower's per-node run state
-(``context.state``), so it lives as long as the SuperNode's run: a resumed run (a new Flower
-run) starts the variates at zero again, where the in-process engine restores them.
+A SCAFFOLD client keeps its control variate c_i, and a compressing client its error-feedback
+residual, in Flower's per-node run state (``context.state``), so they live as long as the
+SuperNode's run: a resumed run (a new Flower run) starts them at zero again, where the
+in-process engine restores them from disk.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fedtune.config import RunConfig, to_dict
 from fedtune.data.batching import plan_steps
 from fedtune.errors import ConfigError
 from fedtune.federation import setup
+from fedtune.federation.compression import encode_upload
 from fedtune.federation.flower import records
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
 from fedtune.server.sampling import local_steps_per_client
@@ -48,6 +50,7 @@ DATA_PATH = "data-path"  # --node-config keys
 CLIENT_ID = "client-id"
 PARTITION_ID = "partition-id"  # Flower's simulation sets this one
 SCAFFOLD_STATE = "fedtune.scaffold_control"  # the node's c_i in context.state
+RESIDUAL_STATE = "fedtune.upload_residual"  # the node's error-feedback residual
 
 
 class NodeCache:
@@ -109,10 +112,15 @@ def node_examples(cfg: RunConfig, node_config: dict) -> tuple[int, list]:
     )
 
 
+def node_choice(choices: list, cfg: RunConfig, client: int, stream: str) -> Optional[int]:
+    """``client``'s own value of a per-client draw, as the in-process engine draws it."""
+    values = local_steps_per_client(choices, cfg.partition.num_clients, cfg.seed, stream=stream)
+    return None if values is None or client >= len(values) else values[client]
+
+
 def client_steps(cfg: RunConfig, client: int) -> Optional[int]:
     """``client``'s own steps per round under train.local_steps_per_client (None: the trainer's)."""
-    steps = local_steps_per_client(cfg.train.local_steps_per_client, cfg.partition.num_clients, cfg.seed)
-    return None if steps is None or client >= len(steps) else steps[client]
+    return node_choice(cfg.train.local_steps_per_client, cfg, client, "workload")
 
 
 def count_steps(cfg: RunConfig, num_examples: int, client: int) -> int:
@@ -150,13 +158,19 @@ def answer_train(cfg: RunConfig, message: Message, context: Context) -> Message:
     if holds != client:
         raise ConfigError(f"a message for client {client} reached the SuperNode holding client {holds}")
     control = node_control(context, client_config[SERVER_CONTROL]) if SERVER_CONTROL in client_config else None
+    rank = node_choice(cfg.lora.client_ranks, cfg, client, "ranks")
     update = trainer.fit(client, examples, adapter, round=round, lr=lr, client_config=client_config,
-                         client_control=control, local_steps=client_steps(cfg, client))
+                         client_control=control, local_steps=client_steps(cfg, client), rank=rank)
+    update.rank = rank
     if update.control_delta is not None:  # the node keeps c_i^+ = c_i + Delta c_i for its next round
         context.state[SCAFFOLD_STATE] = records.to_record({k: control[k] + update.control_delta[k] for k in control})
+    residual = records.from_record(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state.array_records else None
+    payload, residual = encode_upload(update, setup.compression_of(cfg), residual)
+    if residual is not None:  # error feedback: what this upload dropped goes into the next one
+        context.state[RESIDUAL_STATE] = records.to_record(residual)
     update.metrics["setup_seconds"] = setup_seconds
     log.info("round %d client %d: loss %.4f, %d steps", round, client, update.metrics["loss"], update.metrics["steps"])
-    return Message(records.update_content(update), reply_to=message)
+    return Message(records.update_content(update, payload), reply_to=message)
 
 
 def make_client_app(config_yaml: Optional[str] = None) -> ClientApp:

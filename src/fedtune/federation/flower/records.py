@@ -43,6 +43,7 @@ CLIENT = "client"
 ROUND = "round"
 LR = "lr"
 NUM_EXAMPLES = "num_examples"
+RANK = "rank"
 STEPS = "steps"
 TENSOR = "tensor"  # the one key of a client-config entry that is a single tensor
 
@@ -124,11 +125,15 @@ def read_node(content: RecordDict) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
-def update_content(update: ClientUpdate) -> RecordDict:
-    """A client update as a reply: the delta, the example count and the metrics."""
+def update_content(update: ClientUpdate, payload: Optional[Adapter] = None) -> RecordDict:
+    """A client update as a reply: the delta (or its compressed ``payload``,
+    federation/compression.py), the example count, the rank it trained and the metrics."""
+    head = {CLIENT: update.client_id, NUM_EXAMPLES: update.num_examples}
+    if update.rank is not None:
+        head[RANK] = update.rank
     records: dict[str, Any] = {
-        DELTA: to_record(update.delta),
-        UPDATE: ConfigRecord({CLIENT: update.client_id, NUM_EXAMPLES: update.num_examples}),
+        DELTA: to_record(update.delta if payload is None else payload),
+        UPDATE: ConfigRecord(head),
         METRICS: MetricRecord({k: int(v) if isinstance(v, bool) else v for k, v in update.metrics.items()}),
     }
     if update.control_delta is not None:
@@ -150,4 +155,7 @@ def read_update(content: RecordDict, expected_client: int) -> ClientUpdate:
     control: Optional[Adapter] = None
     if CONTROL_DELTA in content.array_records:
         control = from_record(content[CONTROL_DELTA])
-    return ClientUpdate(client, n, from_record(content[DELTA]), metrics, control)
+    rank = update.get(RANK)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ReplyError(f"{RANK} must be a positive integer (got {rank!r})")
+    return ClientUpdate(client, n, from_record(content[DELTA]), metrics, control, rank)

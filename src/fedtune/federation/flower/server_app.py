@@ -53,6 +53,7 @@ def serve(grid: Grid, cfg: RunConfig, *, resume: bool, progress: Progress, stop:
         return FlowerClients(
             grid, num_clients=cfg.partition.num_clients, min_clients=cfg.federation.min_clients, progress=progress,
             metrics=metrics, connect_timeout=cfg.flower.connect_timeout, round_timeout=cfg.flower.round_timeout,
+            compression=setup.compression_of(cfg),
         )
 
     return inprocess.run(cfg, resume=resume, progress=progress, stop=stop, data=server_data, connect=connect)

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from flwr.app import Message, MessageType
 
 from fedtune.errors import AggregationError, FederationError
+from fedtune.federation.compression import Compression
 from fedtune.federation.flower import records
 from fedtune.reporting.metrics import MetricsLog
 from fedtune.reporting.progress import Progress
@@ -51,7 +52,9 @@ class FlowerClients:
         metrics: MetricsLog,
         connect_timeout: float,
         round_timeout: Optional[float] = None,
+        compression: Compression = Compression(),
     ):
+        self.compression = compression
         self.grid, self.num_clients, self.min_clients = grid, num_clients, min_clients
         self.progress, self.metrics = progress, metrics
         self.connect_timeout, self.round_timeout = connect_timeout, round_timeout
@@ -75,6 +78,15 @@ class FlowerClients:
     def steps(self, client: int, round: int) -> int:
         self.connect()
         return self.step_count.get(client, 0)
+
+    def decode(self, payload: Adapter, global_adapter: Adapter) -> Adapter:
+        """The delta in a (compressed) upload; ReplyError when the payload does not decode."""
+        if self.compression.method == "none":
+            return payload
+        try:
+            return self.compression.decode(payload, global_adapter)
+        except (KeyError, RuntimeError, IndexError) as err:
+            raise records.ReplyError(f"the {self.compression.method} payload does not decode ({type(err).__name__}: {err})") from None
 
     def rollback(self, round: int) -> None:
         """Client state lives on the nodes (see client_app.py): nothing to roll back here."""
@@ -107,6 +119,7 @@ class FlowerClients:
             else:
                 try:
                     update = records.read_update(reply.content, cid)
+                    update.delta = self.decode(update.delta, global_adapter)
                     check_updates(global_adapter, [update])
                 except (records.ReplyError, AggregationError) as err:
                     failures.append(ClientFailure(cid, f"update rejected: {err}"))
