@@ -49,6 +49,10 @@ class ModelConfig:
     dtype: str = _f("auto", "weights dtype (auto: bfloat16 on CUDA if supported, else float32)", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "device (auto: CUDA if available, else CPU)", choices=("auto", "cpu", "cuda", "mps"))
     trust_remote_code: bool = _f(False, "allow custom model code from the hub")
+    quantize: str = _f(
+        "none", "load the frozen base weights quantised with bitsandbytes (CUDA only): 8bit (LLM.int8) or 4bit "
+        "(NF4 with double quantisation, QLoRA); the LoRA adapter stays in full precision", choices=("none", "8bit", "4bit"),
+    )
     init_adapter: Optional[str] = _f(None, "start from this adapter (a run directory or a PEFT adapter folder)")
 
 
@@ -193,7 +197,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", ge=0)
     batching: str = _f("length", "batch by similar length (less padding) or at random", choices=("length", "random"))
-    precision: str = _f("auto", "compute precision (auto: bf16 on CUDA if supported, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "compute precision (auto: bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16/AMX), else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
 
 

@@ -122,16 +122,39 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
-    """The frozen base model on ``device``. Loaded once per process and shared by all clients."""
+def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, quantize: str = "none"):
+    """The frozen base model on ``device``. Loaded once per process and shared by all clients.
+
+    ``quantize`` 8bit/4bit loads the weights with bitsandbytes (Dettmers et al., "QLoRA",
+    NeurIPS 2023: NF4 with double quantisation, compute in ``dtype``), on CUDA only."""
     from transformers import AutoModelForCausalLM
 
+    extra = quantization_kwargs(quantize, dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(_not_loadable(path, err)) from None
     model.requires_grad_(False)
-    return model.to(device)
+    return model if extra else model.to(device)
+
+
+def quantization_kwargs(quantize: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """from_pretrained arguments for ``model.quantize`` (empty for none)."""
+    if quantize == "none":
+        return {}
+    if device.type != "cuda":
+        raise ModelError(f"model.quantize={quantize} needs a CUDA device (bitsandbytes); set model.quantize=none on {device.type}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(f"model.quantize={quantize} needs bitsandbytes: pip install 'fedtune[gpu]' (or bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
 def _not_loadable(path: str, err: Exception) -> str:
