@@ -55,3 +55,16 @@ def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+BUNDLED = "smollm2-135m-instruct"
+
+
+def bench_model(quick: bool, work: Path) -> str:
+    """The model a benchmark runs: a tiny random Llama written under ``work`` (--quick), else
+    the bundled SmolLM2-135M-Instruct."""
+    if not quick:
+        return BUNDLED
+    from benchmarks.throughput import tiny_model
+
+    return str(tiny_model(work / "tiny"))

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, write_json
+from benchmarks.common import RESULTS, bench_model, machine, write_json
 
 SETTINGS = {  # name -> compression.* overrides
     "fp32": ["compression.method=none"],
@@ -48,12 +48,7 @@ def run_once(model: str, work: Path, name: str, quick: bool) -> dict:
 def measure(quick: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fedtune-comm-"))
     try:
-        if quick:
-            from benchmarks.throughput import tiny_model
-
-            model = str(tiny_model(work / "tiny"))
-        else:
-            model = "smollm2-135m-instruct"
+        model = bench_model(quick, work)
         runs = {}
         for name in SETTINGS:
             print(f"  communication: {name}", flush=True)

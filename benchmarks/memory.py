@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, peak_rss_mb, run_child, write_json
+from benchmarks.common import RESULTS, bench_model, machine, peak_rss_mb, run_child, write_json
 
 MODULE = "benchmarks.memory"
 
@@ -37,12 +37,7 @@ def child(args) -> dict:
 def measure(quick: bool = False, strategy: str = "fedavg") -> dict:
     work = Path(tempfile.mkdtemp(prefix="fedtune-mem-"))
     try:
-        if quick:
-            from benchmarks.throughput import tiny_model
-
-            model = str(tiny_model(work / "tiny"))
-        else:
-            model = "smollm2-135m-instruct"
+        model = bench_model(quick, work)
         runs = {
             n: run_child(MODULE, ["--child", "--clients", str(n), "--model", model, "--work", str(work), "--strategy", strategy], work / f"{n}.json")
             for n in (10, 1000)
