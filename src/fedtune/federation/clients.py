@@ -16,6 +16,7 @@ import torch
 from fedtune.client.sft import LocalTrainer
 from fedtune.data.prompts import Encoded
 from fedtune.errors import CheckpointError
+from fedtune.federation.attacks import ClientSide
 from fedtune.federation.client_state import ClientStateStore
 from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator
@@ -31,6 +32,8 @@ class LocalClients:
     ``state``: where clients keep state between rounds (needed by SCAFFOLD).
     ``round_steps`` (round -> optimizer steps) fixes every fit's step budget instead; the
     centralized baseline uses it (federation/baselines.py).
+    ``client_side``: what a client does to its update before sending it (simulated attacks,
+    local DP; federation/attacks.py).
     """
 
     def __init__(
@@ -44,10 +47,12 @@ class LocalClients:
         local_steps: Optional[Sequence[int]] = None,
         state: Optional[ClientStateStore] = None,
         round_steps: Optional[dict[int, int]] = None,
+        client_side: Optional[ClientSide] = None,
     ):
         self.trainer, self.data, self.progress = trainer, data, progress
         self.seed, self.dropout, self.local_steps, self.state = seed, dropout, local_steps, state
         self.round_steps = round_steps or {}
+        self.client_side = client_side
 
     def __len__(self) -> int:
         return len(self.data)
@@ -89,7 +94,7 @@ class LocalClients:
             if update.control_delta is not None:  # the client keeps c_i^+ = c_i + Delta c_i
                 self.state.save(cid, round, {k: control[k] + update.control_delta[k] for k in control})
             self.progress.client_finished(round, cid, update.metrics)
-            updates.append(update)
+            updates.append(update if self.client_side is None else self.client_side.outgoing(update, round))
         return updates, failures
 
     def _control(self, client: int, round: int, client_config: dict) -> Optional[Adapter]:

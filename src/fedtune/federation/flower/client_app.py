@@ -76,6 +76,7 @@ class NodeCache:
         key = _key(cfg.seed, cfg.data, cfg.partition, sorted(node_config.items()), self.trainer_key)
         if key not in self.shards:
             client, examples = node_examples(cfg, node_config)
+            examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
             encoded = setup.encode_examples(self.bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
             self.shards[key] = (client, encoded)
         return self.shards[key]
@@ -154,6 +155,7 @@ def answer_train(cfg: RunConfig, message: Message, context: Context) -> Message:
                          client_control=control, local_steps=client_steps(cfg, client))
     if update.control_delta is not None:  # the node keeps c_i^+ = c_i + Delta c_i for its next round
         context.state[SCAFFOLD_STATE] = records.to_record({k: control[k] + update.control_delta[k] for k in control})
+    update = setup.build_client_side(cfg).outgoing(update, round)  # a simulated attack, or local DP noise
     update.metrics["setup_seconds"] = setup_seconds
     log.info("round %d client %d: loss %.4f, %d steps", round, client, update.metrics["loss"], update.metrics["steps"])
     return Message(records.update_content(update), reply_to=message)
