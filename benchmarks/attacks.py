@@ -113,6 +113,7 @@ def plot(entries: list[dict], path: Path, title: str) -> None:
     for e in [e for e in entries if e["dp"] is None and e["aggregator"] == "mean" and e["attack_fraction"] == 0] + [e for e in entries if e["dp"]]:
         label = "FedAvg, no DP" if e["dp"] is None else f"DP z={e['dp']['noise_multiplier']:g}, eps={e['epsilon'][-1]:.1f}"
         right.plot(e["rounds"], e["heldout_loss"], marker="o", label=label)
+    right.set_xticks(entries[0]["rounds"])
     right.set_xlabel("round")
     right.set_ylabel("held-out loss")
     right.set_title("central DP (no attackers)")
@@ -131,6 +132,32 @@ def tiny_model(folder: Path) -> str:
     return str(build_tiny_llama(folder, load_tokenizer(str(bundled_model_dir()))))
 
 
+def add_dp(entries: list[dict], add) -> None:
+    """FedAvg without attackers under central DP at each of NOISE, C = the median honest update norm."""
+    plain = next((e for e in entries if e["aggregator"] == "mean" and e["attack_fraction"] == 0), None)
+    if plain is None:  # the clip norm comes from the honest FedAvg run
+        add("mean-0", [])
+        plain = entries[-1]
+    clip = statistics.median(plain["honest_norms"])
+    for z in NOISE:
+        add(f"dp-z{z:g}", ["privacy.dp=central", f"privacy.clip_norm={clip:.6g}", f"privacy.noise_multiplier={z}"])
+
+
+def write(entries: list[dict], args, common: list[str], model, stem: str) -> dict:
+    for e in entries:
+        e["attack_desc"] = f"-{args.scale:g} x their honest delta (sign_flip, attack.scale={args.scale:g})"
+    results = {
+        "benchmark": "attacks", "command": "python -m benchmarks.attacks " + " ".join(sys.argv[1:]),
+        "model": model or "smollm2-135m-instruct", "overrides": common, "entries": entries,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{stem}.md").write_text(table(entries) + "\n")
+    plot(entries, args.out / f"{stem}.png", f"10 clients, all per round, {entries[0]['rounds'][-1]} rounds "
+         f"({'tiny random model' if args.quick else 'SmolLM2-135M'}, demo data)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a random 2-layer Llama with tiny data: a smoke check")
@@ -145,43 +172,32 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or (tiny_model(Path(tempfile.mkdtemp()) / "tiny") if args.quick else None)
     common = COMMON + (QUICK if args.quick else []) + ([f"model.name={model}"] if model else [])
     only = None if args.only is None else set(args.only.split(","))
-    entries = []
+    stem = "attacks-quick" if args.quick else "attacks"
+    entries: list[dict] = []
 
-    def add(name: str, overrides: list[str]) -> None:
+    def add(name: str, overrides: list[str]) -> None:  # results are rewritten after every entry: a cut run keeps its table
         entries.append(run_entry(name, common + overrides, args.runs))
         e = entries[-1]
         print(f"{name}: held-out loss {' '.join(f'{x:.4f}' for x in e['heldout_loss'])}, {e['rejected']} rejected "
               f"({e['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        write(entries, args, common, model, stem)
 
-    for agg, overrides in AGGREGATORS.items():
-        if only is not None and agg not in only:
-            continue
-        for f in (float(x) for x in args.fractions.split(",")):
-            attack = [f"attack.fraction={f}", "attack.kind=sign_flip", f"attack.scale={args.scale}"] if f > 0 else []
-            add(f"{agg}-{f:g}", overrides + attack)
-    if only is None or "dp" in only:
-        plain = next((e for e in entries if e["aggregator"] == "mean" and e["attack_fraction"] == 0), None)
-        if plain is None:  # the clip norm comes from the honest FedAvg run
-            add("mean-0", [])
-            plain = entries[-1]
-        clip = statistics.median(plain["honest_norms"])
-        for z in NOISE:
-            add(f"dp-z{z:g}", ["privacy.dp=central", f"privacy.clip_norm={clip:.6g}", f"privacy.noise_multiplier={z}"])
-
-    for e in entries:
-        e["attack_desc"] = f"-{args.scale:g} x their honest delta (sign_flip, attack.scale={args.scale:g})"
-    stem = "attacks-quick" if args.quick else "attacks"
-    results = {
-        "benchmark": "attacks", "command": "python -m benchmarks.attacks " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": model or "smollm2-135m-instruct", "overrides": common, "entries": entries,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"{stem}.md").write_text(table(entries) + "\n")
-    plot(entries, args.out / f"{stem}.png", f"10 clients, all per round, {entries[0]['rounds'][-1]} rounds "
-         f"({'tiny random model' if args.quick else 'SmolLM2-135M'}, demo data)")
+    # order: no attack and the largest attack share first, then DP, then the other shares
+    fractions = [float(x) for x in args.fractions.split(",")]
+    first = list(dict.fromkeys(fractions[:1] + fractions[-1:]))
+    rest = [f for f in fractions if f not in first]
+    for block in (first, "dp", rest):
+        if block == "dp":
+            if only is None or "dp" in only:
+                add_dp(entries, add)
+        else:
+            for f in block:
+                for agg, overrides in AGGREGATORS.items():
+                    if only is None or agg in only:
+                        attack = [f"attack.fraction={f}", "attack.kind=sign_flip", f"attack.scale={args.scale}"] if f > 0 else []
+                        add(f"{agg}-{f:g}", overrides + attack)
     print(table(entries))
-    return results
+    return write(entries, args, common, model, stem)
 
 
 if __name__ == "__main__":
