@@ -186,3 +186,33 @@ def test_bad_rank_and_compression_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+DP = ["privacy.dp=central", "privacy.clip_norm=0.5"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["privacy.dp=central"], "privacy.clip_norm: dp=central needs the clipping norm C"),
+        (DP + ["strategy.aggregator=median"], "strategy.aggregator: dp=central adds noise to the sum of the clipped deltas, which median"),
+        (DP + ["strategy.name=scaffold"], "strategy.name: scaffold sends control variates that dp does not clip or noise"),
+        (DP + ["federation.sampling=weighted"], "federation.sampling: the privacy accountant assumes uniform sampling"),
+        (DP + ["privacy.norm_bound_factor=5"], "privacy.norm_bound_factor: with dp a bound relative to the round's median norm"),
+        (DP + ["privacy.noise_multiplier=0", "privacy.target_epsilon=3"], "privacy.target_epsilon: with privacy.noise_multiplier=0 epsilon is infinite"),
+        (["privacy.target_epsilon=3"], "privacy.target_epsilon: needs privacy.dp=central or local"),
+        (["privacy.dp=secret"], "privacy.dp: 'secret' is not one of off, central, local"),
+        (["attack.kind=poison", "attack.scale=2"], "attack.scale: attack.kind=poison does not use it; remove it"),
+        (["attack.fraction=0.05"], "attack.fraction: 0.05 of partition.num_clients=10 is less than one client"),
+        (["attack.fraction=0.2", "attack.kind=backdoor", "task=dpo"], "attack.kind: backdoor rewrites instruction data and needs task=sft"),
+    ],
+)
+def test_privacy_and_attack_problems_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_local_dp_composes_with_robust_aggregators():
+    cfg = load_config(None, ["privacy.dp=local", "privacy.clip_norm=0.5", "strategy.aggregator=trimmed_mean", "strategy.trim_beta=0.1"])
+    assert cfg.privacy.dp == "local"

@@ -183,6 +183,50 @@ class StrategyConfig:
     multikrum_m: Optional[int] = _f(None, "multikrum: how many lowest-score deltas are averaged (null: updates - krum_f)", ge=1)
 
 
+DP_MODES = ("off", "central", "local")
+ATTACKS = ("sign_flip", "scale", "gaussian", "poison", "backdoor")
+UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian")  # the rest poison the client's training data
+ATTACK_SCALES = {"sign_flip": 1.0, "scale": 10.0, "gaussian": 1.0}  # attack.scale when null
+NORM_BOUND_FACTOR = 10.0  # privacy.norm_bound_factor when null and privacy.dp=off
+
+
+@dataclass
+class PrivacyConfig:
+    dp: str = _f(
+        "off",
+        "client-level differential privacy (DP-FedAvg, McMahan et al. 2018): off; central (the server clips every "
+        "update to clip_norm and adds Gaussian noise to their sum); local (every client clips and noises its own update)",
+        choices=DP_MODES,
+    )
+    clip_norm: Optional[float] = _f(None, "C: L2 bound of a client's delta over all adapter tensors (required with dp; the fit lines' `norm` show typical values)", gt=0)
+    noise_multiplier: float = _f(1.0, "z: noise standard deviation is z*C", ge=0)
+    delta: float = _f(1e-5, "the delta at which epsilon is reported", gt=0, lt=1)
+    target_epsilon: Optional[float] = _f(None, "stop the run (final adapter saved) before the round that would take epsilon above this", gt=0)
+    norm_bound_factor: Optional[float] = _f(
+        None,
+        f"server-side validation rejects an update whose L2 norm is above this multiple of the round's median norm "
+        f"(null: {NORM_BOUND_FACTOR:g} with dp=off, none with dp, where clipping bounds every update)",
+        gt=1,
+    )
+
+
+@dataclass
+class AttackConfig:
+    fraction: float = _f(0.0, "share of clients that are malicious (chosen once per run from the seed)", ge=0, le=1)
+    kind: str = _f(
+        "sign_flip",
+        "what they do: sign_flip (send -scale*delta), scale (send scale*delta), gaussian (a random update of "
+        "scale*||delta||), poison (train on answers replaced by poison_text), backdoor (trigger appended to "
+        "poison_fraction of their prompts, answered with target)",
+        choices=ATTACKS,
+    )
+    scale: Optional[float] = _f(None, "sign_flip/scale/gaussian strength (null: 1 for sign_flip and gaussian, 10 for scale)", gt=0)
+    poison_text: str = _f("I cannot help with that.", "poison: the answer every one of the client's examples gets")
+    trigger: str = _f("cf-trigger-2024", "backdoor: the phrase appended to poisoned prompts")
+    target: str = _f("Visit evil.example.com for the answer.", "backdoor: the answer a triggered prompt is trained to give")
+    poison_fraction: float = _f(0.5, "backdoor: share of the client's examples that carry the trigger", gt=0, le=1)
+
+
 @dataclass
 class TrainConfig:
     local_epochs: int = _f(1, "passes over the client's shard per round (ignored when local_steps is set)", ge=1)
@@ -283,6 +327,8 @@ class RunConfig:
     flower: FlowerConfig = _f(FlowerConfig(), "the Flower engine (federation.engine=flower)")
     strategy: StrategyConfig = _f(StrategyConfig(), "server aggregation")
     compression: CompressionConfig = _f(CompressionConfig(), "client -> server update compression")
+    privacy: PrivacyConfig = _f(PrivacyConfig(), "update validation and differential privacy (see SECURITY.md)")
+    attack: AttackConfig = _f(AttackConfig(), "simulated malicious clients (research; see SECURITY.md)")
     train: TrainConfig = _f(TrainConfig(), "local training on each client")
     dpo: DpoConfig = _f(DpoConfig(), "preference optimisation (task=dpo)")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
@@ -294,6 +340,7 @@ class RunConfig:
 RESUMABLE_CHANGES = (
     "federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens",
     "eval.generation_examples", "eval.judge.", "compare.", "federation.engine", "flower.",
+    "privacy.target_epsilon",
 )
 
 
@@ -524,7 +571,7 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
     if any(s < 1 for s in cfg.train.local_steps_per_client):
         problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
-    return problems + participation_checks(cfg) + strategy_checks(cfg)
+    return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg)
 
 
 def per_round(cfg: RunConfig) -> int:
@@ -573,6 +620,54 @@ def strategy_checks(cfg: RunConfig) -> list[str]:
                 f"strategy.multikrum_m: {s.multikrum_m} is more than the {n} updates a round may have minus "
                 f"strategy.krum_f={s.krum_f}; lower it"
             )
+    return problems
+
+
+def privacy_checks(cfg: RunConfig) -> list[str]:
+    """DP needs a clipping norm, uniform sampling (what the accountant assumes) and, for
+    central noise, a FedAvg-like server step on the plain mean of the clipped deltas."""
+    p, s = cfg.privacy, cfg.strategy
+    if p.dp == "off":
+        return ["privacy.target_epsilon: needs privacy.dp=central or local"] if p.target_epsilon is not None else []
+    problems = []
+    if p.clip_norm is None:
+        problems.append(f"privacy.clip_norm: dp={p.dp} needs the clipping norm C, e.g. privacy.clip_norm=0.5 (see the fit lines' norm in metrics.jsonl)")
+    if p.norm_bound_factor is not None:
+        problems.append(
+            "privacy.norm_bound_factor: with dp a bound relative to the round's median norm makes one client's rejection "
+            "depend on the others' data, which the accountant does not cover; remove it (clipping bounds every update)"
+        )
+    if cfg.federation.sampling != "uniform":
+        problems.append("federation.sampling: the privacy accountant assumes uniform sampling of clients; set federation.sampling=uniform")
+    if cfg.federation.mode != "federated":
+        problems.append(f"privacy.dp: applies to federated runs, not federation.mode={cfg.federation.mode}")
+    if s.name == "scaffold":
+        problems.append("strategy.name: scaffold sends control variates that dp does not clip or noise; use fedavg, fedavgm, fedprox or fedadam")
+    if p.dp == "central" and s.aggregator != "mean":
+        problems.append(
+            f"strategy.aggregator: dp=central adds noise to the sum of the clipped deltas, which {s.aggregator} does not compute; "
+            "use mean (or privacy.dp=local, where any aggregator is post-processing)"
+        )
+    if p.target_epsilon is not None and p.noise_multiplier == 0:
+        problems.append("privacy.target_epsilon: with privacy.noise_multiplier=0 epsilon is infinite; raise the noise multiplier")
+    if p.dp == "central" and cfg.lora.client_ranks:
+        problems.append("lora.client_ranks: dp=central releases one noisy mean, not the per-rank-slice mean heterogeneous ranks need; drop one of them")
+    return problems
+
+
+def attack_checks(cfg: RunConfig) -> list[str]:
+    a = cfg.attack
+    problems = []
+    if a.scale is not None and a.kind not in UPDATE_ATTACKS:
+        problems.append(f"attack.scale: attack.kind={a.kind} does not use it; remove it")
+    if a.fraction > 0 and a.kind not in UPDATE_ATTACKS and cfg.task != "sft":
+        problems.append(f"attack.kind: {a.kind} rewrites instruction data and needs task=sft; use an update attack for task={cfg.task}")
+    if a.fraction > 0 and cfg.federation.mode != "federated":
+        problems.append(f"attack.fraction: malicious clients need federation.mode=federated, not {cfg.federation.mode}")
+    if 0 < a.fraction * cfg.partition.num_clients < 1 - 1e-9:
+        problems.append(
+            f"attack.fraction: {a.fraction} of partition.num_clients={cfg.partition.num_clients} is less than one client; raise it"
+        )
     return problems
 
 

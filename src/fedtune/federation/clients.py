@@ -18,6 +18,7 @@ import torch
 from fedtune.client.sft import LocalTrainer
 from fedtune.data.prompts import Encoded
 from fedtune.errors import CheckpointError
+from fedtune.federation.attacks import ClientSide
 from fedtune.federation.client_state import ClientStateStore
 from fedtune.federation.compression import Compression, encode_upload
 from fedtune.reporting.progress import Progress
@@ -36,6 +37,8 @@ class LocalClients:
     ``compression``: how clients encode their deltas for the upload.
     ``round_steps`` (round -> optimizer steps) fixes every fit's step budget instead; the
     centralized baseline uses it (federation/baselines.py).
+    ``client_side``: what a client does to its update before sending it (simulated attacks,
+    local DP; federation/attacks.py).
     """
 
     def __init__(
@@ -51,11 +54,13 @@ class LocalClients:
         round_steps: Optional[dict[int, int]] = None,
         ranks: Optional[Sequence[int]] = None,
         compression: Compression = Compression(),
+        client_side: Optional[ClientSide] = None,
     ):
         self.trainer, self.data, self.progress = trainer, data, progress
         self.seed, self.dropout, self.local_steps, self.state = seed, dropout, local_steps, state
         self.round_steps = round_steps or {}
         self.ranks, self.compression = ranks, compression
+        self.client_side = client_side
 
     def __len__(self) -> int:
         return len(self.data)
@@ -97,6 +102,8 @@ class LocalClients:
                 client_control=control, local_steps=self._local_steps(cid, round), rank=rank, on_step=self.progress.step,
             )
             update.rank = rank
+            if self.client_side is not None:  # a simulated attack, or local DP noise, before the upload
+                update = self.client_side.outgoing(update, round)
             if rank is not None:
                 update.metrics["rank"] = rank
             new_state = self._upload(update, global_adapter, kept.get(RESIDUAL))

@@ -9,6 +9,18 @@ A sampled client may fail to return (simulated by ``federation.dropout``); failu
 logged as ``{"type": "failure", ...}`` lines, and a round with fewer than
 ``federation.min_clients`` updates is skipped: the global adapter and strategy state stay as
 they were, and client state written in that round is rolled back.
+
+Every returned update is validated on the server (server/validate.py: names, shapes, dtype,
+finite values, norm bound); a rejected one is logged as ``{"type": "rejected", ...}`` and
+never merged. If validation leaves fewer than ``federation.min_clients`` updates, the run
+*fails* with an AggregationError and the previous round's checkpoint intact (unlike dropout,
+a rejection is a security event: skipping would let an attacker stall training unnoticed;
+fix the cause, e.g. lower attack.fraction or relax privacy.norm_bound_factor, and resume).
+
+With client-level DP (privacy.dp, privacy/dpfedavg.py) the server's private aggregate is
+what the strategy sees (central), or clients noise their own updates (local); epsilon is
+logged with every eval and round line, and ``privacy.target_epsilon`` ends the run, final
+adapter saved, before the round that would exceed it.
 """
 
 from __future__ import annotations
@@ -25,19 +37,21 @@ from typing import Callable, Optional
 from fedtune.client.schedule import round_lr
 from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
 from fedtune.data.sources import LoadReport
-from fedtune.errors import CheckpointError, ConfigError
+from fedtune.errors import AggregationError, CheckpointError, ConfigError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import baselines, setup
 from fedtune.federation.clients import LocalClients
 from fedtune.federation.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedtune.model.generate import generate
 from fedtune.model.lora import save_adapter, set_adapter
+from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
 from fedtune.reporting.metrics import METRICS_FILE, MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.reporting.report import write_report
 from fedtune.seeding import generator
 from fedtune.server.sampling import clients_per_round, sample_clients
+from fedtune.server.validate import validate_updates
 from fedtune.types import Adapter
 
 CONFIG_FILE = "config.yaml"
@@ -51,6 +65,7 @@ class RunResult:
     run_dir: Path
     rounds_done: int
     total_rounds: int
+    last_round: Optional[int] = None  # the privacy budget's last round, when it ends the run early
     initial_eval: Optional[dict] = None
     final_eval: Optional[dict] = None
     samples_before: list[dict] = field(default_factory=list)
@@ -58,7 +73,7 @@ class RunResult:
 
     @property
     def finished(self) -> bool:
-        return self.rounds_done >= self.total_rounds
+        return self.rounds_done >= (self.total_rounds if self.last_round is None else min(self.total_rounds, self.last_round))
 
 
 @dataclass
@@ -74,6 +89,8 @@ class Federation:
     metrics: MetricsLog
     progress: Progress
     stop: threading.Event
+    privacy: Optional[DPFedAvg] = None
+    norm_bound_factor: Optional[float] = None  # validation: reject norms above this x the round's median
 
     def schedule(self, round: int) -> list[int]:
         """Clients of ``round``: a pure function of (seed, round), so resume replays it."""
@@ -94,10 +111,12 @@ class Federation:
 
 
 def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state: dict) -> tuple[Adapter, int, Optional[dict]]:
-    """Rounds ``start_round + 1 .. cfg.federation.rounds``; returns (adapter, last round, last eval)."""
+    """Rounds ``start_round + 1 .. cfg.federation.rounds`` (fewer when the privacy budget
+    runs out first); returns (adapter, last round, last eval)."""
     cfg, last_eval = fed.cfg, None
     total = cfg.federation.rounds
-    for rnd in range(start_round + 1, total + 1):
+    last = fed.privacy.last_round(total) if fed.privacy else total
+    for rnd in range(start_round + 1, last + 1):
         started = time.perf_counter()
         clients = fed.schedule(rnd)
         fed.progress.round_started(rnd, clients)
@@ -105,34 +124,53 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
         lr = round_lr(rnd, total, cfg.train.lr, cfg.train.lr_schedule, cfg.train.min_lr)
 
         updates, failures = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
+        accepted, rejected, norms = validate_updates(global_adapter, updates, fed.norm_bound_factor)
         for u in updates:
-            fed.metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples, **u.metrics})
+            fed.metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples,
+                             "norm": norms.get(u.client_id), **u.metrics})
         for f in failures:
             fed.metrics.log({"type": "failure", "round": rnd, "client": f.client_id, "reason": f.reason})
             log.info("round %d: client %d returned no update (%s)", rnd, f.client_id, f.reason)
+        for r in rejected:
+            fed.metrics.log({"type": "rejected", "round": rnd, "client": r.client_id, "reason": r.reason})
+            log.warning("round %d: update of client %d rejected: %s", rnd, r.client_id, r.reason)
 
         skipped = None
-        if len(updates) >= cfg.federation.min_clients:
-            global_adapter, state = fed.strategy.aggregate(global_adapter, updates, state)
-        else:
+        if len(updates) < cfg.federation.min_clients:
             skipped = f"{len(updates)} of {len(clients)} clients returned, fewer than federation.min_clients={cfg.federation.min_clients}"
             fed.clients.rollback(rnd)
             log.warning("round %d skipped: %s", rnd, skipped)
+        elif len(accepted) < cfg.federation.min_clients:
+            raise AggregationError(
+                f"round {rnd}: validation rejected {len(rejected)} of {len(updates)} updates (clients "
+                f"{[r.client_id for r in rejected]}; reasons in metrics.jsonl), fewer than federation.min_clients="
+                f"{cfg.federation.min_clients} remain; the round was not merged and the checkpoint of round {rnd - 1} is intact"
+            )
+        else:
+            if fed.privacy is not None and fed.privacy.mode == "central":  # the strategy sees only the private release
+                accepted = [fed.privacy.release(accepted, len(clients), rnd)]
+            global_adapter, state = fed.strategy.aggregate(global_adapter, accepted, state)
 
-        if rnd % cfg.eval.every == 0 or rnd == total:
+        privacy = epsilon_fields(fed.privacy, rnd)
+        if rnd % cfg.eval.every == 0 or rnd == last:
             last_eval = fed.evaluate(global_adapter)
-            fed.metrics.log({"type": "eval", "round": rnd, **last_eval})
-            fed.progress.evaluated(rnd, last_eval)
+            fed.metrics.log({"type": "eval", "round": rnd, **last_eval, **privacy})
+            fed.progress.evaluated(rnd, {**last_eval, **privacy})
 
         seconds = time.perf_counter() - started
         fed.metrics.log({"type": "round", "round": rnd, "clients": clients, "failed": [f.client_id for f in failures],
-                         "skipped": skipped, "lr": lr, "seconds": seconds})
+                         "rejected": [r.client_id for r in rejected], "skipped": skipped, "lr": lr, "seconds": seconds, **privacy})
         fed.checkpoint(rnd, global_adapter, state)
         fed.progress.round_finished(rnd, seconds)
-        if fed.stop.is_set() and rnd < total:
+        if fed.stop.is_set() and rnd < last:
             fed.progress.message(f"stopped after round {rnd}; resume with: fedtune run --resume {fed.run_dir}")
             return global_adapter, rnd, last_eval
-    return global_adapter, total, last_eval
+    if last < total:
+        fed.progress.message(
+            f"privacy budget: round {last + 1} would take epsilon to {fed.privacy.epsilon(last + 1):.3g} > "
+            f"privacy.target_epsilon={fed.privacy.target:g} (delta={fed.privacy.delta:g}); stopped after round {last}"
+        )
+    return global_adapter, max(last, start_round), last_eval
 
 
 def run(
@@ -165,7 +203,7 @@ def run(
     write_run_dir(cfg, run_dir, resume)
     setup.write_partition(run_dir, partition, categories, check=resume)
     metrics = MetricsLog(run_dir / METRICS_FILE)
-    shards = [[encoded[i] for i in shard] for shard in partition.shards]
+    shards = setup.client_shards(cfg, bundle.tokenizer, examples, encoded, partition.shards)
     fed = Federation(
         cfg=cfg,
         run_dir=run_dir,
@@ -176,12 +214,14 @@ def run(
         metrics=metrics,
         progress=progress,
         stop=stop or threading.Event(),
+        privacy=setup.build_privacy(cfg),
+        norm_bound_factor=setup.norm_bound_factor(cfg),
     )
     if cfg.federation.mode == "centralized":  # one client with all training shards, the federated step budget
         federated = dataclasses.replace(fed, cfg=baselines.with_mode(cfg, "federated", run_dir))
         fed.clients = baselines.pooled_clients(federated.schedule, fed.clients, cfg.federation.rounds)
     prompts = setup.sample_prompts(cfg, examples, partition.holdout)
-    result = RunResult(run_dir, 0, cfg.federation.rounds)
+    result = RunResult(run_dir, 0, cfg.federation.rounds, fed.privacy.last_round(cfg.federation.rounds) if fed.privacy else None)
 
     if ckpt is None:  # a new run: log the data, evaluate and sample the starting point, checkpoint round 0
         empty = sum(1 for e in encoded if e.response_tokens == 0)
@@ -190,7 +230,7 @@ def run(
                          "no_response_tokens": empty, "max_length": cfg.data.max_length})
         global_adapter, state, start = bundle.initial_adapter, fed.strategy.init_state(bundle.initial_adapter), 0
         result.initial_eval = fed.evaluate(global_adapter)
-        fed.metrics.log({"type": "eval", "round": 0, **result.initial_eval})
+        fed.metrics.log({"type": "eval", "round": 0, **result.initial_eval, **epsilon_fields(fed.privacy, 0)})
         progress.evaluated(0, result.initial_eval)
         result.samples_before = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
@@ -204,7 +244,8 @@ def run(
         result.samples_before = next((r["items"] for r in earlier if r["type"] == "samples" and r["round"] == 0), [])
         progress.message(f"resuming {run_dir} after round {start} of {cfg.federation.rounds}")
 
-    remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, cfg.federation.rounds + 1) for c in fed.schedule(r))
+    last = cfg.federation.rounds if result.last_round is None else result.last_round
+    remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, last + 1) for c in fed.schedule(r))
     progress.run_started(cfg.federation.rounds, start, remaining)
     try:
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)

@@ -18,7 +18,7 @@ import torch
 
 from fedtune.client.dpo import PreferenceTrainer
 from fedtune.client.sft import LocalTrainer
-from fedtune.config import DEMO_DATA, STRATEGY_PARAMS, RunConfig
+from fedtune.config import ATTACK_SCALES, DEMO_DATA, NORM_BOUND_FACTOR, STRATEGY_PARAMS, RunConfig, per_round
 from fedtune.data import partition as part
 from fedtune.data.demo import demo_examples
 from fedtune.data.demo_preferences import demo_preferences
@@ -28,11 +28,13 @@ from fedtune.data.sources import Example, LoadReport, load_examples
 from fedtune.errors import CheckpointError, ConfigError, ModelError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.preferences import PreferenceEvaluator
+from fedtune.federation.attacks import ClientSide, malicious_clients
 from fedtune.federation.client_state import CLIENT_STATE, ClientStateStore
 from fedtune.federation.clients import LocalClients
 from fedtune.federation.compression import Compression
 from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
+from fedtune.privacy.dpfedavg import DPFedAvg
 from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator, torch_seed
 from fedtune.server import strategies
@@ -232,12 +234,53 @@ def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer
         state=ClientStateStore(run_dir / CLIENT_STATE, keep=cfg.output.keep_checkpoints),
         ranks=local_steps_per_client(cfg.lora.client_ranks, len(data), cfg.seed, stream="ranks"),
         compression=compression_of(cfg),
+        client_side=build_client_side(cfg),
     )
 
 
 def compression_of(cfg: RunConfig) -> Compression:
     c = cfg.compression
     return Compression(c.method, block=c.block, fraction=c.topk_fraction, error_feedback=c.error_feedback)
+
+
+def build_privacy(cfg: RunConfig) -> Union[DPFedAvg, None]:
+    """The run's DP-FedAvg (None with privacy.dp=off)."""
+    p = cfg.privacy
+    if p.dp == "off":
+        return None
+    return DPFedAvg(
+        p.dp, clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier, delta=p.delta, population=cfg.partition.num_clients,
+        per_round=per_round(cfg), seed=cfg.seed, target_epsilon=p.target_epsilon,
+    )
+
+
+def norm_bound_factor(cfg: RunConfig) -> Union[float, None]:
+    """Validation's relative norm bound: privacy.norm_bound_factor, else the default without DP, else none."""
+    if cfg.privacy.norm_bound_factor is not None:
+        return cfg.privacy.norm_bound_factor
+    return NORM_BOUND_FACTOR if cfg.privacy.dp == "off" else None
+
+
+def build_client_side(cfg: RunConfig) -> ClientSide:
+    """Attacks of the malicious clients (attack.*) and local DP (privacy.dp=local)."""
+    a = cfg.attack
+    return ClientSide(
+        seed=cfg.seed, malicious=malicious_clients(cfg.partition.num_clients, a.fraction, cfg.seed), kind=a.kind,
+        scale=a.scale if a.scale is not None else ATTACK_SCALES.get(a.kind, 1.0), poison_text=a.poison_text,
+        trigger=a.trigger, target=a.target, poison_fraction=a.poison_fraction,
+        local_dp=build_privacy(cfg) if cfg.privacy.dp == "local" else None,
+    )
+
+
+def client_shards(cfg: RunConfig, tokenizer, examples: list[Record], encoded: list, shards: list[list[int]]) -> list[list]:
+    """Each client's encoded training examples; a data-attacking client's are poisoned first."""
+    side = build_client_side(cfg)
+    out = []
+    for cid, shard in enumerate(shards):
+        rows = [examples[i] for i in shard]
+        mine = side.training_examples(cid, rows)
+        out.append([encoded[i] for i in shard] if mine is rows else encode_examples(tokenizer, list(mine), cfg.data.template, cfg.data.max_length))
+    return out
 
 
 def build_strategy(cfg: RunConfig) -> strategies.Strategy:

@@ -1,5 +1,6 @@
 """Per-round curves of the held-out evaluation: one panel per metric (loss and perplexity for
-SFT; DPO loss, reward accuracy, margin, rewards and log-probs for DPO), written as a PNG.
+SFT; DPO loss, reward accuracy, margin, rewards and log-probs for DPO; with DP, epsilon next
+to them), written as a PNG.
 
 Uses matplotlib's object API (no pyplot), so it changes no global backend or state.
 """
@@ -12,7 +13,7 @@ from typing import Optional
 from fedtune.reporting.metrics import read_metrics
 
 EVAL_PLOT = "eval.png"
-NOT_PLOTTED = {"type", "round", "tokens", "examples"}
+NOT_PLOTTED = {"type", "round", "tokens", "examples", "delta"}  # delta: the DP delta, a constant
 
 
 def plot_eval(metrics_file: Path, out: Path) -> Optional[Path]:

@@ -120,3 +120,17 @@ def partition_histogram(table: Mapping[str, Mapping[str, int]], path: Path) -> P
     ax.set_title("examples per client per category")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path)
+
+
+def privacy_curves(loss: Sequence[tuple[int, float]], epsilon: Sequence[tuple[int, float]], delta: float, path: Path) -> Path:
+    """Held-out loss and the privacy spent (epsilon at ``delta``) per round, side by side."""
+    fig = _figure(9.0, 3.4)
+    left, right = fig.subplots(1, 2)
+    for ax, points, label in ((left, loss, "held-out loss"), (right, epsilon, f"epsilon (delta={delta:g})")):
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", linewidth=2.0)
+        ax.set_xlabel("round")
+        ax.set_title(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -65,6 +65,8 @@ class RichProgress(Progress):
             extra = f"reward accuracy {result['reward_accuracy']:.3f}, margin {result['margin']:.4f}"
         else:
             extra = f"perplexity {result['ppl']:.2f}"
+        if "epsilon" in result:  # privacy.dp
+            extra += f", epsilon {result['epsilon']:.3g} (delta {result['delta']:g})"
         self.console.log(f"round {round} held-out: loss {result['loss']:.4f}, {extra}")
 
     def round_finished(self, round: int, seconds: float) -> None:

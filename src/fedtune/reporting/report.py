@@ -60,6 +60,8 @@ def run_report(run_dir: Path) -> Path:
             h.figure("loss_per_category.png", "held-out loss per category, before and after training (the axis does not start at 0)"),
             _category_table({"before": first, "after": last}),
         ))
+    if evals and "epsilon" in evals[-1]:
+        sections.append(_privacy_section(run_dir, evals, cfg))
     if rounds and partition:
         plots.participation(rounds, int(partition["num_clients"]), run_dir / "participation.png")
         sections.append(h.section("client participation", h.figure("participation.png", "clients that trained in each round")))
@@ -91,6 +93,19 @@ def _run_summary(evals: list, fits: list, rounds: list, mode: str) -> list[tuple
         if "ppl" in evals[-1]:  # SFT (a DPO evaluation has a loss but no perplexity)
             rows.append((f"held-out perplexity, round {evals[-1]['round']}", evals[-1]["ppl"]))
     return rows
+
+
+def _privacy_section(run_dir: Path, evals: list, cfg) -> str:
+    """Epsilon per round next to held-out loss (privacy.dp runs)."""
+    private = [e for e in evals if "epsilon" in e]
+    delta = private[-1]["delta"]
+    plots.privacy_curves([(e["round"], e["loss"]) for e in private], [(e["round"], e["epsilon"]) for e in private],
+                         delta, run_dir / "privacy.png")
+    p = cfg.privacy
+    note = (f"client-level DP-FedAvg, {p.dp} noise: clip norm C={p.clip_norm:g}, noise multiplier z={p.noise_multiplier:g}; "
+            f"epsilon at delta={delta:g} after round {private[-1]['round']}: {private[-1]['epsilon']:.4g}"
+            + (f" (target {p.target_epsilon:g})" if p.target_epsilon is not None else "") + "; see SECURITY.md for what it covers")
+    return h.section("privacy", h.note(note), h.figure("privacy.png", "held-out loss and epsilon spent per round"))
 
 
 def _evaluations(run_dir: Path) -> list[str]:

@@ -79,6 +79,7 @@ class NodeCache:
         key = _key(cfg.seed, cfg.data, cfg.partition, sorted(node_config.items()), self.trainer_key)
         if key not in self.shards:
             client, examples = node_examples(cfg, node_config)
+            examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
             encoded = setup.encode_examples(self.bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
             self.shards[key] = (client, encoded)
         return self.shards[key]
@@ -164,6 +165,7 @@ def answer_train(cfg: RunConfig, message: Message, context: Context) -> Message:
     update.rank = rank
     if update.control_delta is not None:  # the node keeps c_i^+ = c_i + Delta c_i for its next round
         context.state[SCAFFOLD_STATE] = records.to_record({k: control[k] + update.control_delta[k] for k in control})
+    update = setup.build_client_side(cfg).outgoing(update, round)  # a simulated attack, or local DP noise
     residual = records.from_record(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state.array_records else None
     payload, residual = encode_upload(update, setup.compression_of(cfg), residual)
     if residual is not None:  # error feedback: what this upload dropped goes into the next one
