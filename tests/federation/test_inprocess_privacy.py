@@ -47,6 +47,10 @@ def test_dp_run_logs_epsilon_per_round_and_stops_at_the_target(tiny_overrides):
     ckpt = load_checkpoint(latest_checkpoint(result.run_dir))
     assert ckpt.round == 2 and all(torch.equal(final[k], ckpt.adapter[k]) for k in final)
 
+    more = dp_keys[:-1] + [f"privacy.target_epsilon={eps[2] * 1.01}"]  # a larger budget: resume spends it
+    resumed = run(load_config(None, tiny_overrides + more), resume=True)
+    assert resumed.rounds_done == 3 and [e["epsilon"] for e in records(result.run_dir, "eval")][-1] == pytest.approx(eps[2])
+
 
 ATTACK = ["federation.rounds=1", "federation.clients_per_round=4", "attack.fraction=0.25", "attack.kind=scale",
           "attack.scale=1000", "eval.num_samples=0"]

@@ -125,15 +125,7 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
 
         updates, failures = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
         accepted, rejected, norms = validate_updates(global_adapter, updates, fed.norm_bound_factor)
-        for u in updates:
-            fed.metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples,
-                             "norm": norms.get(u.client_id), **u.metrics})
-        for f in failures:
-            fed.metrics.log({"type": "failure", "round": rnd, "client": f.client_id, "reason": f.reason})
-            log.info("round %d: client %d returned no update (%s)", rnd, f.client_id, f.reason)
-        for r in rejected:
-            fed.metrics.log({"type": "rejected", "round": rnd, "client": r.client_id, "reason": r.reason})
-            log.warning("round %d: update of client %d rejected: %s", rnd, r.client_id, r.reason)
+        log_fits(fed.metrics, rnd, updates, norms, failures, rejected)
 
         skipped = None
         if len(updates) < cfg.federation.min_clients:
@@ -171,6 +163,20 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
             f"privacy.target_epsilon={fed.privacy.target:g} (delta={fed.privacy.delta:g}); stopped after round {last}"
         )
     return global_adapter, max(last, start_round), last_eval
+
+
+def log_fits(metrics: MetricsLog, rnd: int, updates: list, norms: dict, failures: list, rejected: list) -> None:
+    """A ``fit`` line per returned update (with its L2 norm), a ``failure`` line per client
+    that returned none, a ``rejected`` line per update that validation refused."""
+    for u in updates:
+        metrics.log({"type": "fit", "round": rnd, "client": u.client_id, "examples": u.num_examples,
+                     "norm": norms.get(u.client_id), **u.metrics})
+    for f in failures:
+        metrics.log({"type": "failure", "round": rnd, "client": f.client_id, "reason": f.reason})
+        log.info("round %d: client %d returned no update (%s)", rnd, f.client_id, f.reason)
+    for r in rejected:
+        metrics.log({"type": "rejected", "round": rnd, "client": r.client_id, "reason": r.reason})
+        log.warning("round %d: update of client %d rejected: %s", rnd, r.client_id, r.reason)
 
 
 def run(

@@ -109,3 +109,19 @@ def test_deployment_reads_the_config_from_the_run_config(tiny_config):
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="the Flower run config has no 'fedtune-config'"):
         client_app.app(Message(records.query_content(), dst_node_id=7, message_type="query"), context)
+
+
+def test_a_malicious_node_sends_its_attack(tiny_overrides, monkeypatch):
+    cfg = load_config(None, tiny_overrides + ["attack.fraction=1.0", "attack.kind=sign_flip"])  # every client attacks
+    monkeypatch.setattr(client_app, "CACHE", client_app.NodeCache())
+    bundle = setup.build_model(cfg)
+    examples, _, partition = setup.load_and_split(cfg)
+    encoded = setup.encode_examples(bundle.tokenizer, [examples[i] for i in partition.shards[2]], "chat", cfg.data.max_length)
+    honest = setup.build_trainer(cfg, bundle).fit(2, encoded, bundle.initial_adapter, round=1, lr=cfg.train.lr)
+    app = client_app.make_client_app(dump_yaml(cfg))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+
+    update = records.read_update(app(train_message(cfg, 2, bundle.initial_adapter), context).content, expected_client=2)
+
+    assert update.metrics["malicious"] == 1  # Flower metric records carry the flag as 1
+    assert all(torch.equal(update.delta[k], -honest.delta[k]) for k in honest.delta)

@@ -69,7 +69,8 @@ class LogProgress(Progress):
         log.info("round %d client %d: loss %.4f, %d steps, %.1fs", round, client, metrics["loss"], metrics["steps"], metrics["seconds"])
 
     def evaluated(self, round: int, result: dict) -> None:
-        log.info("round %d held-out: loss %.4f, perplexity %.2f", round, result["loss"], result["ppl"])
+        privacy = f", epsilon {result['epsilon']:.3g} (delta {result['delta']:g})" if "epsilon" in result else ""
+        log.info("round %d held-out: loss %.4f, perplexity %.2f%s", round, result["loss"], result["ppl"], privacy)
 
     def round_finished(self, round: int, seconds: float) -> None:
         log.info("round %d done in %.1fs", round, seconds)
