@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from fedtune.config import CompareConfig, LocalConfig, RunConfig, StrategyConfig
+from fedtune.config import AttackConfig, CompareConfig, LocalConfig, PrivacyConfig, RunConfig, StrategyConfig
 from fedtune.errors import ConfigError
 from fedtune.federation.clients import LocalClients
 from fedtune.seeding import generator
@@ -38,7 +38,8 @@ POOLED_CLIENT = 0  # the id of the one client of a centralized run
 def with_mode(cfg: RunConfig, mode: str, out_dir: Path | str, local_client: int | None = None) -> RunConfig:
     """``cfg`` as a ``mode`` run writing to ``out_dir``. Settings that do not apply to the
     mode (local.* outside local mode, compare.*, and for the baselines strategy.*: FedAvg of
-    one update is plain training; federation.min_clients: a baseline round has one client) go back to their defaults, so the same sub-run gets the
+    one update is plain training; federation.min_clients: a baseline round has one client;
+    privacy.* and attack.*: the baselines are the non-private, honest references) go back to their defaults, so the same sub-run gets the
     same config (and can be reused) whatever the comparison around it."""
     local = LocalConfig(clients=[local_client]) if mode == "local" else LocalConfig()
     return dataclasses.replace(
@@ -47,6 +48,8 @@ def with_mode(cfg: RunConfig, mode: str, out_dir: Path | str, local_client: int 
         if mode == "federated"
         else dataclasses.replace(cfg.federation, mode=mode, min_clients=1),
         strategy=cfg.strategy if mode == "federated" else StrategyConfig(),
+        privacy=cfg.privacy if mode == "federated" else PrivacyConfig(),  # baselines are the non-private references
+        attack=cfg.attack if mode == "federated" else AttackConfig(),
         local=local,
         output=dataclasses.replace(cfg.output, dir=str(out_dir)),
         compare=CompareConfig(),
