@@ -18,6 +18,9 @@ from matplotlib.ticker import MaxNLocator
 DPI = 110
 
 
+MAX_TICKS = 40  # beyond this many clients (or rounds) a plot labels no individual ones
+
+
 def _figure(width: float = 7.5, height: float = 4.0) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -85,7 +88,7 @@ def category_bars(values: Mapping[str, Mapping[str, float]], path: Path, *, ylab
 
 def participation(rounds: Sequence[tuple[int, Sequence[int]]], num_clients: int, path: Path) -> Path:
     """A round x client grid: a filled cell where the client trained in that round."""
-    fig = _figure(max(5.0, 0.35 * len(rounds) + 2.5), max(2.5, 0.28 * num_clients + 1.2))
+    fig = _figure(min(14.0, max(5.0, 0.35 * len(rounds) + 2.5)), min(10.0, max(2.5, 0.28 * num_clients + 1.2)))  # bounded: 1,000 clients must not make a 30,000-pixel image
     ax = fig.add_subplot()
     grid = [[0.0] * max(len(rounds), 1) for _ in range(num_clients)]
     for col, (_, clients) in enumerate(rounds):
@@ -93,8 +96,10 @@ def participation(rounds: Sequence[tuple[int, Sequence[int]]], num_clients: int,
             if 0 <= c < num_clients:
                 grid[c][col] = 1.0
     ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
-    ax.set_xticks(range(len(rounds)), [str(r) for r, _ in rounds], fontsize=7)
-    ax.set_yticks(range(num_clients), [str(c) for c in range(num_clients)], fontsize=7)
+    if len(rounds) <= MAX_TICKS:
+        ax.set_xticks(range(len(rounds)), [str(r) for r, _ in rounds], fontsize=7)
+    if num_clients <= MAX_TICKS:
+        ax.set_yticks(range(num_clients), [str(c) for c in range(num_clients)], fontsize=7)
     ax.set_xlabel("round")
     ax.set_ylabel("client")
     counts = [sum(row) for row in grid]
@@ -106,15 +111,16 @@ def partition_histogram(table: Mapping[str, Mapping[str, int]], path: Path) -> P
     """Stacked bars: examples per client (x), split by category (colour)."""
     clients = list(table)
     categories = sorted({c for row in table.values() for c in row})
-    fig = _figure(max(6.0, 0.45 * len(clients) + 3), 4.0)
+    fig = _figure(min(14.0, max(6.0, 0.45 * len(clients) + 3)), 4.0)
     ax = fig.add_subplot()
     bottom = [0] * len(clients)
     cmap = matplotlib.colormaps["tab20" if len(categories) > 10 else "tab10"]
     for i, cat in enumerate(categories):
         heights = [table[c].get(cat, 0) for c in clients]
-        ax.bar(range(len(clients)), heights, bottom=bottom, label=cat, color=cmap(i % cmap.N))
+        ax.bar(range(len(clients)), heights, bottom=bottom, label=cat, color=cmap(i % cmap.N), width=1.0 if len(clients) > MAX_TICKS else 0.8)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_xticks(range(len(clients)), clients, fontsize=7, rotation=0 if len(clients) < 16 else 90)
+    if len(clients) <= MAX_TICKS:
+        ax.set_xticks(range(len(clients)), clients, fontsize=7, rotation=0 if len(clients) < 16 else 90)
     ax.set_xlabel("client")
     ax.set_ylabel("examples")
     ax.set_title("examples per client per category")
