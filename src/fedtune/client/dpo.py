@@ -36,7 +36,7 @@ from fedtune.data.preferences import EncodedPair, collate_pairs
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
-from fedtune.server.hetlora import rank_mask, truncate
+from fedtune.server.hetlora import client_view
 from fedtune.types import Adapter, ClientUpdate
 
 StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
@@ -207,9 +207,7 @@ class PreferenceTrainer:
         (client/hooks.py); ``local_steps`` overrides the trainer's own (heterogeneous clients);
         ``rank`` trains a truncated adapter as for SFT (HetLoRA)."""
         start = time.perf_counter()
-        mask = None
-        if rank is not None:  # HetLoRA: this client sees and trains only the first ``rank`` slices
-            global_adapter, mask = truncate(global_adapter, rank), rank_mask(global_adapter, rank)
+        global_adapter, mask = client_view(global_adapter, rank)  # HetLoRA: only the first ``rank`` slices
         set_adapter(self.params, global_adapter)
         terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)
         steps = self.plan(client_id, round, pairs, local_steps)

@@ -19,7 +19,7 @@ from fedtune.data.prompts import Encoded, collate
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
-from fedtune.server.hetlora import rank_mask, truncate
+from fedtune.server.hetlora import client_view
 from fedtune.types import Adapter, ClientUpdate
 
 StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
@@ -88,9 +88,7 @@ class LocalTrainer:
         (HetLoRA) starts from the global adapter truncated to that rank and trains only
         those slices; its delta is relative to the truncated adapter."""
         start = time.perf_counter()
-        mask = None
-        if rank is not None:  # HetLoRA: this client sees and trains only the first ``rank`` slices
-            global_adapter, mask = truncate(global_adapter, rank), rank_mask(global_adapter, rank)
+        global_adapter, mask = client_view(global_adapter, rank)  # HetLoRA: only the first ``rank`` slices
         set_adapter(self.params, global_adapter)
         self.optimizer.reset(mask)
         terms = LocalTerms.build(global_adapter, client_config, client_control, self.device)

@@ -19,7 +19,7 @@ top-``r`` part of the full one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -53,6 +53,14 @@ def truncate(adapter: Adapter, rank: int) -> Adapter:
     so the shared model's LoRA modules are reused)."""
     mask = rank_mask(adapter, rank)
     return {k: v * mask[k] for k, v in adapter.items()}
+
+
+def client_view(adapter: Adapter, rank: Optional[int]) -> tuple[Adapter, Optional[Adapter]]:
+    """What a client of ``rank`` starts from and may train: (the truncated adapter, its rank
+    mask); (``adapter``, None) for a full-rank client (``rank`` None)."""
+    if rank is None:
+        return adapter, None
+    return truncate(adapter, rank), rank_mask(adapter, rank)
 
 
 def aggregate_ranks(deltas: Sequence[Adapter], ranks: Sequence[float], weights: Sequence[float]) -> Adapter:
