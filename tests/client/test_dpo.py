@@ -193,14 +193,17 @@ def test_training_raises_the_margin_on_its_pairs(setup):
     assert stats["margin"].mean() > 0.5 and stats["reward_accuracy"].mean() > 0.8
 
 
-def test_reference_global_versus_initial(setup):
-    _, params, encoded, _, _ = setup
+def test_reference_global_versus_initial(setup, tiny_model_dir):
+    # without LoRA dropout, whose noise (std ~0.12 in the margin here) would hide the signal
+    model, params = lora_model(tiny_model_dir, dropout=0.0)
+    _, _, encoded, pad, _ = setup
     moved = random_adapter(params, 6, scale=0.2)  # this round's global adapter, not the initial one
-    by_global = trainer(setup, reference="global", local_steps=1).fit(0, encoded, moved, round=1, lr=1e-9)
-    by_initial = trainer(setup, reference="initial", local_steps=1).fit(0, encoded, moved, round=1, lr=1e-9)
-    # against its own starting point the policy has no reward yet (up to LoRA dropout noise)
-    assert abs(by_global.metrics["margin"]) < abs(by_initial.metrics["margin"])
-    assert abs(by_initial.metrics["margin"]) > 0.05
+    no_dropout = (model, params, encoded, pad, get_adapter(params))
+    by_global = trainer(no_dropout, reference="global", local_steps=1).fit(0, encoded, moved, round=1, lr=1e-9)
+    by_initial = trainer(no_dropout, reference="initial", local_steps=1).fit(0, encoded, moved, round=1, lr=1e-9)
+    # against its own starting point the policy has no reward yet
+    assert abs(by_global.metrics["margin"]) < 1e-4
+    assert abs(by_initial.metrics["margin"]) > 0.01
 
 
 def test_fedprox_and_scaffold_reach_dpo_training(setup):

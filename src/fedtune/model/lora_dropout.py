@@ -1,0 +1,141 @@
+"""LoRA with input dropout that is fast on CPU and keeps one byte per element for backward.
+
+PEFT computes ``lora_B(lora_A(dropout(x))) * scaling`` with ``nn.Dropout``. On CPU that
+dropout is slow (``bernoulli_`` draws one float per element: ~5 ms for a 4x200x576
+activation on 2 cores, 210 times per step for SmolLM2 with all-linear LoRA: about a quarter
+of a training step), and autograd keeps the dropped-out copy of ``x`` (4 bytes per element)
+plus its mask for every adapted layer, although q/k/v and gate/up share one input.
+
+:class:`LoraDelta` computes the same function with an explicit backward: the keep-mask comes
+from 16 random bits per element (the generator's raw output, 4x cheaper than ``bernoulli_``;
+``p`` is rounded to a multiple of 1/65536), and backward keeps only ``x`` (shared with the base
+layer and the other adapters), the boolean mask and the rank-r activation ``x_drop @ A^T``,
+recomputing the dropped-out input where it needs it. The adapter math is unchanged:
+outputs and gradients equal PEFT's for the same mask (tested).
+
+It is installed as a PEFT ``LoraVariant`` on every adapted ``nn.Linear`` whose dropout is
+positive; layers without dropout keep PEFT's own forward. The random bits come from torch's
+default generator, so a seeded client step draws the same masks on every run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BITS = 1 << 16
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean tensor of ``shape``: True with probability 1 - p (p in steps of 1/65536)."""
+    n = 1
+    for s in shape:
+        n *= s
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)  # 64 random bits each
+    halves = words.view(torch.int16)[:n]  # four 16-bit draws per word, uniform on [-32768, 32767]
+    threshold = round(p * BITS) - BITS // 2
+    return (halves >= threshold).view(shape)
+
+
+class LoraDelta(torch.autograd.Function):
+    """``result + (dropout(x) @ A^T) @ B^T * scaling`` with a given keep-mask (None: no dropout).
+
+    The mask multiplies as uint8 (3x faster than a bool mask on CPU), the 1/(1-p) and LoRA
+    scaling factors are applied to the rank-r tensors, and the last matmul adds into
+    ``result`` (one ``addmm``): no full-width multiply or add besides the mask."""
+
+    @staticmethod
+    def forward(ctx, result, x, weight_a, weight_b, keep, factor: float):
+        h = F.linear(_dropped(x, keep, weight_a.dtype), weight_a) * factor  # (..., r)
+        out = torch.addmm(_rows(result), _rows(h).to(result.dtype), weight_b.t().to(result.dtype))
+        ctx.save_for_backward(x, weight_a, weight_b, keep, h)
+        ctx.factor = factor
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_a, weight_b, keep, h = ctx.saved_tensors
+        grad = _rows(grad_out).to(weight_b.dtype)  # (n, out)
+        grad_b = grad.t() @ _rows(h) if ctx.needs_input_grad[3] else None
+        grad_h = (grad @ weight_b) * ctx.factor  # (n, r)
+        grad_a = grad_h.t() @ _rows(_dropped(x, keep, weight_a.dtype)) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = _dropped(grad_h @ weight_a, keep, weight_a.dtype).to(x.dtype).view(x.shape)
+        return grad_out, grad_x, grad_a, grad_b, None, None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _dropped(t: torch.Tensor, keep, dtype: torch.dtype) -> torch.Tensor:
+    t = t.to(dtype)
+    return t if keep is None else t * keep.view(torch.uint8).reshape(t.shape)
+
+
+def lora_forward(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                 p: float, scaling: float, training: bool) -> torch.Tensor:
+    """``result`` plus the LoRA branch's output for input ``x`` (dropout ``p`` while ``training``)."""
+    keep, keep_scale = None, 1.0
+    if training and p > 0:
+        keep, keep_scale = keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # the rank-r matmuls in the adapter's dtype
+        return LoraDelta.apply(result, x, weight_a, weight_b, keep, keep_scale * scaling)
+
+
+def _variant_class():
+    from peft.tuners.lora.layer import LoraVariant
+
+    class LeanDropoutVariant(LoraVariant):
+        """PEFT LoRA with :func:`lora_forward` as the forward; merging is plain LoRA's."""
+
+        @staticmethod
+        def init(module, adapter_name: str, **kwargs) -> None:
+            pass
+
+        @staticmethod
+        def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+            return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+        @staticmethod
+        def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+            orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+        @staticmethod
+        def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+            return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+        @staticmethod
+        def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+            dropout = module.lora_dropout[active_adapter]
+            return lora_forward(
+                result, x, module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight,
+                dropout.p, module.scaling[active_adapter], dropout.training,
+            )
+
+    return LeanDropoutVariant
+
+
+def use_lean_dropout(peft_model, adapter_name: str = "default") -> int:
+    """Route every plain LoRA ``nn.Linear`` with dropout > 0 through :func:`lora_forward`;
+    returns how many layers changed (0 where this PEFT version has no LoRA variants)."""
+    from peft.tuners.lora.layer import Linear
+
+    try:
+        variant = _variant_class()
+    except ImportError:
+        return 0
+    changed = 0
+    for module in peft_model.modules():
+        if type(module) is not Linear or adapter_name not in module.lora_A:
+            continue
+        dropout = module.lora_dropout[adapter_name]
+        variants = getattr(module, "lora_variant", None)
+        if variants is None or adapter_name in variants or not isinstance(dropout, torch.nn.Dropout) or dropout.p <= 0:
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            continue
+        variants[adapter_name] = variant()
+        changed += 1
+    return changed

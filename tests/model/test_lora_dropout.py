@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft.tuners.lora.layer import Linear
+
+from fedtune.model.base import load_model
+from fedtune.model.lora import attach_lora
+from fedtune.model.lora_dropout import LoraDelta, keep_mask, lora_forward, use_lean_dropout
+
+
+@given(p=st.sampled_from([0.0, 0.05, 0.1, 0.5, 0.9]), rows=st.integers(1, 40), cols=st.integers(1, 300))
+@settings(max_examples=30, deadline=None)
+def test_keep_mask_rate_and_shape(p, rows, cols):
+    torch.manual_seed(rows * 1000 + cols)
+    keep = keep_mask(torch.Size([rows, cols]), p, torch.device("cpu"))
+    n = rows * cols
+    assert keep.shape == (rows, cols) and keep.dtype == torch.bool
+    dropped = int((~keep).sum())
+    # within 6 standard deviations of Binomial(n, p) (p is exact to 1/65536)
+    assert abs(dropped - n * p) <= 6 * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_keep_mask_follows_the_seed_and_draws_independent_halves():
+    torch.manual_seed(3)
+    a = keep_mask(torch.Size([64, 1000]), 0.5, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(a, keep_mask(torch.Size([64, 1000]), 0.5, torch.device("cpu")))
+    # the four 16-bit draws of one 64-bit word are independent: each position of the word drops half the time
+    by_position = (~a).reshape(-1, 4).float().mean(0)
+    assert torch.all((by_position - 0.5).abs() < 0.02)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_forward_and_gradients_equal_the_plain_formula(p):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=g, dtype=torch.double, requires_grad=True)
+    a = torch.randn(4, 7, generator=g, dtype=torch.double, requires_grad=True)
+    b = torch.randn(6, 4, generator=g, dtype=torch.double, requires_grad=True)
+    result = torch.randn(3, 5, 6, generator=g, dtype=torch.double, requires_grad=True)
+    keep = keep_mask(x.shape, p, x.device) if p else None
+    scale = 1 / (1 - p)
+    ours = LoraDelta.apply(result, x, a, b, keep, scale * 0.5)
+    plain = result + ((x * keep * scale if keep is not None else x) @ a.T @ b.T) * 0.5
+    assert torch.allclose(ours, plain)
+    grads = torch.autograd.grad(ours.square().sum(), (result, x, a, b))
+    plain_grads = torch.autograd.grad(plain.square().sum(), (result, x, a, b))
+    assert all(torch.allclose(u, v) for u, v in zip(grads, plain_grads))
+    assert torch.autograd.gradcheck(lambda r, x, a, b: LoraDelta.apply(r, x, a, b, keep, scale * 0.5), (result, x, a, b))
+
+
+def test_eval_mode_has_no_dropout():
+    r, x, a, b = torch.randn(2, 5), torch.randn(2, 8), torch.randn(3, 8), torch.randn(5, 3)
+    assert torch.allclose(lora_forward(r, x, a, b, 0.5, 2.0, training=False), r + x @ a.T @ b.T * 2.0, atol=1e-5)
+
+
+def _model(path, dropout):
+    base = load_model(str(path), dtype=torch.float32, device=torch.device("cpu"))
+    return attach_lora(base, r=4, alpha=8, dropout=dropout, target_modules="all-linear", seed=0, base_name=str(path))
+
+
+def test_attach_lora_installs_it_only_where_there_is_dropout(tiny_model_dir):
+    with_dropout, without = _model(tiny_model_dir, 0.1), _model(tiny_model_dir, 0.0)
+    layers = [m for m in with_dropout.modules() if type(m) is Linear]
+    assert layers and all("default" in m.lora_variant for m in layers)
+    assert not any(m.lora_variant for m in without.modules() if type(m) is Linear)
+    assert use_lean_dropout(with_dropout) == 0  # already installed
+
+
+def test_model_output_equals_peft_in_eval_and_training_uses_the_mask(tiny_model_dir):
+    ours = _model(tiny_model_dir, 0.2)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    peft_own = {m: dict(m.lora_variant) for m in ours.modules() if type(m) is Linear}
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+
+    def logits(lean: bool, train: bool):
+        for m, v in peft_own.items():
+            m.lora_variant.clear()
+            if lean:
+                m.lora_variant.update(v)
+        ours.train(train)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return ours(input_ids=ids).logits
+
+    assert torch.allclose(logits(True, False), logits(False, False), atol=1e-6)  # same LoRA function
+    assert not torch.allclose(logits(True, True), logits(True, False))  # dropout is active in training
+    torch.manual_seed(0)
+    assert torch.equal(logits(True, True), logits(True, True))  # seeded masks
