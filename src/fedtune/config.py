@@ -243,6 +243,15 @@ class TrainConfig:
     batching: str = _f("length", "batch by similar length (less padding) or at random", choices=("length", "random"))
     precision: str = _f("auto", "compute precision (auto: bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16/AMX), else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+    packing: bool = _f(
+        True, "task=sft: put each micro-batch's examples back to back in one row (no padding; each example attends "
+        "only to itself). Needs SDPA attention (the default); other attention implementations pad"
+    )
+    max_batch_tokens: Optional[int] = _f(
+        None, "cut a micro-batch whose size (packed: its tokens; padded: rows x longest row, a preference pair is two rows) exceeds this into "
+        "smaller ones; the step and its gradient stay the same, activation memory and padding shrink "
+        "(null: 1024 on CPU, where larger matmuls run no faster, no limit on CUDA)", ge=1,
+    )
 
 
 @dataclass

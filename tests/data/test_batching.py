@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.data.batching import make_batches, plan_steps
+from fedtune.data.batching import make_batches, plan_steps, split_by_tokens, split_steps
 
 
 @settings(max_examples=50, deadline=None)
@@ -38,3 +38,34 @@ def test_plan_is_reproducible():
     lengths = list(range(1, 50))
     a = plan_steps(lengths, 3, 2, np.random.default_rng(5), epochs=1)
     assert a == plan_steps(lengths, 3, 2, np.random.default_rng(5), epochs=1)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=12),
+    max_tokens=st.integers(1, 1200),
+    packed=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_split_by_tokens_keeps_every_example_within_the_budget(lengths, max_tokens, packed):
+    batch = list(range(len(lengths)))
+    pieces = split_by_tokens(batch, lengths, max_tokens, packed)
+    assert sorted(i for p in pieces for i in p) == batch  # same examples, each once
+
+    def size(piece):
+        return sum(lengths[i] for i in piece) if packed else len(piece) * max(lengths[i] for i in piece)
+
+    for piece in pieces:
+        assert size(piece) <= max_tokens or len(piece) == 1  # only a single too-long example goes over
+    assert sum(size(p) for p in pieces) <= size(batch)  # never more tokens in all (padding only shrinks)
+    if size(batch) <= max_tokens:
+        assert len(pieces) == 1
+
+
+def test_split_steps_by_hand():
+    lengths = [250, 120, 110, 100, 30]
+    steps = [[[0, 1, 2, 3], [4]]]
+    assert split_steps(steps, lengths, 512) == [[[0, 1], [2, 3], [4]]]  # 2 x 250 and 2 x 110
+    assert split_steps(steps, lengths, 1000) == [[[0, 1, 2, 3], [4]]]
+    assert split_steps(steps, lengths, 100) == [[[0], [1], [2], [3], [4]]]
+    assert split_steps(steps, lengths, None) is steps
+    assert split_steps(steps, lengths, 512, packed=True) == [[[0, 1, 2], [3], [4]]]  # 480 tokens, then 100

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +70,53 @@ def test_padded_batch_equals_one_by_one(tiny_model_dir, tokenizer):
     assert torch.allclose(batched.detach(), torch.cat(singles), rtol=1e-5, atol=1e-5)
     assert all(torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-4) for k, p in params.items())
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_packed_row_equals_padded_batch(tiny_model_dir, tokenizer):
+    """One packed row with per-example attention gives each example's own loss and gradient."""
+    from fedtune.data.prompts import pack
+    from fedtune.model.attention import use_packed_attention
+
+    model, params = lora_model(tiny_model_dir)
+    assert use_packed_attention(model)
+    encs = batch_of(tokenizer, ROWS)
+    padded, padded_tokens = forward.sequence_nll(model, **collate(encs, tokenizer.pad_token_id))
+    padded.sum().backward()
+    padded_grads = {k: p.grad.clone() for k, p in params.items()}
+    model.zero_grad()
+    packed_batch = pack(encs)
+    assert packed_batch["input_ids"].shape == (1, sum(int(e.input_ids.numel()) for e in encs))
+    packed, packed_tokens = forward.sequence_nll(model, **packed_batch)
+    packed.sum().backward()
+    assert torch.equal(packed_tokens, padded_tokens)
+    assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(p.grad, padded_grads[k], rtol=1e-4, atol=1e-6) for k, p in params.items())
+    with torch.no_grad():  # without segments the packed row would mix the examples
+        mixed, _ = forward.sequence_nll(model, packed_batch["input_ids"], packed_batch["labels"])
+    assert not torch.allclose(mixed.sum(), packed.sum(), rtol=1e-3)
+
+
+def test_chunked_inference_loss_equals_one_call(tiny_model_dir, tokenizer, monkeypatch):
+    model, _ = lora_model(tiny_model_dir)
+    batch = collate(batch_of(tokenizer, ROWS), tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole, _ = forward.sequence_nll(model.eval(), **batch)
+        monkeypatch.setattr(forward, "CHUNK", 3)
+        chunked, _ = forward.sequence_nll(model, **batch)
+    assert torch.allclose(whole, chunked, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [2, 256])
+def test_fused_head_loss_and_gradient_equal_plain_cross_entropy(chunk, monkeypatch):
+    monkeypatch.setattr(forward, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=g, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.double)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    upstream = torch.rand(7, generator=g, dtype=torch.double)
+    ours = forward.HeadNLL.apply(hidden, weight, targets)
+    plain = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    assert torch.allclose(ours.double(), plain, atol=1e-6)
+    (grad,) = torch.autograd.grad((ours.double() * upstream).sum(), hidden)
+    (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), hidden)
+    assert torch.allclose(grad, plain_grad, atol=1e-6)

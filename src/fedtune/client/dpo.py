@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
-from fedtune.data.batching import plan_steps
+from fedtune.data.batching import plan_steps, split_steps
 from fedtune.data.preferences import EncodedPair, collate_pairs
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
@@ -162,6 +162,7 @@ class PreferenceTrainer:
         weight_decay: float = 0.0,
         max_grad_norm: float = 1.0,
         by_length: bool = True,
+        max_tokens: Optional[int] = None,
         precision: str = "fp32",
         seed: int = 0,
     ):
@@ -171,17 +172,18 @@ class PreferenceTrainer:
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.reference, self.initial_adapter = reference, initial_adapter
         self.batch_size, self.grad_accum, self.local_epochs, self.local_steps = batch_size, grad_accum, local_epochs, local_steps
-        self.warmup_steps, self.by_length, self.seed = warmup_steps, by_length, seed
+        self.warmup_steps, self.by_length, self.max_tokens, self.seed = warmup_steps, by_length, max_tokens, seed
         self.device = next(iter(params.values())).device
         self.optimizer = AdapterOptimizer(params, weight_decay=weight_decay, max_grad_norm=max_grad_norm, precision=precision)
 
     def plan(self, client_id: int, round: int, pairs: Sequence[EncodedPair], local_steps: Optional[int] = None) -> list[list[list[int]]]:
         """The client's optimizer steps this round (positions into ``pairs``)."""
         rng = generator(self.seed, "batches", round, client_id)
-        return plan_steps(
+        steps = plan_steps(
             [p.length for p in pairs], self.batch_size, self.grad_accum, rng,
             epochs=self.local_epochs, max_steps=self.local_steps if local_steps is None else local_steps, by_length=self.by_length,
         )
+        return split_steps(steps, [p.padded_length for p in pairs], self.max_tokens)
 
     def reference_adapter(self, global_adapter: Adapter) -> Optional[Adapter]:
         """The adapter the reference policy uses this round (None: the base model)."""

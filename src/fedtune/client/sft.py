@@ -3,6 +3,8 @@
 One :class:`LocalTrainer` serves every client of a process: it holds the shared PEFT model,
 its LoRA parameters and one AdamW optimizer whose state is cleared at the start of each fit
 (a fresh optimizer per client per round, as in FedIT), so no model or trainer is rebuilt.
+With ``packing`` each micro-batch is one row of its examples back to back (no padding;
+each example attends only to itself: model/attention.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 
 from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
-from fedtune.data.batching import plan_steps
-from fedtune.data.prompts import Encoded, collate
+from fedtune.data.batching import plan_steps, split_steps
+from fedtune.data.prompts import Encoded, collate, pack
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
@@ -42,10 +44,12 @@ class LocalTrainer:
         weight_decay: float = 0.0,
         max_grad_norm: float = 1.0,
         by_length: bool = True,
+        max_tokens: Optional[int] = None,
+        packing: bool = False,
         precision: str = "fp32",
         seed: int = 0,
     ):
-        self.model, self.params = model, params
+        self.model, self.params, self.max_tokens, self.packing = model, params, max_tokens, packing
         self.pad_id, self.batch_size, self.grad_accum = pad_id, batch_size, grad_accum
         self.local_epochs, self.local_steps, self.warmup_steps = local_epochs, local_steps, warmup_steps
         self.max_grad_norm, self.by_length, self.seed = max_grad_norm, by_length, seed
@@ -57,13 +61,15 @@ class LocalTrainer:
     ) -> list[list[list[int]]]:
         """The client's optimizer steps this round (positions into ``examples``);
         ``local_steps`` overrides the trainer's own (heterogeneous clients, or
-        the centralized baseline's per-round budget)."""
+        the centralized baseline's per-round budget). Micro-batches over ``max_tokens``
+        tokens (with padding unless packed) are cut into smaller ones (same step, same gradient)."""
         rng = generator(self.seed, "batches", round, client_id)
         lengths = [int(e.input_ids.numel()) for e in examples]
-        return plan_steps(
+        steps = plan_steps(
             lengths, self.batch_size, self.grad_accum, rng,
             epochs=self.local_epochs, max_steps=self.local_steps if local_steps is None else local_steps, by_length=self.by_length,
         )
+        return split_steps(steps, lengths, self.max_tokens, packed=self.packing)
 
     def fit(
         self,
@@ -98,12 +104,12 @@ class LocalTrainer:
         tokens = real = padded = 0
         with dropout_rng(self.seed, round, client_id, self.device):
             for i, step in enumerate(steps):
-                batches = [collate([examples[j] for j in micro], self.pad_id) for micro in step]
+                batches = [self.make_batch([examples[j] for j in micro]) for micro in step]
                 step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
                 step_nll = self._step(batches, step_tokens, warmup_lr(lr, i, self.warmup_steps), terms)
                 nll_sum += step_nll
                 tokens += step_tokens
-                real += sum(int(b["attention_mask"].sum()) for b in batches)
+                real += sum(int(examples[j].input_ids.numel()) for micro in step for j in micro)
                 padded += sum(b["input_ids"].numel() for b in batches)
                 if on_step is not None:
                     on_step(i + 1, len(steps), float(step_nll) / max(step_tokens, 1))
@@ -120,6 +126,10 @@ class LocalTrainer:
         }
         control_delta = terms.control_delta() if terms is not None else None
         return ClientUpdate(client_id, len(examples), delta, metrics, control_delta)
+
+    def make_batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """One micro-batch: packed into a single row (no padding), or right-padded."""
+        return pack(items) if self.packing else collate(items, self.pad_id)
 
     def _step(self, batches: list[dict], step_tokens: int, lr: float, terms: Optional[LocalTerms] = None) -> torch.Tensor:
         """One optimizer step over ``batches`` (gradient accumulation); returns the summed NLL."""

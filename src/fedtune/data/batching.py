@@ -57,3 +57,35 @@ def plan_steps(
             micro = micro[: max_steps * grad_accum]
             break
     return [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]
+
+
+def split_steps(
+    steps: list[list[list[int]]], sizes: Sequence[int], max_tokens: int | None, packed: bool = False
+) -> list[list[list[int]]]:
+    """Every micro-batch of every step cut by :func:`split_by_tokens` (None: unchanged)."""
+    if max_tokens is None:
+        return steps
+    return [[piece for batch in step for piece in split_by_tokens(batch, sizes, max_tokens, packed)] for step in steps]
+
+
+def split_by_tokens(batch: Sequence[int], sizes: Sequence[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Cut one micro-batch into pieces whose size is at most ``max_tokens`` (a larger item
+    goes alone): largest first, each piece filled greedily. A piece's size is items x its
+    largest ``sizes`` (padded), or the sum of its ``sizes`` (``packed`` into one row).
+    ``sizes`` is an example's token count, or what one item costs per row of padding (a
+    preference pair: twice its longer sequence).
+
+    The optimizer step still sees the same examples and, since the loss is normalised over the
+    whole step, the same gradient; only activation memory (which grows with the padded size)
+    and padding shrink."""
+    pieces: list[list[int]] = []
+    for i in sorted(batch, key=lambda i: -sizes[i]):
+        if pieces and _size(pieces[-1] + [i], sizes, packed) <= max_tokens:
+            pieces[-1].append(i)
+        else:
+            pieces.append([i])
+    return pieces
+
+
+def _size(piece: list[int], sizes: Sequence[int], packed: bool) -> int:
+    return sum(sizes[i] for i in piece) if packed else len(piece) * max(sizes[i] for i in piece)

@@ -178,6 +178,11 @@ class EncodedPair:
         return int(self.chosen.input_ids.numel() + self.rejected.input_ids.numel())
 
     @property
+    def padded_length(self) -> int:
+        """What a pair costs a batch padded to it: two rows of its longer sequence."""
+        return 2 * int(max(self.chosen.input_ids.numel(), self.rejected.input_ids.numel()))
+
+    @property
     def response_tokens(self) -> int:
         """Tokens of the shorter answer (0 if truncation left an answer empty)."""
         return min(self.chosen.response_tokens, self.rejected.response_tokens)

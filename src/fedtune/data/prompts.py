@@ -110,3 +110,18 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         attention[row, :n] = 1
         labels[row, e.prompt_len : n] = e.input_ids[e.prompt_len :]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pack(items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    """All ``items`` in one row with no padding: input ids and labels (1, t) as from
+    :func:`collate`, positions restarting at 0 for each example (1, t), and the examples'
+    lengths (k,) for per-example attention (model/attention.py). The first token of every
+    example is unlabelled, so no position predicts across a boundary."""
+    input_ids = torch.cat([e.input_ids for e in items]).unsqueeze(0)  # (1, t)
+    labels = torch.cat([
+        torch.cat([torch.full((max(e.prompt_len, 1),), -100, dtype=torch.long), e.input_ids[max(e.prompt_len, 1) :]])
+        for e in items
+    ]).unsqueeze(0)  # (1, t)
+    position_ids = torch.cat([torch.arange(int(e.input_ids.numel())) for e in items]).unsqueeze(0)  # (1, t)
+    segments = torch.tensor([int(e.input_ids.numel()) for e in items])  # (k,)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments}

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -32,6 +32,7 @@ from fedtune.federation.attacks import ClientSide, malicious_clients
 from fedtune.federation.client_state import CLIENT_STATE, ClientStateStore
 from fedtune.federation.clients import LocalClients
 from fedtune.federation.compression import Compression
+from fedtune.model.attention import use_packed_attention
 from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg
@@ -209,13 +210,23 @@ def read_init_adapter(path: str, like: Adapter) -> Adapter:
     return adapter
 
 
+CPU_BATCH_TOKENS = 1024  # on a few CPU cores, matmuls over more rows than this run no faster per token
+
+
+def batch_token_limit(max_batch_tokens: Optional[int], device: torch.device) -> Optional[int]:
+    """``train.max_batch_tokens``, with null meaning 1024 on CPU and no limit on CUDA."""
+    if max_batch_tokens is not None:
+        return max_batch_tokens
+    return CPU_BATCH_TOKENS if device.type == "cpu" else None
+
+
 def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, PreferenceTrainer]:
     t = cfg.train
     common = dict(
         pad_id=bundle.tokenizer.pad_token_id, batch_size=t.batch_size, grad_accum=t.grad_accum,
         local_epochs=t.local_epochs, local_steps=t.local_steps, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, by_length=(t.batching == "length"),
-        precision=bundle.precision, seed=cfg.seed,
+        max_tokens=batch_token_limit(t.max_batch_tokens, bundle.device), precision=bundle.precision, seed=cfg.seed,
     )
     if cfg.task == "dpo":
         d = cfg.dpo
@@ -223,7 +234,7 @@ def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, Pr
             bundle.model, bundle.params, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
             reference=d.reference, initial_adapter=bundle.initial_adapter, **common,
         )
-    return LocalTrainer(bundle.model, bundle.params, **common)
+    return LocalTrainer(bundle.model, bundle.params, packing=t.packing and use_packed_attention(bundle.model), **common)
 
 
 def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer], data: list[list[Encoded]], progress: Progress, run_dir: Path) -> LocalClients:

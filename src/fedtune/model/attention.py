@@ -1,0 +1,58 @@
+"""Attention over packed rows: several examples in one row, each attending only to itself.
+
+Packing a micro-batch into one row removes padding from every matmul, but plain SDPA over a
+packed row either mixes the examples (no mask) or, with a block-diagonal mask, computes the
+full row x row score matrix (4x the work for four examples). Flash-attention's varlen kernels
+solve this on CUDA; on CPU there is none. Here the packed row's queries, keys and values are
+split at the example boundaries and SDPA runs causally on each piece: exact per-example
+attention, no padding, no wasted scores.
+
+The function is registered with transformers' attention interface as ``fedtune_sdpa``; it
+is plain SDPA unless the forward call carries ``fedtune_segments`` (the example lengths of
+a packed row, see ``data.prompts.pack``), so generation and padded batches are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NAME = "fedtune_sdpa"
+SEGMENTS = "fedtune_segments"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
+    """transformers attention function: (b, heads, t, d) in, (b, t, heads, d) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = kwargs.pop(SEGMENTS, None)
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        raise ValueError("packed attention needs one packed row and no KV cache")
+    lengths = segments.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    pieces = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model) -> bool:
+    """Switch ``model`` (a transformers model using SDPA) to :func:`packed_sdpa`; False where
+    the model uses another attention implementation (then examples are padded instead)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = model.config
+    if config._attn_implementation == NAME:
+        return True
+    if config._attn_implementation != "sdpa":
+        return False
+    AttentionInterface.register(NAME, packed_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as SDPA for padded batches
+    model.set_attn_implementation(NAME)
+    return True
