@@ -70,7 +70,6 @@ def fedtune_seconds(cfg) -> tuple[float, int]:
 
 def plain_seconds(cfg) -> tuple[float, int]:
     """The same optimizer steps in a plain loop: model loaded once, one adapter, one AdamW."""
-    from fedtune.data.prompts import collate
     from fedtune.federation import setup
     from fedtune.model.forward import sequence_nll
     from fedtune.seeding import generator
@@ -92,7 +91,7 @@ def plain_seconds(cfg) -> tuple[float, int]:
     model.train()
     started = time.perf_counter()
     for shard, step in work:
-        batches = [collate([shard[j] for j in micro], bundle.tokenizer.pad_token_id) for micro in step]
+        batches = [trainer.make_batch([shard[j] for j in micro]) for micro in step]  # packed or padded, as fedtune's
         tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for b in batches:
             nll, _ = sequence_nll(model, **b)

@@ -7,6 +7,10 @@ adapter to disk with `torch.save`; the server loads every client file back, aver
 example counts (FedAvg) and saves the global adapter. fedtune runs the same config (same
 rows, same client shards, same clients per round, same batch size, epochs and lr).
 
+The reference runs PEFT's own LoRA dropout; fedtune runs its defaults (packed micro-batches,
+lean LoRA dropout, the LM head on labelled positions only), and once more with gradient
+checkpointing, its least-memory setting.
+
 Measured in separate processes (so each has its own peak RSS): real (non-padding) tokens
 per second of the whole federated training (everything but held-out evaluation), padding
 share, peak RSS, and held-out loss of the final adapter on the same held-out rows.
@@ -28,6 +32,7 @@ from benchmarks.common import RESULTS, machine, peak_rss_mb, run_child, write_js
 from benchmarks.data import write_dolly_like
 
 MODULE = "benchmarks.throughput"
+LOW_MEMORY = "train.gradient_checkpointing=true"  # fedtune's second operating point: least memory
 
 
 def overrides(data: Path, run_dir: Path, model: str, rows: int) -> list[str]:
@@ -49,7 +54,7 @@ def run_fedtune(args) -> dict:
     from fedtune.federation import inprocess
     from fedtune.reporting.metrics import read_metrics
 
-    cfg = load_config(None, overrides(Path(args.data), Path(args.work) / "fedtune", args.model, args.rows))
+    cfg = load_config(None, overrides(Path(args.data), Path(args.work) / "fedtune", args.model, args.rows) + args.override)
     inside, eval_seconds, rounds_seconds = [False], [0.0], [0.0]
     evaluate, run_rounds = inprocess.Federation.evaluate, inprocess.run_rounds
 
@@ -74,6 +79,7 @@ def run_fedtune(args) -> dict:
     evals = [r for r in records if r["type"] == "eval"]
     return {
         "system": "fedtune",
+        "overrides": args.override,
         "train_seconds": rounds_seconds[0] - eval_seconds[0],
         "real_tokens": sum(f["real_tokens"] for f in fits),
         "padded_tokens": sum(f["padded_tokens"] for f in fits),
@@ -104,6 +110,7 @@ def run_reference(args) -> dict:
     partition = setup.make_partition(cfg, examples)  # the same client shards as fedtune
     bundle = setup.build_model(cfg)
     model, tok = bundle.model, bundle.tokenizer
+    stock_peft_dropout(model)
     encoded = setup.encode_examples(tok, examples, cfg.data.template, cfg.data.max_length)
     evaluator = setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [examples[i].category for i in partition.holdout])
     start_loss = evaluator.evaluate(model)["loss"]
@@ -174,6 +181,15 @@ def run_reference(args) -> dict:
     }
 
 
+def stock_peft_dropout(model) -> None:
+    """Undo fedtune's lean LoRA dropout (model/lora_dropout.py): the reference runs PEFT as is."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_variant.clear()
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -187,9 +203,10 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
         common = ["--data", str(data), "--work", str(work), "--model", model, "--rows", str(rows)]
         ref = run_child(MODULE, ["--system", "reference", *common], work / "ref.json")
         ours = run_child(MODULE, ["--system", "fedtune", *common], work / "fedtune.json")
+        low = run_child(MODULE, ["--system", "fedtune", *common, "--override", LOW_MEMORY], work / "low.json")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for r in (ref, ours):
+    for r in (ref, ours, low):
         r["real_tokens_per_s"] = r["real_tokens"] / r["train_seconds"]
         r["padding_share"] = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
     return {
@@ -198,7 +215,9 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
         "rows": rows,
         "reference": ref,
         "fedtune": ours,
+        "fedtune_low_memory": low,
         "speedup_real_tokens_per_s": ours["real_tokens_per_s"] / ref["real_tokens_per_s"],
+        "low_memory_speedup_real_tokens_per_s": low["real_tokens_per_s"] / ref["real_tokens_per_s"],
         "rss_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
         "heldout_loss_delta": ours["heldout_loss"] - ref["heldout_loss"],
         "targets": {"speedup_real_tokens_per_s": ">= 2.5", "fedtune.peak_rss_mb": "<= 2048", "heldout_loss_delta": "<= 0"},
@@ -232,6 +251,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=800)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path)
+    p.add_argument("--override", action="append", default=[], help="fedtune config override (fedtune child)")
     args = p.parse_args()
     if args.system:  # child process
         result = run_reference(args) if args.system == "reference" else run_fedtune(args)
