@@ -244,8 +244,8 @@ class TrainConfig:
     precision: str = _f("auto", "compute precision (auto: bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16/AMX), else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     packing: bool = _f(
-        True, "task=sft: put each micro-batch's examples back to back in one row (no padding; each example attends "
-        "only to itself). Needs SDPA attention (the default); other attention implementations pad"
+        True, "put each micro-batch's examples (both answers of each preference pair) back to back in one row (no "
+        "padding; each sequence attends only to itself). Needs SDPA attention (the default); other implementations pad"
     )
     max_batch_tokens: Optional[int] = _f(
         None, "cut a micro-batch whose size (packed: its tokens; padded: rows x longest row, a preference pair is two rows) exceeds this into "

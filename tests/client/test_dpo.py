@@ -220,3 +220,19 @@ def test_fedprox_and_scaffold_reach_dpo_training(setup):
     pulled = trainer(setup).fit(0, encoded, g, round=1, lr=1e-2, client_config={PROX_MU: 100.0})
     assert sum(v.norm() for v in pulled.delta.values()) < sum(v.norm() for v in plain.delta.values())
     assert trainer(setup).fit(0, encoded, g, round=1, lr=1e-2, local_steps=1).metrics["steps"] == 1
+
+
+def test_packed_fit_equals_padded_fit(setup, tiny_model_dir):
+    from fedtune.model.attention import use_packed_attention
+
+    model, params = lora_model(tiny_model_dir, dropout=0.0)
+    assert use_packed_attention(model)
+    _, _, encoded, pad, _ = setup
+    no_dropout = (model, params, encoded, pad, get_adapter(params))
+    start = random_adapter(params, 3, scale=0.1)
+    padded = trainer(no_dropout).fit(0, encoded, start, round=1, lr=1e-2)
+    packed = trainer(no_dropout, packing=True).fit(0, encoded, start, round=1, lr=1e-2)
+    assert all(torch.allclose(padded.delta[k], packed.delta[k], atol=1e-6) for k in start)
+    assert abs(padded.metrics["loss"] - packed.metrics["loss"]) < 1e-5
+    assert abs(padded.metrics["margin"] - packed.metrics["margin"]) < 1e-5
+    assert packed.metrics["padded_tokens"] == packed.metrics["real_tokens"] < padded.metrics["padded_tokens"]

@@ -92,3 +92,17 @@ def test_model_output_equals_peft_in_eval_and_training_uses_the_mask(tiny_model_
     assert not torch.allclose(logits(True, True), logits(True, False))  # dropout is active in training
     torch.manual_seed(0)
     assert torch.equal(logits(True, True), logits(True, True))  # seeded masks
+
+
+def test_under_bf16_autocast_the_output_keeps_the_base_dtype_and_gradients_flow():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, generator=g).bfloat16().requires_grad_()
+    result = torch.randn(2, 4, 5, generator=g).bfloat16().requires_grad_()
+    a = torch.randn(3, 8, generator=g, requires_grad=True)
+    b = torch.randn(5, 3, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_forward(result, x, a, b, 0.1, 2.0, training=True)
+    assert out.dtype == torch.bfloat16 and out.shape == result.shape
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and result.grad.dtype == torch.bfloat16
+    assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
 from fedtune.data.batching import plan_steps, split_steps
-from fedtune.data.preferences import EncodedPair, collate_pairs
+from fedtune.data.preferences import EncodedPair, collate_pairs, pack_pairs
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
@@ -98,7 +98,7 @@ def mean_stats(rows: Sequence[dict[str, torch.Tensor]], mask: Optional[torch.Ten
 
 def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """(chosen, rejected log-probs, chosen, rejected answer tokens), each (b,), for a batch of
-    2b rows from :func:`collate_pairs` (one forward for both answers)."""
+    2b sequences from :func:`collate_pairs` or :func:`pack_pairs` (one forward for both answers)."""
     nll, tokens = sequence_nll(model, **batch)  # (2b,), (2b,)
     chosen, rejected = (-nll).chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
@@ -163,6 +163,7 @@ class PreferenceTrainer:
         max_grad_norm: float = 1.0,
         by_length: bool = True,
         max_tokens: Optional[int] = None,
+        packing: bool = False,
         precision: str = "fp32",
         seed: int = 0,
     ):
@@ -173,6 +174,7 @@ class PreferenceTrainer:
         self.reference, self.initial_adapter = reference, initial_adapter
         self.batch_size, self.grad_accum, self.local_epochs, self.local_steps = batch_size, grad_accum, local_epochs, local_steps
         self.warmup_steps, self.by_length, self.max_tokens, self.seed = warmup_steps, by_length, max_tokens, seed
+        self.packing = packing
         self.device = next(iter(params.values())).device
         self.optimizer = AdapterOptimizer(params, weight_decay=weight_decay, max_grad_norm=max_grad_norm, precision=precision)
 
@@ -183,7 +185,8 @@ class PreferenceTrainer:
             [p.length for p in pairs], self.batch_size, self.grad_accum, rng,
             epochs=self.local_epochs, max_steps=self.local_steps if local_steps is None else local_steps, by_length=self.by_length,
         )
-        return split_steps(steps, [p.padded_length for p in pairs], self.max_tokens)
+        sizes = [p.length if self.packing else p.padded_length for p in pairs]
+        return split_steps(steps, sizes, self.max_tokens, packed=self.packing)
 
     def reference_adapter(self, global_adapter: Adapter) -> Optional[Adapter]:
         """The adapter the reference policy uses this round (None: the base model)."""
@@ -221,11 +224,11 @@ class PreferenceTrainer:
         tokens = real = padded = 0
         with dropout_rng(self.seed, round, client_id, self.device):
             for i, step in enumerate(steps):
-                batches = [(collate_pairs([pairs[j] for j in m], self.pad_id), torch.stack([ref[j] for j in m])) for m in step]
+                batches = [(self.make_batch([pairs[j] for j in m]), torch.stack([ref[j] for j in m])) for m in step]
                 step_rows = self._step(batches, warmup_lr(lr, i, self.warmup_steps), terms)
                 rows.extend(step_rows)
                 tokens += sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
-                real += sum(int(b["attention_mask"].sum()) for b, _ in batches)
+                real += sum(pairs[j].length for m in step for j in m)
                 padded += sum(b["input_ids"].numel() for b, _ in batches)
                 if on_step is not None:
                     on_step(i + 1, len(steps), float(torch.cat([r["loss"] for r in step_rows]).mean()))
@@ -249,9 +252,13 @@ class PreferenceTrainer:
         once before training (batched by length)."""
         visited = sorted({j for step in steps for m in step for j in m}, key=lambda j: pairs[j].length)
         chunks = [visited[s : s + self.batch_size] for s in range(0, len(visited), self.batch_size)]
-        batches = [collate_pairs([pairs[j] for j in c], self.pad_id) for c in chunks]
+        batches = [self.make_batch([pairs[j] for j in c]) for c in chunks]
         refs = reference_logps(self.model, self.params, batches, adapter, self.optimizer.autocast)
         return {j: row for c, r in zip(chunks, refs) for j, row in zip(c, r)}  # pair -> (2,)
+
+    def make_batch(self, items: list[EncodedPair]) -> dict[str, torch.Tensor]:
+        """The 2b sequences of ``items`` (chosen, then rejected): packed in one row, or padded."""
+        return pack_pairs(items) if self.packing else collate_pairs(items, self.pad_id)
 
     def _step(self, batches: list[tuple[dict, torch.Tensor]], lr: float, terms: Optional[LocalTerms] = None) -> list[dict[str, torch.Tensor]]:
         """One optimizer step over micro-batches of (pairs, reference log-probs); the loss is

@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 import torch
 
-from fedtune.data.prompts import ALPACA_NO_INPUT, Encoded, collate, render_conversation
+from fedtune.data.prompts import ALPACA_NO_INPUT, Encoded, collate, pack, render_conversation
 from fedtune.data.sources import LoadReport, RowProblem, check_columns, collect, read_rows, text_value
 
 Turn = tuple[str, str]  # (role, text); role is "user", "assistant" or "system"
@@ -229,3 +229,8 @@ def encode_preferences(tokenizer, pairs: list[PreferencePair], template: str, ma
 def collate_pairs(items: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """One right-padded batch of 2b rows: the b chosen sequences, then the b rejected ones."""
     return collate([i.chosen for i in items] + [i.rejected for i in items], pad_id)
+
+
+def pack_pairs(items: list[EncodedPair]) -> dict[str, torch.Tensor]:
+    """The same 2b sequences packed into one row (``prompts.pack``): no padding."""
+    return pack([i.chosen for i in items] + [i.rejected for i in items])

@@ -227,6 +227,7 @@ def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, Pr
         local_epochs=t.local_epochs, local_steps=t.local_steps, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, by_length=(t.batching == "length"),
         max_tokens=batch_token_limit(t.max_batch_tokens, bundle.device), precision=bundle.precision, seed=cfg.seed,
+        packing=t.packing and use_packed_attention(bundle.model),
     )
     if cfg.task == "dpo":
         d = cfg.dpo
@@ -234,7 +235,7 @@ def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, Pr
             bundle.model, bundle.params, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
             reference=d.reference, initial_adapter=bundle.initial_adapter, **common,
         )
-    return LocalTrainer(bundle.model, bundle.params, packing=t.packing and use_packed_attention(bundle.model), **common)
+    return LocalTrainer(bundle.model, bundle.params, **common)
 
 
 def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer], data: list[list[Encoded]], progress: Progress, run_dir: Path) -> LocalClients:

@@ -96,8 +96,9 @@ def _token_nll(logits_of, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _fusable(head) -> bool:
-    """A frozen bias-free linear head (the usual tied or untied LM head under LoRA)."""
-    return isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+    """A frozen bias-free plain linear head (the usual tied or untied LM head under LoRA; not a
+    quantized or adapter-wrapped subclass)."""
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 class HeadNLL(torch.autograd.Function):
