@@ -60,12 +60,13 @@ def sequence_nll(
     attention (model/attention.py)."""
     targets = labels[:, 1:]  # (b, t-1): token t+1 is predicted at position t
     mask = targets != -100  # (b, t-1)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    rows = mask.nonzero(as_tuple=True)[0]  # (n,) row of each labelled position
-    if segments is not None:
+    if segments is None:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        rows, count = mask.nonzero(as_tuple=True)[0], input_ids.shape[0]  # (n,) row of each labelled position
+    else:
         inputs = {"input_ids": input_ids, "position_ids": position_ids, SEGMENTS: segments}
         example = torch.repeat_interleave(torch.arange(len(segments), device=segments.device), segments)  # (t,)
-        rows = example[:-1].to(input_ids.device)[mask[0]]  # (n,) example of each labelled position
+        rows, count = example[:-1].to(input_ids.device)[mask[0]], len(segments)  # (n,) example of each labelled position
     parts = _body_and_head(model)
     if parts is not None:
         body, head = parts
@@ -77,10 +78,8 @@ def sequence_nll(
     else:
         logits = model(**inputs).logits[:, :-1][mask]  # (n, V)
         token_nll = _token_nll(lambda s: logits[s], targets[mask])
-    count = input_ids.shape[0] if segments is None else len(segments)
     nll = torch.zeros(count, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)  # (b,) or (k,)
-    tokens = mask.sum(dim=1) if segments is None else torch.bincount(rows, minlength=count)
-    return nll, tokens
+    return nll, torch.bincount(rows, minlength=count)
 
 
 def _token_nll(logits_of, targets: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ default generator, so a seeded client step draws the same masks on every run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +30,7 @@ BITS = 1 << 16
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Boolean tensor of ``shape``: True with probability 1 - p (p in steps of 1/65536)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)  # 64 random bits each
     halves = words.view(torch.int16)[:n]  # four 16-bit draws per word, uniform on [-32768, 32767]
     threshold = round(p * BITS) - BITS // 2
