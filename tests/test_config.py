@@ -13,6 +13,14 @@ from fedtune.config import (
 from fedtune.errors import ConfigError
 
 
+def one_line_error(overrides: list[str]) -> str:
+    """The ConfigError these overrides raise, checked to be a single line."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 def test_defaults_are_valid():
     cfg = load_config(None, [])
     assert isinstance(cfg, RunConfig)
@@ -61,10 +69,7 @@ def test_bad_choice_suggests():
     ],
 )
 def test_impossible_values_name_the_key(override, message):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
+    assert message in one_line_error([override])
 
 
 def test_every_problem_reported_at_once():
@@ -159,10 +164,7 @@ def test_dpo_section_and_its_checks():
     ],
 )
 def test_bad_strategy_and_participation_settings_name_the_key(overrides, message):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
+    assert message in one_line_error(overrides)
 
 
 def test_good_strategy_settings():
@@ -183,9 +185,7 @@ def test_good_strategy_settings():
     ],
 )
 def test_bad_rank_and_compression_settings_name_the_key(overrides, message):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
-    assert message in str(e.value)
+    assert message in one_line_error(overrides)
 
 
 DP = ["privacy.dp=central", "privacy.clip_norm=0.5"]
@@ -208,9 +208,7 @@ DP = ["privacy.dp=central", "privacy.clip_norm=0.5"]
     ],
 )
 def test_privacy_and_attack_problems_name_the_key(overrides, message):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert message in one_line_error(overrides)
 
 
 def test_local_dp_composes_with_robust_aggregators():
