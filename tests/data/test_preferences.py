@@ -88,7 +88,13 @@ def test_conversational_message_lists_with_and_without_prompt(tmp_path):
         ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: x"}, "differ at turn 1, which is not an Assistant turn"),
         ({"chosen": "\n\nHuman: A\n\nAssistant: x\n\nHuman: more", "rejected": "\n\nHuman: A\n\nAssistant: y"}, "'chosen' goes on with a Human turn after its answer"),
         ({"chosen": "\n\nAssistant: x", "rejected": "\n\nAssistant: y"}, "must end with a Human (user) turn"),
-        ({"prompt": "Q", "chosen": None, "rejected": "y"}, "field 'chosen' is missing"),
+        ({"prompt": "Q", "chosen": None, "rejected": "y"}, "field 'chosen' (column 'chosen') is missing"),
+        ({"prompt": "Q", "chosen": "same", "rejected": " same"}, "'chosen' and 'rejected' are the same answer"),
+        ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: A\n\nAssistant: x"}, "are the same answer"),
+        ({"prompt": {"text": "Q"}, "chosen": "x", "rejected": "y"}, "field 'prompt' (column 'prompt') holds an object, not text"),
+        ({"prompt": "Q", "chosen": True, "rejected": "y"}, "field 'chosen' (column 'chosen') holds true/false, not text"),
+        ({"prompt": "Q", "chosen": {"a": 1}, "rejected": "y"}, "field 'chosen' (column 'chosen') holds an object, not text"),
+        ({"prompt": "Q", "chosen": "x", "rejected": "y", "category": ["c"]}, "field 'category' (column 'category') holds a list"),
         ({"prompt": "Q", "chosen": [{"role": "robot", "content": "x"}], "rejected": "y"}, "field 'chosen': message 1 is not a {role, content} object"),
     ],
 )
@@ -104,6 +110,21 @@ def test_skip_invalid_counts_what_it_skips(tmp_path):
     good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
     pairs, report = load(tmp_path, [good, {"chosen": "x", "rejected": "y"}, good], skip_invalid=True)
     assert len(pairs) == 2 and report.rows == 3 and report.skipped == 1 and "line 2" in report.skipped_reasons[0]
+
+
+def test_skip_invalid_skips_identical_answers_and_non_text_values(tmp_path):
+    good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
+    pairs, report = load(tmp_path, [good, {"prompt": "Q", "chosen": "a", "rejected": "a"}, {"prompt": "Q", "chosen": 1.5, "rejected": "b"}], skip_invalid=True)
+    assert len(pairs) == 1 and report.skipped == 2
+    assert "line 2" in report.skipped_reasons[0] and "line 3" in report.skipped_reasons[1]
+
+
+def test_an_explicitly_mapped_prompt_or_category_column_must_exist(tmp_path):
+    rows = [{"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: A\n\nAssistant: y", "topic": "t"}]
+    assert load(tmp_path, rows)[0][0].category == "all"  # the default names may be absent
+    for key, column in (("prompt", "question"), ("category", "topc")):
+        with pytest.raises(DataError, match=rf"column '{column}' for field '{key}' \(data.columns.{key}\) not found .*columns: chosen, rejected, topic"):
+            load_preferences(write_jsonl(tmp_path / "p.jsonl", rows), {**COLUMNS, key: column})
 
 
 def test_missing_column_names_the_setting(tmp_path):

@@ -12,8 +12,8 @@ values themselves, so one loader takes the common public formats:
   with or without a separate prompt.
 
 The answers start at the first turn where the two dialogues differ; that turn must be an
-Assistant turn in both, and no Human turn may follow it. Anything else is a malformed record
-and fails the load with the file, the row and the reason.
+Assistant turn in both, and no Human turn may follow it, and the two answers must differ.
+Anything else is a malformed record and fails the load with the file, the row and the reason.
 
 Encoding renders the prompt once (the model's chat template, Human -> user and Assistant ->
 assistant; or the Alpaca template over a transcript) and each answer after it, tokenised
@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 
 from fedtune.data.prompts import ALPACA_NO_INPUT, Encoded, collate, pack, render_conversation
-from fedtune.data.sources import LoadReport, RowProblem, check_columns, collect, read_rows, text_value
+from fedtune.data.sources import LoadReport, RowProblem, check_columns, check_mapped, collect, read_rows, text_value
 
 Turn = tuple[str, str]  # (role, text); role is "user", "assistant" or "system"
 
@@ -75,22 +75,22 @@ def _messages(value: list, field: str) -> list[Turn]:
     return turns
 
 
-def _turns(value: object, field: str) -> Union[list[Turn], str]:
+def _turns(value: object, field: str, column: str) -> Union[list[Turn], str]:
     """A message list or dialogue as turns; plain text as a string."""
     if isinstance(value, list):
         return _messages(value, field)
-    text = text_value(value)
+    text = text_value(value, field, column)
     if text is None:
-        raise RowProblem(f"field '{field}' is missing")
+        raise RowProblem(f"field '{field}' (column '{column}') is missing")
     return parse_dialogue(text) or text.strip()
 
 
 def split_pair(prompt: object, chosen: object, rejected: object, columns: dict[str, str]) -> tuple[tuple[Turn, ...], str, str]:
     """(prompt turns, chosen answer, rejected answer) of one record; raises RowProblem."""
-    c, r = _turns(chosen, "chosen"), _turns(rejected, "rejected")
+    c, r = _turns(chosen, "chosen", columns["chosen"]), _turns(rejected, "rejected", columns["rejected"])
     p: Optional[list[Turn]] = None
-    if prompt if isinstance(prompt, list) else (text_value(prompt) or "").strip():
-        p = _turns(prompt, "prompt")
+    if prompt if isinstance(prompt, list) else (text_value(prompt, "prompt", columns["prompt"]) or "").strip():
+        p = _turns(prompt, "prompt", columns["prompt"])
         p = [("user", p)] if isinstance(p, str) else p
         if p and p[-1] == ("assistant", ""):  # "\n\nHuman: q\n\nAssistant:" leaves an empty answer turn
             p = p[:-1]
@@ -122,7 +122,10 @@ def _answers(c: list[Turn], r: list[Turn]) -> tuple[tuple[Turn, ...], str, str]:
     prompt = tuple(c[:k])
     if not prompt or prompt[-1][0] != "user":
         raise RowProblem("the conversation before the answers must end with a Human (user) turn")
-    return prompt, _answer_text(c[k:]), _answer_text(r[k:])
+    chosen, rejected = _answer_text(c[k:]), _answer_text(r[k:])
+    if chosen == rejected:
+        raise RowProblem("'chosen' and 'rejected' are the same answer; a preference needs two different answers")
+    return prompt, chosen, rejected
 
 
 def _answer_text(turns: list[Turn]) -> str:
@@ -148,18 +151,24 @@ def load_preferences(
         limit: keep only the first ``limit`` valid rows.
 
     Raises:
-        DataError: naming the file, the row and the problem, unless ``skip_invalid``.
+        DataError: naming the file, the row and the problem (a malformed dialogue, a field
+            holding an object or true/false instead of text, two identical answers), unless
+            ``skip_invalid``.
     """
     source, rows = read_rows(path, split, subset)
+    seen: set[str] = set()
 
     def parse(row: dict, first: bool) -> PreferencePair:
         if first:
             check_columns(source, row, columns, ("chosen", "rejected"))
+        seen.update(row)
         prompt, chosen, rejected = split_pair(row.get(columns["prompt"]), row.get(columns["chosen"]), row.get(columns["rejected"]), columns)
-        category = (text_value(row.get(columns["category"])) or "").strip() or "all"
+        category = (text_value(row.get(columns["category"]), "category", columns["category"]) or "").strip() or "all"
         return PreferencePair(prompt, chosen, rejected, category)
 
-    return collect(source, rows, parse, skip_invalid=skip_invalid, limit=limit)
+    pairs, report = collect(source, rows, parse, skip_invalid=skip_invalid, limit=limit)
+    check_mapped(source, seen, columns, ("prompt", "category"))
+    return pairs, report
 
 
 # ----------------------------------------------------------------------------- encoding

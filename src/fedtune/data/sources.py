@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TextIO, TypeVar
 
 from fedtune.errors import DataError
 
@@ -67,7 +68,7 @@ def read_rows(path: str, split: str = "train", subset: Optional[str] = None) -> 
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as fh:
+    with _text_file(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -78,7 +79,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    text = path.read_text(encoding="utf-8")
+    with _text_file(path) as fh:
+        text = fh.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -98,10 +100,34 @@ def _json_rows(path: Path) -> Iterator[Row]:
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    with _text_file(path, newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
             yield f"line {reader.line_num}", row
+
+
+@contextmanager
+def _text_file(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
+    """``path`` opened as UTF-8 text; a file that cannot be read or decoded is a DataError
+    naming the file (and the line and byte that are not UTF-8), never the text itself."""
+    try:
+        with path.open(encoding="utf-8", newline=newline) as fh:
+            yield fh
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {not_utf8(path, err)}; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err}); check data.path and the file's permissions") from None
+
+
+def not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+    """Where ``path`` first fails to decode as UTF-8: ``line 3, byte 0xe9 at column 7``."""
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"line {lineno} is not UTF-8 (byte 0x{line[bad.start]:02x} at column {bad.start + 1})"
+    return f"not UTF-8 ({err.reason})"
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
@@ -137,12 +163,22 @@ def _hub_rows(name: str, split: str, subset: Optional[str], folder: bool) -> Ite
         yield f"record {i}", row
 
 
-def text_value(value: object) -> Optional[str]:
-    if value is None:
-        return None
+def text_value(value: object, field: str, column: str) -> Optional[str]:
+    """A field's text: a string as it is, an integer as its digits (a label or a numeric
+    answer reads the same either way), None when absent (missing, null or NaN).
+
+    Anything else (a list, an object, true/false, a fractional number) would be trained on
+    as its Python spelling, which is not what the file says: a :class:`RowProblem` naming the
+    field and column (never the value, which may be private data).
+    """
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, float) and value != value:  # NaN from CSV/Parquet
         return None
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = {bool: "true/false", float: "a fractional number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    raise RowProblem(f"field '{field}' (column '{column}') holds {kind}, not text; store it as a string")
 
 
 class RowProblem(Exception):
@@ -200,20 +236,24 @@ def load_examples(
 
     Args:
         columns: source column for each of ``instruction``, ``output`` (required),
-            ``input`` and ``category`` (optional; absent columns read as empty).
+            ``input`` and ``category`` (optional: read as empty where a row lacks them, but a
+            column mapped to another name must appear in some row).
         skip_invalid: skip rows with a missing or empty required field instead of failing.
         limit: keep only the first ``limit`` valid rows.
 
     Raises:
-        DataError: naming the file, the row and the field, unless ``skip_invalid``.
+        DataError: naming the file, the row and the field (a missing one, or one holding a
+            list, an object or true/false instead of text), unless ``skip_invalid``.
     """
     source, rows = read_rows(path, split, subset)
     required = ("instruction", "output")
+    seen: set[str] = set()
 
     def parse(row: dict, first: bool) -> Example:
         if first:
             check_columns(source, row, columns, required)
-        values = {key: text_value(row.get(col)) for key, col in columns.items()}
+        seen.update(row)
+        values = {key: text_value(row.get(col), key, col) for key, col in columns.items()}
         missing = [k for k in required if not (values.get(k) or "").strip()]
         if missing:
             raise RowProblem(f"field '{missing[0]}' (column '{columns[missing[0]]}') is missing or empty")
@@ -224,7 +264,23 @@ def load_examples(
             category=(values.get("category") or "").strip() or "all",
         )
 
-    return collect(source, rows, parse, skip_invalid=skip_invalid, limit=limit)
+    examples, report = collect(source, rows, parse, skip_invalid=skip_invalid, limit=limit)
+    check_mapped(source, seen, columns, ("input", "category"))
+    return examples, report
+
+
+def check_mapped(source: str, seen: set[str], columns: dict[str, str], optional: tuple[str, ...]) -> None:
+    """An optional field mapped to a column of another name (``data.columns.input=context``)
+    must find that column in some row: a typo would otherwise read as empty without a word.
+    The defaults map each field to its own name (config.ColumnsConfig), which a file may lack."""
+    for key in optional:
+        column = columns.get(key)
+        if column is not None and column != key and column not in seen:
+            have = ", ".join(sorted(map(str, seen))) or "none"
+            raise DataError(
+                f"{source}: column '{column}' for field '{key}' (data.columns.{key}) not found in the rows read "
+                f"(columns: {have}); fix the name or reset it with ~data.columns.{key}"
+            )
 
 
 def check_columns(source: str, row: dict, columns: dict[str, str], required: tuple[str, ...]) -> None:
