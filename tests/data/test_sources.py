@@ -131,3 +131,67 @@ def test_missing_file_and_unknown_hub_name(tmp_path):
 def test_limit(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": str(i), "output": "o"} for i in range(10)])
     assert len(load_examples(str(f), ALPACA, limit=4)[0]) == 4
+
+
+@pytest.mark.parametrize(
+    "value,kind",
+    [(["a", "b"], "a list"), ({"text": "a"}, "an object"), (True, "true/false"), (0.5, "a fractional number")],
+)
+def test_a_non_text_value_names_file_row_and_column(tmp_path, value, kind):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "a", "response": value}])
+    with pytest.raises(DataError) as e:
+        load_examples(str(f), {**ALPACA, "output": "response"})
+    msg = str(e.value)
+    assert f"d.jsonl: line 2: field 'output' (column 'response') holds {kind}, not text" in msg
+    assert "data.skip_invalid=true" in msg and "'text'" not in msg  # the value itself is never shown
+
+
+def test_integers_read_as_their_digits_and_non_text_rows_can_be_skipped(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "2+2?", "output": 4, "category": 7},
+        {"instruction": ["x"], "output": "b"},
+        {"instruction": "a", "output": "b", "input": {"k": 1}},
+    ])
+    examples, report = load_examples(str(f), ALPACA, skip_invalid=True)
+    assert [(e.output, e.category) for e in examples] == [("4", "7")]
+    assert report.skipped == 2 and "field 'instruction'" in report.skipped_reasons[0] and "field 'input'" in report.skipped_reasons[1]
+
+
+def test_an_explicitly_mapped_optional_column_must_exist(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b", "topic": "t"}, {"instruction": "c", "output": "d"}])
+    assert load_examples(str(f), ALPACA)[0][0].input == ""  # the default names may be absent
+    for key, column in (("input", "context"), ("category", "topc")):
+        with pytest.raises(DataError, match=rf"d.jsonl: column '{column}' for field '{key}' \(data.columns.{key}\) not found .*\(columns: instruction, output, topic\)"):
+            load_examples(str(f), {**ALPACA, key: column})
+    (e, _), _ = load_examples(str(f), {**ALPACA, "category": "topic"})  # found in some row: rows without it read as "all"
+    assert e.category == "t"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_file_that_is_not_utf8_names_the_line_not_the_text(tmp_path, suffix):
+    secret = "Müller's salary is 12345"
+    if suffix == ".csv":
+        text = f"instruction,output\nfine,ok\nq,{secret}\n"
+    else:
+        rows = [{"instruction": "fine", "output": "ok"}, {"instruction": "q", "output": secret}]
+        text = json.dumps(rows, ensure_ascii=False).replace("}, {", "},\n{") if suffix == ".json" else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    f = tmp_path / f"d{suffix}"
+    f.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_examples(str(f), ALPACA)
+    msg = str(e.value)
+    assert f"d{suffix}: line {3 if suffix == '.csv' else 2} is not UTF-8 (byte 0xfc at column" in msg and "save the file as UTF-8" in msg
+    assert "salary" not in msg
+
+
+def test_an_unreadable_file_is_a_data_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)  # chmod 0 does not stop root
+    with pytest.raises(DataError, match=r"d.jsonl: cannot read the file \(Permission denied\); check data.path"):
+        load_examples(str(f), ALPACA)
