@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import torch
 
 from fedtune.config import (
     RunConfig,
@@ -214,3 +217,62 @@ def test_privacy_and_attack_problems_name_the_key(overrides, message):
 def test_local_dp_composes_with_robust_aggregators():
     cfg = load_config(None, ["privacy.dp=local", "privacy.clip_norm=0.5", "strategy.aggregator=trimmed_mean", "strategy.trim_beta=0.1"])
     assert cfg.privacy.dp == "local"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("data:\n  path: a.jsonl\nlora:\n  r: 4\ndata:\n  limit: 5\n", "line 5: key 'data' appears twice (first on line 1); merge the two into one"),
+        ("lora:\n  r: 4\n  alpha: 8\n  r: 16\n", "line 4: key 'r' appears twice (first on line 2)"),
+    ],
+)
+def test_a_repeated_yaml_key_is_refused_with_its_lines(tmp_path, text, message):
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert f"dup.yaml {message}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_merge_keys_may_override():
+    import yaml
+
+    from fedtune.config import _UniqueKeyLoader
+
+    assert yaml.load("base: &b {r: 4, alpha: 8}\nlora:\n  <<: *b\n  r: 16\n", Loader=_UniqueKeyLoader)["lora"] == {"r": 16, "alpha": 8}
+
+
+def test_a_config_that_is_not_utf8_or_unreadable_is_a_config_error(tmp_path, monkeypatch):
+    f = tmp_path / "latin.yaml"
+    f.write_bytes("seed: 1\n# Müller\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml line 2: not UTF-8 text \(byte 0xfc\); save the file as UTF-8"):
+        load_config(f)
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # chmod 0 does not stop root
+    with pytest.raises(ConfigError, match=r"config file .*latin.yaml: cannot read it \(Permission denied\)"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("seed,ok", [(0, True), (2**63 - 1, True), (-1, False), (2**63, False)])
+def test_seed_range_is_what_the_generators_take(seed, ok):
+    from fedtune.seeding import generator, torch_seed
+
+    if ok:
+        cfg = load_config(None, [f"seed={seed}"])
+        generator(cfg.seed, "sampling", 3).random()
+        torch.Generator().manual_seed(torch_seed(cfg.seed, "torch", 1, 2))
+    else:
+        assert "seed: must be" in one_line_error([f"seed={seed}"])
+
+
+def test_column_defaults_are_the_field_names():
+    """data.sources.check_mapped treats a column named like its field as the default (which a
+    file may lack) and any other name as an explicit mapping (which must exist)."""
+    from dataclasses import asdict
+
+    from fedtune.config import ColumnsConfig
+
+    assert all(field == column for field, column in asdict(ColumnsConfig()).items())

@@ -325,7 +325,7 @@ class OutputConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = _f(0, "seed for every random choice (partition, sampling, init, batches)")
+    seed: int = _f(0, "seed for every random choice (partition, sampling, init, batches); 0 <= seed < 2**63", ge=0, lt=2**63)
     task: str = _f("sft", "what clients train: instruction tuning (sft) or preference optimisation (dpo)", choices=("sft", "dpo"))
     model: ModelConfig = _f(ModelConfig(), "base model")
     lora: LoraConfig = _f(LoraConfig(), "LoRA adapter")
@@ -493,13 +493,43 @@ def parse_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one,
+    silently dropping the first section or value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise _DuplicateKey(None, None, f"key '{key}' appears twice (first on line {lines[key]})", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, raising ConfigError with the file name on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass a YAML recipe such as configs/demo.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read it ({err.strerror or err}); check its permissions") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path} line {err.problem_mark.line + 1}: {err.problem}; merge the two into one") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
