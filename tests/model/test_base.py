@@ -10,3 +10,29 @@ def test_quantized_loading_needs_cuda_with_a_one_line_error():
     assert quantization_kwargs("none", torch.float32, torch.device("cpu")) == {}
     with pytest.raises(ModelError, match="model.quantize=4bit needs a CUDA device"):
         quantization_kwargs("4bit", torch.float32, torch.device("cpu"))
+
+
+def _truncated_model(folder):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    return weights
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_truncated_weights_file_is_a_model_error_naming_it(tmp_path, monkeypatch, cached):
+    from fedtune.errors import ModelError
+    from fedtune.model.base import load_model
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / ("cache/models/SmolLM2-135M-Instruct-1" if cached else "my-model")
+    weights = _truncated_model(folder)
+    with pytest.raises(ModelError) as e:
+        load_model(str(folder), dtype=torch.float32, device=torch.device("cpu"))
+    message = str(e.value)
+    assert message.startswith(f"{weights} is truncated or corrupt (") and "\n" not in message
+    fix = f"delete the cached copy {folder} and run again" if cached else f"copy or download the model into {folder} again"
+    assert fix in message

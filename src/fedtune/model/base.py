@@ -127,6 +127,7 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
 
     ``quantize`` 8bit/4bit loads the weights with bitsandbytes (Dettmers et al., "QLoRA",
     NeurIPS 2023: NF4 with double quantisation, compute in ``dtype``), on CUDA only."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     extra = quantization_kwargs(quantize, dtype, device)
@@ -134,6 +135,8 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(_not_loadable(path, err)) from None
+    except SafetensorError as err:  # a truncated or corrupt weights file (an interrupted copy or download)
+        raise ModelError(_corrupt_weights(path, err)) from None
     model.requires_grad_(False)
     return model if extra else model.to(device)
 
@@ -155,6 +158,30 @@ def quantization_kwargs(quantize: str, dtype: torch.dtype, device: torch.device)
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     return {"quantization_config": config, "device_map": {"": device.index or 0}}
+
+
+def _corrupt_weights(path: str, err: Exception) -> str:
+    """Which .safetensors file of the model is unreadable, and how to get a good copy."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    bad = None
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError:
+            bad = file
+            break
+    what = str(bad) if bad else f"a .safetensors file of model '{path}'"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if folder.is_dir() and folder.resolve().is_relative_to(cache_root().resolve()):
+        fix = f"delete the cached copy {folder} and run again to convert the bundled model anew"
+    elif folder.is_dir():
+        fix = f"copy or download the model into {folder} again (check model.name)"
+    else:
+        fix = f"remove it from the Hugging Face cache (`hf cache rm model/{path}`) and download it again"
+    return f"{what} is truncated or corrupt ({reason}); {fix}"
 
 
 def _not_loadable(path: str, err: Exception) -> str:
