@@ -19,9 +19,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import FederationError, FedtuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of LLMs with LoRA.")
+# No locals in tracebacks (--debug or a bug): they would print training rows and config values.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Federated fine-tuning of LLMs with LoRA.")
 out = Console()
 err = Console(stderr=True, log_path=False)
 _state = {"debug": False}
@@ -363,7 +364,7 @@ def serve(
 
 # ----------------------------------------------------------------------------- fedtune flower ...
 
-flower = typer.Typer(no_args_is_help=True, help="Run a federation on a Flower deployment (SuperLink + one SuperNode per data owner).")
+flower = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Run a federation on a Flower deployment (SuperLink + one SuperNode per data owner).")
 app.add_typer(flower, name="flower")
 
 
@@ -424,8 +425,7 @@ def _echo_flower(line: str) -> None:
 
 def _flower_finished(status: dict, completed: str) -> None:
     if status.get("status") != completed:
-        err.print(f"[bold red]error:[/] the Flower run ended {status.get('status')}: {status.get('status-details')}", highlight=False)
-        raise typer.Exit(7)
+        raise FederationError(f"the Flower run ended {status.get('status')}: {status.get('status-details')}; see the log above")
     out.print(f"run {status['run-id']} {status['status']} in {status['elapsed']:.0f}s", highlight=False)
 
 
