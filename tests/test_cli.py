@@ -135,3 +135,60 @@ def test_flower_app_writes_a_flower_app_and_flower_run_needs_tls_or_insecure(tin
     assert_one_line_error(proc, 2, "--root-certificates ca.crt", "--insecure")
     proc = fedtune("flower", "app", *tiny_overrides, "--out", tmp_path / "other")
     assert_one_line_error(proc, 2, "needs federation.engine=flower")
+
+
+SECRET = "Secret row: Müller earns 12345"
+
+
+def test_bad_data_files_are_one_line_errors_that_never_print_rows(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "q", "output": SECRET}, ensure_ascii=False) + "\n").encode("latin-1"))
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    as_list = tmp_path / "list.jsonl"
+    as_list.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n" + json.dumps({"instruction": "q", "response": [SECRET]}) + "\n")
+    for args, needles in (
+        ([f"data.path={latin}"], ["latin.jsonl: line 2 is not UTF-8 (byte 0xfc", "save the file as UTF-8"]),
+        ([f"data.path={as_list}", "data.columns.output=response"], ["list.jsonl: line 2: field 'output' (column 'response') holds a list"]),
+        ([f"data.path={latin.with_name('ok.jsonl')}", "data.columns.input=context"], ["column 'context' for field 'input'", "columns: instruction, output"]),
+    ):
+        proc = fedtune("data", *args)
+        assert_one_line_error(proc, 3, *needles)
+        assert "Müller" not in proc.stdout + proc.stderr
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "", "output": SECRET}) + "\n")
+    debug = fedtune("--debug", "data", f"data.path={empty}")  # a traceback, but without locals: no rows
+    assert "Traceback" in debug.stderr and "DataError" in debug.stderr and "12345" not in debug.stdout + debug.stderr
+
+
+def test_bad_config_files_and_seeds_are_config_errors(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 1\n# Müller\n".encode("latin-1"))
+    assert_one_line_error(fedtune("validate", latin), 2, "latin.yaml line 2: not UTF-8 text")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("data:\n  path: demo\nseed: 3\ndata:\n  limit: 5\n")
+    assert_one_line_error(fedtune("validate", dup), 2, "dup.yaml line 4: key 'data' appears twice (first on line 1)")
+    assert_one_line_error(fedtune("validate", "configs/demo.yaml", "seed=-1"), 2, "seed: must be >= 0, got -1")
+
+
+def test_a_truncated_model_file_exits_6(tiny_overrides, tiny_model_dir, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = fedtune("run", *tiny_overrides, f"model.name={model}")
+    assert_one_line_error(proc, 6, f"{weights} is truncated or corrupt", "copy or download the model")
+
+
+def test_a_failed_flower_run_exits_8(monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedtune import cli
+    from fedtune.federation.flower import deploy
+
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda debug: None)  # no process-wide logging setup in pytest
+    monkeypatch.setattr(deploy, "flwr_run", lambda *a, **k: {"status": "finished:failed", "status-details": "a ClientApp crashed"})
+    result = CliRunner().invoke(cli.app, ["flower", "run", "configs/demo.yaml", "federation.engine=flower", "--superlink", "127.0.0.1:1", "--insecure"])
+    assert result.exit_code == 8, result.output
+    assert "error: the Flower run ended finished:failed: a ClientApp crashed" in result.output

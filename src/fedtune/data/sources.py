@@ -178,7 +178,7 @@ def text_value(value: object, field: str, column: str) -> Optional[str]:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     kind = {bool: "true/false", float: "a fractional number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-    raise RowProblem(f"field '{field}' (column '{column}') holds {kind}, not text; store it as a string")
+    raise RowProblem(f"field '{field}' (column '{column}') holds {kind}, not text (convert it to a string)")
 
 
 class RowProblem(Exception):
