@@ -110,7 +110,7 @@ def test_unknown_model_and_path_get_404(server):
     status, _, text = call(server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 404 and "this server serves 'tiny'" in json.loads(text)["error"]["message"]
     assert call(server, "/v1/nothing")[0] == 404
-    assert call(server, "/v1/completions", {"prompt": "hi"})[0] == 404
+    assert call(server, "/v1/nothing", {"prompt": "hi"})[0] == 404
 
 
 def test_empty_body_is_400(server):
