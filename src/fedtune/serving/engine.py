@@ -11,6 +11,7 @@ One generation at a time: the caller holds the model (``serving.queue.ModelQueue
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class ChatModel:
         self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", 2048)
         self.created = int(time.time())
+        forward = inspect.signature(type(model).forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5 renamed it
         self.active = 0  # generations running now (0 or 1)
         self.tokens_generated = 0  # tokens sampled since start (tests and /health watch it)
 
@@ -131,8 +134,8 @@ class ChatModel:
             for _ in range(max_new):
                 if cancelled():
                     raise ClientGone()
-                out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[0, -1].float()  # (V,)
+                out = self.model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{self._cache_arg: past})
+                past, logits = getattr(out, self._cache_arg), out.logits[0, -1].float()  # (V,)
                 tok = pick_token(logits, req.temperature, req.top_p, generator)
                 self.tokens_generated += 1
                 if tok in eos:
