@@ -235,8 +235,8 @@ def test_fifty_concurrent_requests_each_get_200_or_a_json_429(chat):
     # Assert
     statuses = Counter(r[0] for r in results)
     latencies = sorted(r[3] for r in results)
-    print(f"\nload: {len(results)} requests, {statuses[200]} x 200, {statuses[429]} x 429, other {dict(statuses - Counter({200: statuses[200], 429: statuses[429]}))}, "
-          f"p50 {statistics.median(latencies):.3f} s, max {latencies[-1]:.3f} s")
+    print(f"\nload: {len(results)} requests, {statuses[200]} x 200, {statuses[429]} x 429, "
+          f"{len(results) - statuses[200] - statuses[429]} other, p50 {statistics.median(latencies):.3f} s, max {latencies[-1]:.3f} s")
     assert len(results) == n and set(statuses) <= {200, 429} and statuses[200] >= 5
     for status, retry_after, body, _ in results:
         if status == 429:
@@ -390,3 +390,56 @@ def test_pick_token_greedy_nucleus_and_seeded():
     draws = lambda: [pick_token(logits, 1.0, 0.9, g) for g in [torch.Generator().manual_seed(3)] for _ in range(30)]  # noqa: E731
     first = draws()
     assert first == draws() and set(first) <= {1, 3, 2} and 0 not in first
+
+
+# ----------------------------------------------------------------------------- logprobs, stream usage, completions (issue 16)
+
+def sse(text: str) -> list:
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_chat_logprobs_follow_openai_shape(server):
+    status, _, text = call(server, "/v1/chat/completions", {**CHAT, "max_tokens": 5, "logprobs": True, "top_logprobs": 3})
+    choice = json.loads(text)["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert status == 200 and 1 <= len(content) <= 5
+    assert "".join(c["token"] for c in content).strip() == choice["message"]["content"]
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 3
+        assert c["top_logprobs"][0]["token"] == c["token"] and c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"], rel=1e-6)
+        assert [t["logprob"] for t in c["top_logprobs"]] == sorted((t["logprob"] for t in c["top_logprobs"]), reverse=True)
+    plain = json.loads(call(server, "/v1/chat/completions", {**CHAT, "max_tokens": 5})[2])["choices"][0]
+    assert plain["logprobs"] is None and plain["message"]["content"] == choice["message"]["content"]
+
+
+def test_stream_usage_and_logprobs_chunks(server):
+    body = {**CHAT, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
+    chunks = sse(call(server, "/v1/chat/completions", body)[2])
+    *content, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4 and last["usage"]["total_tokens"] > 4
+    assert all(c["usage"] is None for c in content) and content[-1]["choices"][0]["finish_reason"] == "length"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in content)
+    tokens = [t["token"] for c in content if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]]
+    assert "".join(tokens) == streamed and len(tokens) == 4
+    assert "usage" not in sse(call(server, "/v1/chat/completions", {**CHAT, "max_tokens": 2, "stream": True})[2])[-1]
+
+
+def test_legacy_completions_plain_streamed_and_logprobs(server):
+    ask = {"prompt": "The capital of France is", "max_tokens": 6}
+    status, _, text = call(server, "/v1/completions", {**ask, "logprobs": 2})
+    body = json.loads(text)
+    (choice,) = body["choices"]
+    assert status == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["token_logprobs"]) == len(lp["tokens"]) == body["usage"]["completion_tokens"]
+    assert all(len(top) <= 2 for top in lp["top_logprobs"]) and lp["text_offset"][0] == 0
+    chunks = sse(call(server, "/v1/completions", {**ask, "stream": True})[2])
+    assert all(c["object"] == "text_completion" for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    seeded = {**ask, "temperature": 1.0, "seed": 11}
+    assert json.loads(call(server, "/v1/completions", seeded)[2]) ["choices"][0]["text"] == \
+        json.loads(call(server, "/v1/completions", seeded)[2])["choices"][0]["text"]
+    assert call(server, "/v1/completions", {**ask, "logprobs": 6})[0] == 400
+    assert call(server, "/v1/completions", {"prompt": ""})[0] == 400

@@ -35,7 +35,8 @@ class RequestError(Exception):
         super().__init__(message)
         default_kind, default_code = _KINDS.get(status, ("invalid_request_error", "invalid_value" if status == 400 else None))
         self.status, self.message, self.param = status, message, param
-        self.kind, self.code, self.headers = kind or default_kind, code or default_code or HTTPStatus(status).phrase.lower().replace(" ", "_"), headers or {}
+        self.kind, self.headers = kind or default_kind, headers or {}
+        self.code = code or default_code or HTTPStatus(status).phrase.lower().replace(" ", "_")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
