@@ -263,6 +263,20 @@ def test_a_dropped_request_stops_generating(chat, server, monkeypatch, stream):
         assert json.loads(call(server, "/health")[2])["generating"] == 0
 
 
+def test_a_request_dropped_while_waiting_leaves_the_line(chat, server, monkeypatch):
+    with slow_and_endless(chat, monkeypatch):
+        running = socket.create_connection(server.server_address[:2], timeout=30)
+        running.sendall(post("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 400}).encode()))
+        assert wait_until(lambda: chat.active == 1)
+        waiting = socket.create_connection(server.server_address[:2], timeout=30)
+        waiting.sendall(post("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 400}).encode()))
+        assert wait_until(lambda: server.queue.waiting == 1)
+        waiting.close()
+        assert wait_until(lambda: server.queue.waiting == 0)
+        running.close()
+        assert wait_until(lambda: chat.active == 0)
+
+
 def test_seeded_sampling_is_the_same_when_a_dropped_stream_ran_before(chat, server, monkeypatch):
     ask = {**CHAT, "max_tokens": 8, "temperature": 1.0, "seed": 123}
     alone = json.loads(call(server, "/v1/chat/completions", ask)[2])["choices"][0]["message"]["content"]
@@ -270,8 +284,9 @@ def test_seeded_sampling_is_the_same_when_a_dropped_stream_ran_before(chat, serv
         sock = socket.create_connection(server.server_address[:2], timeout=30)  # a sampling stream, dropped
         sock.sendall(post("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 300, "stream": True, "temperature": 1.0,
                                                                "seed": 5}).encode()))
-        assert wait_until(lambda: chat.active == 1)
+        assert wait_until(lambda: chat.active == 1 and chat.tokens_generated > 0)
         sock.close()
+        assert wait_until(lambda: chat.active == 0)  # before the fix its generation ran on, sharing the global RNG
         meanwhile = json.loads(call(server, "/v1/chat/completions", ask)[2])["choices"][0]["message"]["content"]
     assert meanwhile == alone
 

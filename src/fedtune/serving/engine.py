@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
@@ -71,11 +72,20 @@ class ChatModel:
         self.created = int(time.time())
         forward = inspect.signature(type(model).forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5 renamed it
+        self._tokenizer_lock = threading.Lock()  # a Rust tokenizer may refuse calls from two threads at once
         self.active = 0  # generations running now (0 or 1)
         self.tokens_generated = 0  # tokens sampled since start (tests and /health watch it)
 
     def prompt_ids(self, req: GenRequest) -> torch.Tensor:
         """The prompt's token ids (1, t); 400 when it leaves no room to answer."""
+        with self._tokenizer_lock:
+            ids = self._encode(req)
+        if ids.shape[1] == 0 or ids.shape[1] + 1 > self.max_context:
+            raise RequestError(400, f"the prompt has {ids.shape[1]} tokens; this model's context is {self.max_context}",
+                               "messages" if req.chat else "prompt", code="context_length_exceeded")
+        return ids
+
+    def _encode(self, req: GenRequest) -> torch.Tensor:
         if req.prompt is not None:
             ids = self.tokenizer(req.prompt, return_tensors="pt")["input_ids"]
         elif self.template == "chat":
@@ -84,10 +94,7 @@ class ChatModel:
         else:
             last = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
             ids = self.tokenizer(render_prompt(self.tokenizer, "alpaca", last), return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0 or ids.shape[1] + 1 > self.max_context:
-            raise RequestError(400, f"the prompt has {ids.shape[1]} tokens; this model's context is {self.max_context}",
-                               "messages" if req.chat else "prompt", code="context_length_exceeded")
-        return ids
+        return ids  # (1, t)
 
     def generate(self, req: GenRequest, ids: torch.Tensor, cancelled: Callable[[], bool] = lambda: False
                  ) -> Iterator[Union[Piece, Finish]]:
@@ -105,7 +112,7 @@ class ChatModel:
                     break
                 start = len(text)
                 new.append(tok)
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                text = self._decode(new)
                 if req.logprobs:
                     pending.append((start, token))
                 text, stopped = cut_at_stop(text, req.stop)
@@ -149,8 +156,12 @@ class ChatModel:
     def _token(self, tok: int, logits: torch.Tensor, req: GenRequest) -> Token:
         logp = torch.log_softmax(logits, dim=-1)  # (V,): the model's distribution, before temperature
         top = torch.topk(logp, req.top_logprobs) if req.top_logprobs else None
-        pairs = [] if top is None else [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]
-        return Token(self.tokenizer.decode([tok]), float(logp[tok]), pairs)
+        pairs = [] if top is None else [(self._decode([int(i)], False), float(v)) for v, i in zip(top.values, top.indices)]
+        return Token(self._decode([tok], False), float(logp[tok]), pairs)
+
+    def _decode(self, ids: list[int], skip_special: bool = True) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)

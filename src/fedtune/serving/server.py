@@ -135,6 +135,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             data = self.rfile.read(length)
         except TimeoutError:
+            self._unread = False  # a stalled client: no lingering for it
             raise RequestError(408, f"the request body did not arrive within {self.server.io_timeout:g} s") from None
         if len(data) < length:
             raise RequestError(400, f"the body ended after {len(data)} of its {length} bytes")
