@@ -340,20 +340,25 @@ def report(run_dir: Path = typer.Argument(..., help="a run or comparison directo
 @handle_errors
 def serve(
     run_dir: Path = typer.Argument(..., help="a run directory"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (beyond loopback needs --api-key)"),
     port: int = typer.Option(8000, "--port"),
     name: Optional[str] = typer.Option(None, "--name", help="model id to serve (default: the run directory's name)"),
     base: bool = typer.Option(False, "--base", help="serve the base model (adapter disabled)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FEDTUNE_API_KEY", help="require 'Authorization: Bearer KEY'"),
+    max_queue: int = typer.Option(16, "--max-queue", help="requests that may wait for the model (more: 429)"),
+    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", help="largest max_tokens (default: the context)"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds a client may take to send or read"),
 ) -> None:
-    """Serve a run's adapter on its base model as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    """Serve a run's adapter on its base model as an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from fedtune.serving import ChatServer, load_chat_model
 
     try:
-        server = ChatServer(None, host, port)
+        server = ChatServer(None, host, port, api_key=api_key, max_waiting=max_queue, io_timeout=timeout,
+                            max_tokens_limit=max_tokens_limit)
     except OSError as e:
         raise FedtuneError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
     server.chat = chat = load_chat_model(run_dir, base=base, name=name)
-    err.print(f"serving '{chat.name}' at {server.url} (POST /chat/completions, GET /models); Ctrl-C to stop")
+    err.print(f"serving '{chat.name}' at {server.url} (POST /chat/completions, /completions; GET /models); Ctrl-C to stop")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
