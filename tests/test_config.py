@@ -179,7 +179,7 @@ def test_good_strategy_settings():
     "overrides, message",
     [
         (["lora.client_ranks=[0, 9]"], "lora.client_ranks: [0, 9] outside 1..lora.r=8"),
-        (["lora.client_ranks=[2, 8]", "strategy.aggregator=median"], "lora.client_ranks: heterogeneous ranks are aggregated rank slice by rank slice"),
+        (["lora.client_ranks=[2, 8]", "strategy.aggregator=median"], "lora.client_ranks: heterogeneous ranks are merged by lora.hetlora_aggregation"),
         (["compression.method=fp8"], "compression.method: 'fp8' is not one of none, int8, int4, topk"),
         (["compression.topk_fraction=0"], "compression.topk_fraction: must be > 0"),
     ],

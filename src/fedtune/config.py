@@ -66,6 +66,13 @@ class LoraConfig:
         [], "heterogeneous ranks (HetLoRA): each client's rank, drawn once per client (seeded) from these values "
         "(each <= lora.r); the global adapter keeps rank lora.r. Empty: every client trains rank lora.r"
     )
+    hetlora_aggregation: str = _f(
+        "sparsity_weighted",
+        "how lora.client_ranks' updates are merged: sparsity_weighted (HetLoRA, Cho et al. 2024: zero-padded local LoRA "
+        "matrices averaged with weights proportional to ||B_k A_k||_F) or slice_mean (fedtune's: each rank slice "
+        "averaged over the clients that trained it, by example counts)",
+        choices=("sparsity_weighted", "slice_mean"),
+    )
 
 
 @dataclass
@@ -552,7 +559,7 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"lora.client_ranks: {bad_ranks} outside 1..lora.r={cfg.lora.r}")
     if cfg.lora.client_ranks and cfg.strategy.aggregator != "mean":
         problems.append(
-            f"lora.client_ranks: heterogeneous ranks are aggregated rank slice by rank slice (a weighted mean), "
+            f"lora.client_ranks: heterogeneous ranks are merged by lora.hetlora_aggregation (a weighted mean), "
             f"not with strategy.aggregator={cfg.strategy.aggregator}; use mean or drop lora.client_ranks"
         )
     if cfg.train.min_lr > cfg.train.lr:
@@ -660,7 +667,7 @@ def privacy_checks(cfg: RunConfig) -> list[str]:
     if p.target_epsilon is not None and p.noise_multiplier == 0:
         problems.append("privacy.target_epsilon: with privacy.noise_multiplier=0 epsilon is infinite; raise the noise multiplier")
     if p.dp == "central" and cfg.lora.client_ranks:
-        problems.append("lora.client_ranks: dp=central releases one noisy mean, not the per-rank-slice mean heterogeneous ranks need; drop one of them")
+        problems.append("lora.client_ranks: dp=central releases one noisy mean, not the rank-aware mean heterogeneous ranks need; drop one of them")
     return problems
 
 

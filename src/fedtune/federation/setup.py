@@ -297,7 +297,9 @@ def client_shards(cfg: RunConfig, tokenizer, examples: list[Record], encoded: li
 
 def build_strategy(cfg: RunConfig) -> strategies.Strategy:
     s = cfg.strategy
-    aggregator = build_aggregator(s.aggregator, trim_beta=s.trim_beta, krum_f=s.krum_f, multikrum_m=s.multikrum_m)
+    aggregator = build_aggregator(
+        s.aggregator, trim_beta=s.trim_beta, krum_f=s.krum_f, multikrum_m=s.multikrum_m, hetlora=cfg.lora.hetlora_aggregation
+    )
     hyper = {k: getattr(s, k) for k in STRATEGY_PARAMS[s.name] if getattr(s, k) is not None}
     return strategies.build_strategy(s.name, aggregator=aggregator, num_clients=cfg.partition.num_clients, **hyper)
 
