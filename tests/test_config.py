@@ -214,3 +214,28 @@ def test_privacy_and_attack_problems_name_the_key(overrides, message):
 def test_local_dp_composes_with_robust_aggregators():
     cfg = load_config(None, ["privacy.dp=local", "privacy.clip_norm=0.5", "strategy.aggregator=trimmed_mean", "strategy.trim_beta=0.1"])
     assert cfg.privacy.dp == "local"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["federation.clients_per_round=2"], ["federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 the norm check"]),
+        (["federation.clients_per_round=2", "strategy.aggregator=median"],
+         ["federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 the norm check",
+          "federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 strategy.aggregator=median is their mean"]),
+        (["federation.clients_per_round=5", "federation.dropout=0.2", "federation.min_clients=2"],
+         ["federation.min_clients: a round may aggregate 2 update(s); with fewer than 3 the norm check"]),
+        (["federation.clients_per_round=2", "privacy.dp=local", "privacy.clip_norm=1", "strategy.aggregator=median"],
+         ["federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 strategy.aggregator=median is their mean"]),
+        (["federation.clients_per_round=2", "privacy.dp=local", "privacy.clip_norm=1"], []),  # no norm check under dp
+        (["federation.clients_per_round=3"], []),
+        (["federation.clients_per_round=5", "federation.dropout=0.2", "federation.min_clients=3"], []),
+        (["federation.clients_per_round=1", "federation.mode=centralized"], []),
+    ],
+)
+def test_small_round_warnings(overrides, expected):
+    from fedtune.config import small_round_warnings
+
+    got = small_round_warnings(load_config(None, overrides))
+    assert len(got) == len(expected) and all(g.startswith(e) for g, e in zip(got, expected))
+    assert all("\n" not in g and ("min_clients=3" in g or "at least 3 clients" in g) for g in got)  # one line, names the fix

@@ -639,6 +639,31 @@ def strategy_checks(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def small_round_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but protect nothing: with fewer than 3 updates in a round the
+    norm check's median norm is (the mean of) the updates' own norms, and the ``median``
+    aggregator is their mean (SECURITY.md). The fewest updates a round aggregates counts as
+    Krum's check does: clients sampled per round, or federation.min_clients with dropout.
+    One line each, naming the key to change; logged when a run builds its strategy."""
+    fed, p, s = cfg.federation, cfg.privacy, cfg.strategy
+    if fed.mode != "federated":
+        return []
+    k = per_round(cfg)
+    n, key = (k, "federation.clients_per_round") if fed.dropout == 0 or k < 3 else (min(k, fed.min_clients), "federation.min_clients")
+    if n >= 3:
+        return []
+    fix = "sample at least 3 clients per round" if key == "federation.clients_per_round" else "set federation.min_clients=3"
+    out = []
+    if p.norm_bound_factor is not None or p.dp == "off":
+        out.append(
+            f"{key}: a round may aggregate {n} update(s); with fewer than 3 the norm check (privacy.norm_bound_factor) "
+            f"measures each update against a median its own norm sets and rejects nothing; {fix}"
+        )
+    if s.aggregator == "median":
+        out.append(f"{key}: a round may aggregate {n} update(s); with fewer than 3 strategy.aggregator=median is their mean; {fix}")
+    return out
+
+
 def privacy_checks(cfg: RunConfig) -> list[str]:
     """DP needs a clipping norm, uniform sampling (what the accountant assumes) and, for
     central noise, a FedAvg-like server step on the plain mean of the clipped deltas."""

@@ -133,11 +133,3 @@ def test_sparsity_weighted_all_zero_products_weigh_equally():
     out = sparsity_weighted(zero, [d0, d1], [1, 2])
     assert torch.equal(out[A], torch.tensor([[3.0], [3.0]])) and torch.equal(out[B], torch.zeros(1, 2))
 
-
-def test_build_strategy_passes_the_configured_hetlora_rule(tiny_overrides):
-    from fedtune.config import load_config
-    from fedtune.federation.setup import build_strategy
-
-    base = tiny_overrides + ["lora.r=4", "lora.client_ranks=[1, 4]"]
-    assert build_strategy(load_config(None, base)).aggregator.hetlora == "sparsity_weighted"
-    assert build_strategy(load_config(None, base + ["lora.hetlora_aggregation=slice_mean"])).aggregator.hetlora == "slice_mean"
