@@ -8,7 +8,7 @@ ranks (rows of ``lora_A``, columns of ``lora_B``), trains only those, and its de
 
 Aggregation (``lora.hetlora_aggregation``):
 
-``sparsity_weighted`` (the default; the paper's rule, its Section 3.2 and Figure 2): every
+``sparsity_weighted`` (the default; the paper's rule, its Figure 2 and text): every
 client's local LoRA matrices ``B_k``, ``A_k`` (the truncated global plus its delta, zero-padded
 to ``R``) are averaged with weights proportional to the Frobenius norm of the weight change
 they make, ``S_k = ||Delta W_k||_F = ||B_k A_k||_F``, normalised over the round's clients:
@@ -142,7 +142,7 @@ def sparsity_weights(global_adapter: Adapter, deltas: Sequence[Adapter], ranks: 
 
 
 def sparsity_weighted(global_adapter: Adapter, deltas: Sequence[Adapter], ranks: Sequence[float]) -> Adapter:
-    """``sparsity_weighted``: HetLoRA's aggregation (Cho et al. 2024, Section 3.2) as a delta,
+    """``sparsity_weighted``: HetLoRA's aggregation (Cho et al. 2024, Figure 2) as a delta,
     ``sum_k p_k (m_k * G + delta_k) - G`` computed as ``sum_k p_k delta_k - (sum_k p_k (1 - m_k)) * G``
     (see the module docstring); a rank of ``math.inf`` means the full rank."""
     out: Adapter = {}
