@@ -182,7 +182,7 @@ def test_good_strategy_settings():
     "overrides, message",
     [
         (["lora.client_ranks=[0, 9]"], "lora.client_ranks: [0, 9] outside 1..lora.r=8"),
-        (["lora.client_ranks=[2, 8]", "strategy.aggregator=median"], "lora.client_ranks: heterogeneous ranks are aggregated rank slice by rank slice"),
+        (["lora.client_ranks=[2, 8]", "strategy.aggregator=median"], "lora.client_ranks: heterogeneous ranks are merged by lora.hetlora_aggregation"),
         (["compression.method=fp8"], "compression.method: 'fp8' is not one of none, int8, int4, topk"),
         (["compression.topk_fraction=0"], "compression.topk_fraction: must be > 0"),
     ],
@@ -276,3 +276,28 @@ def test_column_defaults_are_the_field_names():
     from fedtune.config import ColumnsConfig
 
     assert all(field == column for field, column in asdict(ColumnsConfig()).items())
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["federation.clients_per_round=2"], ["federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 the norm check"]),
+        (["federation.clients_per_round=2", "strategy.aggregator=median"],
+         ["federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 the norm check",
+          "federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 strategy.aggregator=median is their mean"]),
+        (["federation.clients_per_round=5", "federation.dropout=0.2", "federation.min_clients=2"],
+         ["federation.min_clients: a round may aggregate 2 update(s); with fewer than 3 the norm check"]),
+        (["federation.clients_per_round=2", "privacy.dp=local", "privacy.clip_norm=1", "strategy.aggregator=median"],
+         ["federation.clients_per_round: a round may aggregate 2 update(s); with fewer than 3 strategy.aggregator=median is their mean"]),
+        (["federation.clients_per_round=2", "privacy.dp=local", "privacy.clip_norm=1"], []),  # no norm check under dp
+        (["federation.clients_per_round=3"], []),
+        (["federation.clients_per_round=5", "federation.dropout=0.2", "federation.min_clients=3"], []),
+        (["federation.clients_per_round=1", "federation.mode=centralized"], []),
+    ],
+)
+def test_small_round_warnings(overrides, expected):
+    from fedtune.config import small_round_warnings
+
+    got = small_round_warnings(load_config(None, overrides))
+    assert len(got) == len(expected) and all(g.startswith(e) for g, e in zip(got, expected))
+    assert all("\n" not in g and ("min_clients=3" in g or "at least 3 clients" in g) for g in got)  # one line, names the fix

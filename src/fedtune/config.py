@@ -66,6 +66,13 @@ class LoraConfig:
         [], "heterogeneous ranks (HetLoRA): each client's rank, drawn once per client (seeded) from these values "
         "(each <= lora.r); the global adapter keeps rank lora.r. Empty: every client trains rank lora.r"
     )
+    hetlora_aggregation: str = _f(
+        "sparsity_weighted",
+        "how lora.client_ranks' updates are merged: sparsity_weighted (HetLoRA, Cho et al. 2024: zero-padded local LoRA "
+        "matrices averaged with weights proportional to ||B_k A_k||_F) or slice_mean (fedtune's: each rank slice "
+        "averaged over the clients that trained it, by example counts)",
+        choices=("sparsity_weighted", "slice_mean"),
+    )
 
 
 @dataclass
@@ -582,7 +589,7 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"lora.client_ranks: {bad_ranks} outside 1..lora.r={cfg.lora.r}")
     if cfg.lora.client_ranks and cfg.strategy.aggregator != "mean":
         problems.append(
-            f"lora.client_ranks: heterogeneous ranks are aggregated rank slice by rank slice (a weighted mean), "
+            f"lora.client_ranks: heterogeneous ranks are merged by lora.hetlora_aggregation (a weighted mean), "
             f"not with strategy.aggregator={cfg.strategy.aggregator}; use mean or drop lora.client_ranks"
         )
     if cfg.train.min_lr > cfg.train.lr:
@@ -662,6 +669,31 @@ def strategy_checks(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def small_round_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but protect nothing: with fewer than 3 updates in a round the
+    norm check's median norm is (the mean of) the updates' own norms, and the ``median``
+    aggregator is their mean (SECURITY.md). The fewest updates a round aggregates counts as
+    Krum's check does: clients sampled per round, or federation.min_clients with dropout.
+    One line each, naming the key to change; logged when a run builds its strategy."""
+    fed, p, s = cfg.federation, cfg.privacy, cfg.strategy
+    if fed.mode != "federated":
+        return []
+    k = per_round(cfg)
+    n, key = (k, "federation.clients_per_round") if fed.dropout == 0 or k < 3 else (min(k, fed.min_clients), "federation.min_clients")
+    if n >= 3:
+        return []
+    fix = "sample at least 3 clients per round" if key == "federation.clients_per_round" else "set federation.min_clients=3"
+    out = []
+    if p.norm_bound_factor is not None or p.dp == "off":
+        out.append(
+            f"{key}: a round may aggregate {n} update(s); with fewer than 3 the norm check (privacy.norm_bound_factor) "
+            f"measures each update against a median its own norm sets and rejects nothing; {fix}"
+        )
+    if s.aggregator == "median":
+        out.append(f"{key}: a round may aggregate {n} update(s); with fewer than 3 strategy.aggregator=median is their mean; {fix}")
+    return out
+
+
 def privacy_checks(cfg: RunConfig) -> list[str]:
     """DP needs a clipping norm, uniform sampling (what the accountant assumes) and, for
     central noise, a FedAvg-like server step on the plain mean of the clipped deltas."""
@@ -690,7 +722,7 @@ def privacy_checks(cfg: RunConfig) -> list[str]:
     if p.target_epsilon is not None and p.noise_multiplier == 0:
         problems.append("privacy.target_epsilon: with privacy.noise_multiplier=0 epsilon is infinite; raise the noise multiplier")
     if p.dp == "central" and cfg.lora.client_ranks:
-        problems.append("lora.client_ranks: dp=central releases one noisy mean, not the per-rank-slice mean heterogeneous ranks need; drop one of them")
+        problems.append("lora.client_ranks: dp=central releases one noisy mean, not the rank-aware mean heterogeneous ranks need; drop one of them")
     return problems
 
 

@@ -24,7 +24,7 @@ def test_int8_upload_is_about_four_times_smaller_and_keeps_a_residual(tiny_overr
     dense = [f["upload_bytes"] for f in fits(plain.run_dir)]
     small = [f["upload_bytes"] for f in fits(int8.run_dir)]
     assert all(f["upload_bytes"] == f["upload_bytes_fp32"] for f in fits(plain.run_dir))
-    assert all(3.5 < d / s < 4.0 for d, s in zip(dense, small))  # 1 byte per value + an fp16 scale per 64
+    assert all(3.5 < d / s < 4.0 for d, s in zip(dense, small))  # 1 byte per value + a bf16 scale per 64
     residual = load_file(str(sorted((int8.run_dir / "client_state" / "client_00000").glob("*.safetensors"))[-1]))
     assert residual and all(k.startswith("residual/") for k in residual)
     assert 0 < max(v.abs().max().item() for v in residual.values()) < 1e-3  # what int8 dropped: small, not zero
@@ -42,7 +42,7 @@ def test_topk_with_error_feedback_resumes_exactly(tiny_overrides, tmp_path):
     run(cut, resume=True)
     assert_same_run(straight.run_dir, tmp_path / "cut")
     ratio = [f["upload_bytes_fp32"] / f["upload_bytes"] for f in fits(straight.run_dir)]
-    assert all(12 < r < 14 for r in ratio)  # 5% of entries at 6 bytes (fp16 value + int32 index) vs 4 bytes each
+    assert all(12 < r < 14 for r in ratio)  # 5% of entries at 6 bytes (bf16 value + int32 index) vs 4 bytes each
 
 
 def test_clients_of_lower_rank_train_only_their_slices(tiny_overrides, tmp_path):

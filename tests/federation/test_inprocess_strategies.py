@@ -15,6 +15,7 @@ from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.server.sampling import local_steps_per_client
 from tests.federation.test_inprocess import StopAfter, records
+from tests.tolerance import close
 
 SMALL = [
     "data.demo_per_category=10",
@@ -114,4 +115,4 @@ def test_dropout_min_clients_and_heterogeneous_steps(tiny_overrides, tmp_path):
         own.append({k.partition("/")[2]: v for k, v in load_file(str(files[-1])).items() if k.startswith("control/")})
     for key, value in c.items():
         k = key.removeprefix("control.")
-        assert torch.allclose(value, sum(o[k] for o in own) / 3, atol=1e-6)
+        assert close(value, sum(o[k] for o in own) / 3, 1e-5)  # kept incrementally vs summed at the end

@@ -58,3 +58,52 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert e(2.0, 10) < e(0.8, 10)
     assert e(1.0, 0) == 0.0
     assert math.isinf(e(0.0, 3))
+
+
+def test_epsilon_sampling_never_costs_more_than_full_participation():
+    """N=100, z=1, 50 rounds: dp_accounting's fixed-size bound gave 244.2 for K=99 and 166.0 for K=100."""
+    e99 = epsilon(1.0, 50, 1e-5, population=100, per_round=99, sampling="fixed")
+    e100 = epsilon(1.0, 50, 1e-5, population=100, per_round=100, sampling="fixed")
+    assert e100 == pytest.approx(166.0, abs=0.1)
+    assert e99 <= e100
+
+
+def _orderwise_epsilon(sampled_event, z_eff, rounds, delta, relation):
+    """The reference: RDP of the sampled event and of the plain Gaussian (alpha / (2 z^2) per
+    round), minimum order by order, then one conversion to epsilon."""
+    import numpy as np
+    import dp_accounting as dpa
+    from dp_accounting.rdp import RdpAccountant
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    acc = RdpAccountant(neighboring_relation=relation)
+    acc.compose(dpa.SelfComposedDpEvent(sampled_event, rounds))
+    orders = np.asarray(acc._orders, dtype=float)
+    gaussian = rounds * orders / (2 * z_eff**2)
+    return compute_epsilon(orders, np.minimum(np.asarray(acc._rdp), gaussian), delta)[0]
+
+
+@pytest.mark.parametrize("k", [10, 90, 99])
+def test_epsilon_is_the_orderwise_minimum_of_sampled_and_gaussian_rdp(k):
+    import dp_accounting as dpa
+
+    fixed = dpa.SampledWithoutReplacementDpEvent(100, k, dpa.GaussianDpEvent(0.5))
+    ref = _orderwise_epsilon(fixed, 0.5, 50, 1e-5, dpa.NeighboringRelation.REPLACE_ONE)
+    assert epsilon(1.0, 50, 1e-5, population=100, per_round=k, sampling="fixed") == pytest.approx(ref, rel=1e-12)
+    poisson = dpa.PoissonSampledDpEvent(k / 100, dpa.GaussianDpEvent(1.0))
+    ref = _orderwise_epsilon(poisson, 1.0, 50, 1e-5, dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    assert epsilon(1.0, 50, 1e-5, population=100, per_round=k, sampling="poisson") == pytest.approx(ref, rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 200),
+    data=st.data(),
+    z=st.floats(0.3, 5.0),
+    rounds=st.integers(1, 200),
+    sampling=st.sampled_from(["fixed", "poisson"]),
+)
+def test_epsilon_is_monotone_in_clients_per_round(n, data, z, rounds, sampling):
+    k = data.draw(st.integers(1, n - 1))
+    e = lambda kk: epsilon(z, rounds, 1e-5, population=n, per_round=kk, sampling=sampling)  # noqa: E731
+    assert e(k) <= e(k + 1) * (1 + 1e-9)

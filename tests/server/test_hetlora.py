@@ -3,7 +3,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.server.hetlora import aggregate_ranks, rank_axis, rank_mask, truncate
+from fedtune.server.hetlora import aggregate_ranks, product_norm, rank_axis, rank_mask, sparsity_weighted, truncate
+from fedtune.types import ClientUpdate
+from tests.tolerance import close
 
 A, B = "m.q.lora_A.weight", "m.q.lora_B.weight"
 
@@ -65,11 +67,70 @@ def test_identical_truncated_updates_are_fixed_points(ranks, seed):
 
 def test_mean_aggregator_averages_heterogeneous_ranks_slice_by_slice():
     from fedtune.server.aggregate import Mean
-    from fedtune.types import ClientUpdate
 
     full = {"m.lora_A.weight": torch.ones(2, 1), "m.lora_B.weight": torch.ones(1, 2)}  # rank 2, all ones
     low = {"m.lora_A.weight": torch.tensor([[3.0], [0.0]]), "m.lora_B.weight": torch.tensor([[3.0, 0.0]])}  # rank 1
-    out = Mean()([ClientUpdate(0, 1, full), ClientUpdate(1, 3, low, rank=1)])
+    out = Mean("slice_mean")([ClientUpdate(0, 1, full), ClientUpdate(1, 3, low, rank=1)])
     # slice 0: (1*1 + 3*3) / 4 = 2.5; slice 1: only the full-rank client trained it -> 1
     assert torch.equal(out["m.lora_A.weight"], torch.tensor([[2.5], [1.0]]))
     assert torch.equal(out["m.lora_B.weight"], torch.tensor([[2.5, 1.0]]))
+
+
+# HetLoRA's sparsity-weighted aggregation (Cho et al. 2024), by hand. One module, in = out = 1,
+# R = 2; global A = [[1], [2]], B = [[1, 1]].
+#   client 0, rank 1: delta A = [[1], [0]], B = [[1, 0]] -> local A = [[2], [0]], B = [[2, 0]], BA = 4
+#   client 1, rank 2: delta A = [[0], [1]], B = [[1, 0]] -> local A = [[1], [3]], B = [[2, 1]], BA = 5
+# p = (4/9, 5/9); new A = 4/9 [[2], [0]] + 5/9 [[1], [3]] = [[13/9], [15/9]];
+#                 new B = 4/9 [[2, 0]] + 5/9 [[2, 1]] = [[2, 5/9]].
+G = {A: torch.tensor([[1.0], [2.0]]), B: torch.tensor([[1.0, 1.0]])}
+D0 = {A: torch.tensor([[1.0], [0.0]]), B: torch.tensor([[1.0, 0.0]])}
+D1 = {A: torch.tensor([[0.0], [1.0]]), B: torch.tensor([[1.0, 0.0]])}
+NEW_A, NEW_B = torch.tensor([[13 / 9], [15 / 9]]), torch.tensor([[2.0, 5 / 9]])
+
+
+def test_sparsity_weighted_hand_computed():
+    out = sparsity_weighted(G, [D0, D1], [1, 2])
+    assert torch.allclose(G[A] + out[A], NEW_A, rtol=1e-6, atol=0)
+    assert torch.allclose(G[B] + out[B], NEW_B, rtol=1e-6, atol=0)
+
+
+def test_mean_defaults_to_sparsity_weighted_through_fedavg():
+    from fedtune.server.aggregate import Mean
+    from fedtune.server.fedavg import FedAvg
+
+    # example counts do not enter the paper's weights: 100 examples for client 0 change nothing
+    updates = [ClientUpdate(0, 100, D0, rank=1), ClientUpdate(1, 1, D1)]  # rank None: full rank
+    new, _ = FedAvg().aggregate(G, updates, {})
+    assert torch.allclose(new[A], NEW_A, rtol=1e-6, atol=0) and torch.allclose(new[B], NEW_B, rtol=1e-6, atol=0)
+    with pytest.raises(Exception, match="needs the global adapter"):
+        Mean()(updates)
+    # slice_mean on the same updates: slice 0 by examples (100*D0 + 1*D1) / 101, slice 1 from client 1 alone
+    new, _ = FedAvg(Mean("slice_mean")).aggregate(G, updates, {})
+    assert torch.allclose(new[A], torch.tensor([[1 + 100 / 101], [3.0]]), rtol=1e-6, atol=0)
+    assert torch.allclose(new[B], torch.tensor([[2.0, 1.0]]), rtol=1e-6, atol=0)
+
+
+def test_sparsity_weighted_equal_ranks_is_the_norm_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    glob = {A: torch.randn(3, 5, generator=g), B: torch.randn(4, 3, generator=g)}
+    ds = [{A: torch.randn(3, 5, generator=g), B: torch.randn(4, 3, generator=g)} for _ in range(3)]
+    out = sparsity_weighted(glob, ds, [3, 3, 3])
+    norms = [torch.linalg.matrix_norm((glob[B] + d[B]) @ (glob[A] + d[A])).item() for d in ds]
+    p = [n / sum(norms) for n in norms]
+    for k in (A, B):
+        assert close(out[k], sum(pk * d[k] for pk, d in zip(p, ds)), 1e-6, max(float(d[k].abs().max()) for d in ds))
+
+
+def test_product_norm_is_the_frobenius_norm_of_b_times_a():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 7, generator=g), torch.randn(6, 4, generator=g)
+    assert product_norm(b, a) == pytest.approx(torch.linalg.matrix_norm((b.double() @ a.double())).item(), rel=1e-12)
+
+
+def test_sparsity_weighted_all_zero_products_weigh_equally():
+    zero = {A: torch.zeros(2, 1), B: torch.zeros(1, 2)}
+    d0 = {A: torch.tensor([[2.0], [0.0]]), B: torch.zeros(1, 2)}  # B stays 0: BA = 0 for everyone
+    d1 = {A: torch.tensor([[4.0], [6.0]]), B: torch.zeros(1, 2)}
+    out = sparsity_weighted(zero, [d0, d1], [1, 2])
+    assert torch.equal(out[A], torch.tensor([[3.0], [3.0]])) and torch.equal(out[B], torch.zeros(1, 2))
+

@@ -3,10 +3,19 @@
 A delta is encoded into a flat payload of small tensors, sent, and decoded on the server:
 
 - ``int8``: block-wise symmetric quantisation, ``q = round(x / s)`` with ``s = max|x| / 127``
-  per block of ``block`` values (fp16 scale). ~3.8x fewer bytes than float32.
+  per block of ``block`` values. ~3.9x fewer bytes than float32 (block 64).
 - ``int4``: the same with 4-bit codes in [-7, 7], two per byte. ~7.5x fewer bytes.
-- ``topk``: keep the ``fraction`` largest-magnitude entries of each tensor (fp16 values,
+- ``topk``: keep the ``fraction`` largest-magnitude entries of each tensor (bf16 values,
   int32 flat indices). 1 / (fraction * 1.5) fewer bytes.
+
+Scales and top-k values travel as bfloat16 (2 bytes, float32's exponent range), carried as
+their int16 bit patterns because the wire (numpy arrays in Flower records) has no bfloat16.
+fp16, used before, has a range of 6e-8..65504: a block whose largest entry was below ~3.8e-6
+(int8) got a zero scale and decoded to zeros (entries of std 1e-6 lost 95% of the update),
+and one above ~8.3e6 got an infinite scale, decoded to NaN and, with error feedback, poisoned
+the client's residual for good. A scale is rounded *up* to bfloat16, so ``|x| / s`` never
+exceeds the code range; the price is a step up to 2^-7 (0.8%) coarser than ``max|x| / levels``,
+so a block's largest entry may decode up to 0.8% larger than it was.
 
 With error feedback (Seide et al. 2014; Karimireddy et al., "Error Feedback Fixes SignSGD",
 ICML 2019) a client adds what earlier rounds' compression dropped (its residual) to the new
@@ -35,17 +44,34 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)  # (n_blocks, block)
 
 
+def bf16_up(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative finite float32 ``x`` rounded up to the nearest bfloat16 (returned as
+    float32, exactly representable in bfloat16): clear the low 16 bits after adding 0xFFFF."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
+
+
+def to_wire(x: torch.Tensor) -> torch.Tensor:
+    """float32 values that are exact in bfloat16 (or any, rounded to nearest) -> their bfloat16
+    bit patterns as int16, 2 bytes each."""
+    return x.to(torch.bfloat16).view(torch.int16)
+
+
+def from_wire(bits: torch.Tensor) -> torch.Tensor:
+    """int16 bfloat16 bit patterns (:func:`to_wire`) -> float32."""
+    return bits.view(torch.bfloat16).float()
+
+
 def _quantize(x: torch.Tensor, block: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(x.float(), block)  # (n, block)
-    scale = blocks.abs().amax(dim=1, keepdim=True) / levels  # (n, 1)
-    scale16 = scale.half().float()  # the scale travels as fp16: quantise against what the server will see
-    safe = torch.where(scale16 > 0, scale16, torch.ones_like(scale16))
+    scale = bf16_up(blocks.abs().amax(dim=1, keepdim=True) / levels)  # (n, 1), exactly what the server will see
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.clamp(torch.round(blocks / safe), -levels, levels).to(torch.int8)  # (n, block)
-    return codes, scale16.half().squeeze(1)
+    return codes, to_wire(scale.squeeze(1))
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    values = codes.float() * scale.float().unsqueeze(1)  # (n, block)
+    values = codes.float() * from_wire(scale).unsqueeze(1)  # (n, block)
     return values.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
@@ -78,7 +104,7 @@ def compress(delta: Adapter, method: str, *, block: int = 64, fraction: float = 
             idx = torch.topk(flat.abs(), k_keep, sorted=False).indices
             idx = torch.sort(idx).values  # deterministic order on the wire
             out[f"{k}{SEP}i"] = idx.to(torch.int32)
-            out[f"{k}{SEP}v"] = flat[idx].half()
+            out[f"{k}{SEP}v"] = to_wire(flat[idx])
         else:
             raise ValueError(f"unknown compression method {method!r}")  # config validation prevents this
     return out
@@ -98,7 +124,7 @@ def decompress(payload: dict[str, torch.Tensor], like: Adapter, method: str, *, 
             out[k] = _dequantize(codes.reshape(-1, block), payload[f"{k}{SEP}s"], ref.shape)
         else:
             flat = torch.zeros(n, dtype=torch.float32)
-            flat[payload[f"{k}{SEP}i"].long()] = payload[f"{k}{SEP}v"].float()
+            flat[payload[f"{k}{SEP}i"].long()] = from_wire(payload[f"{k}{SEP}v"])
             out[k] = flat.reshape(ref.shape)
     return out
 

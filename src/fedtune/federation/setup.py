@@ -18,7 +18,7 @@ import torch
 
 from fedtune.client.dpo import PreferenceTrainer
 from fedtune.client.sft import LocalTrainer
-from fedtune.config import ATTACK_SCALES, DEMO_DATA, NORM_BOUND_FACTOR, STRATEGY_PARAMS, RunConfig, per_round
+from fedtune.config import ATTACK_SCALES, DEMO_DATA, NORM_BOUND_FACTOR, STRATEGY_PARAMS, RunConfig, per_round, small_round_warnings
 from fedtune.data import partition as part
 from fedtune.data.demo import demo_examples
 from fedtune.data.demo_preferences import demo_preferences
@@ -296,8 +296,14 @@ def client_shards(cfg: RunConfig, tokenizer, examples: list[Record], encoded: li
 
 
 def build_strategy(cfg: RunConfig) -> strategies.Strategy:
+    """The server strategy and its aggregator; logs the config's small-round warnings
+    (config.small_round_warnings) once per run, for either engine."""
+    for warning in small_round_warnings(cfg):
+        log.warning("%s", warning)
     s = cfg.strategy
-    aggregator = build_aggregator(s.aggregator, trim_beta=s.trim_beta, krum_f=s.krum_f, multikrum_m=s.multikrum_m)
+    aggregator = build_aggregator(
+        s.aggregator, trim_beta=s.trim_beta, krum_f=s.krum_f, multikrum_m=s.multikrum_m, hetlora=cfg.lora.hetlora_aggregation
+    )
     hyper = {k: getattr(s, k) for k in STRATEGY_PARAMS[s.name] if getattr(s, k) is not None}
     return strategies.build_strategy(s.name, aggregator=aggregator, num_clients=cfg.partition.num_clients, **hyper)
 

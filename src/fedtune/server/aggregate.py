@@ -17,6 +17,10 @@ Aggregators (``strategy.aggregator``), for deltas d_1..d_n with example counts n
                   unless set; El Mhamdi et al., "The Hidden Vulnerability of Distributed
                   Learning in Byzantium", ICML 2018)
 
+Aggregators are called as ``aggregator(updates, global_adapter)``; only ``mean`` reads the
+global adapter (HetLoRA's sparsity-weighted aggregation of heterogeneous ranks needs each
+client's local LoRA matrices, not only its delta).
+
 Weighting: only ``mean`` uses num_examples. The robust rules are unweighted on purpose: a
 client's claimed example count is as much under an attacker's control as its delta, so
 weighting by it would let one client outvote the rest.
@@ -34,7 +38,7 @@ import torch
 
 from fedtune.config import AGGREGATOR_PARAMS, AGGREGATORS
 from fedtune.errors import AggregationError, ConfigError
-from fedtune.server.hetlora import aggregate_ranks
+from fedtune.server.hetlora import HETLORA_AGGREGATIONS, aggregate_ranks, sparsity_weighted
 from fedtune.types import Adapter, ClientUpdate
 
 
@@ -102,17 +106,29 @@ def _sorted_stack(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
 
 class Mean:
     """sum_i w_i d_i with w_i = n_i / sum_j n_j (FedAvg's average, weighted by examples).
-    Deltas of clients that trained a lower LoRA rank (HetLoRA) are averaged rank slice by
-    rank slice over the clients that trained each slice (server/hetlora.py)."""
+    When clients trained different LoRA ranks (HetLoRA, ``lora.client_ranks``), ``hetlora``
+    picks the rule (server/hetlora.py): ``sparsity_weighted`` (Cho et al. 2024: weights
+    proportional to ||B_k A_k||_F, needs the global adapter) or ``slice_mean`` (each rank
+    slice averaged over the clients that trained it, by examples)."""
 
     name = "mean"
 
-    def __call__(self, updates: Sequence[ClientUpdate]) -> Adapter:
+    def __init__(self, hetlora: str = "sparsity_weighted"):
+        if hetlora not in HETLORA_AGGREGATIONS:
+            raise ConfigError(f"lora.hetlora_aggregation: '{hetlora}' is not one of {', '.join(HETLORA_AGGREGATIONS)}")
+        self.hetlora = hetlora
+
+    def __call__(self, updates: Sequence[ClientUpdate], global_adapter: Optional[Adapter] = None) -> Adapter:
         weights = example_weights(updates)
         if all(u.rank is None for u in updates):
             return weighted_delta(updates, weights)
         ranks = [u.rank if u.rank is not None else math.inf for u in updates]
-        return aggregate_ranks([u.delta for u in updates], ranks, weights)
+        deltas = [u.delta for u in updates]
+        if self.hetlora == "slice_mean":
+            return aggregate_ranks(deltas, ranks, weights)
+        if global_adapter is None:
+            raise AggregationError("mean: sparsity-weighted HetLoRA aggregation needs the global adapter; pass global_adapter")
+        return sparsity_weighted(global_adapter, deltas, ranks)
 
 
 class Median:
@@ -121,7 +137,7 @@ class Median:
 
     name = "median"
 
-    def __call__(self, updates: Sequence[ClientUpdate]) -> Adapter:
+    def __call__(self, updates: Sequence[ClientUpdate], global_adapter: Optional[Adapter] = None) -> Adapter:
         n, out = len(updates), {}
         for k in updates[0].delta:
             x = _sorted_stack(updates, k)  # (n, *shape)
@@ -141,7 +157,7 @@ class TrimmedMean:
             raise ConfigError(f"strategy.trim_beta: must be in [0, 0.5) so that values remain, got {beta}")
         self.beta = beta
 
-    def __call__(self, updates: Sequence[ClientUpdate]) -> Adapter:
+    def __call__(self, updates: Sequence[ClientUpdate], global_adapter: Optional[Adapter] = None) -> Adapter:
         n = len(updates)
         t = math.floor(self.beta * n + 1e-9)  # 1e-9: 0.3 * 10 is 3, not 2.999...
         return {k: _sorted_stack(updates, k)[t : n - t].mean(dim=0) for k in updates[0].delta}
@@ -182,7 +198,7 @@ class Krum:
         d2.fill_diagonal_(math.inf)
         return d2.sort(dim=1).values[:, : n - self.f - 2].sum(dim=1)
 
-    def __call__(self, updates: Sequence[ClientUpdate]) -> Adapter:
+    def __call__(self, updates: Sequence[ClientUpdate], global_adapter: Optional[Adapter] = None) -> Adapter:
         n = len(updates)
         m = n - self.f if self.m is None else self.m
         if m > n - self.f:
@@ -196,7 +212,12 @@ class Krum:
 
 
 def build_aggregator(
-    name: str = "mean", *, trim_beta: Optional[float] = None, krum_f: Optional[int] = None, multikrum_m: Optional[int] = None
+    name: str = "mean",
+    *,
+    trim_beta: Optional[float] = None,
+    krum_f: Optional[int] = None,
+    multikrum_m: Optional[int] = None,
+    hetlora: str = "sparsity_weighted",
 ):
     """The aggregator registered under ``strategy.aggregator`` with its parameters (each
     parameter is for the aggregators named in ``config.AGGREGATOR_PARAMS``; giving one to
@@ -206,7 +227,7 @@ def build_aggregator(
     if unused:
         raise ConfigError([f"strategy.{k}: strategy.aggregator={name} does not use it; remove it" for k in unused])
     if name == "mean":
-        return Mean()
+        return Mean(hetlora)
     if name == "median":
         return Median()
     if name == "trimmed_mean":

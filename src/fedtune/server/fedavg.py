@@ -31,5 +31,5 @@ class FedAvg:
         return {}
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate], state: State) -> tuple[Adapter, State]:
-        step = self.aggregator(check_updates(global_adapter, updates))
+        step = self.aggregator(check_updates(global_adapter, updates), global_adapter)
         return {k: global_adapter[k] + step[k] for k in global_adapter}, state

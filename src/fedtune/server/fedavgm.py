@@ -42,7 +42,7 @@ class FedAvgM:
         return {}
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate], state: State) -> tuple[Adapter, State]:
-        step = self.aggregator(check_updates(global_adapter, updates))
+        step = self.aggregator(check_updates(global_adapter, updates), global_adapter)
         v = unpack("momentum", state, global_adapter)
         v = {k: self.momentum * v[k] + step[k] for k in global_adapter}
         return {k: global_adapter[k] + self.server_lr * v[k] for k in global_adapter}, pack("momentum", v)

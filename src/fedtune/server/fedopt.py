@@ -82,7 +82,7 @@ class FedOpt:
         return {}
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate], state: State) -> tuple[Adapter, State]:
-        step = self.aggregator(check_updates(global_adapter, updates))
+        step = self.aggregator(check_updates(global_adapter, updates), global_adapter)
         m, v = unpack("m", state, global_adapter), unpack("v", state, global_adapter)
         new_x, new_m, new_v = {}, {}, {}
         for k, x in global_adapter.items():

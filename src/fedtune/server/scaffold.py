@@ -52,7 +52,7 @@ class Scaffold:
             if u.control_delta is None:
                 raise AggregationError(f"client {u.client_id}: sent no control variate change; SCAFFOLD clients must")
             check_tensors(global_adapter, u.control_delta, f"client {u.client_id}", "control variate")
-        step = self.aggregator(updates)
+        step = self.aggregator(updates, global_adapter)
         c = unpack("control", state, global_adapter)
         new_c = {k: c[k] + sum(u.control_delta[k] for u in updates) / self.num_clients for k in global_adapter}
         return {k: global_adapter[k] + self.server_lr * step[k] for k in global_adapter}, pack("control", new_c)

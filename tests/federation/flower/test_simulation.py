@@ -2,7 +2,6 @@
 in-process engine on the same config and seed."""
 
 import pytest
-import torch
 
 from fedtune.config import load_config
 from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
@@ -11,6 +10,7 @@ from fedtune.federation.flower.simulation import backend_config
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
+from tests.tolerance import adapters_close
 
 
 def records(run_dir, kind):
@@ -27,7 +27,7 @@ def test_simulation_ends_with_the_in_process_adapter_and_metrics(tiny_overrides,
     assert flower.finished and flower.rounds_done == 2 and load_checkpoint(latest_checkpoint(flower.run_dir)).round == 2
     a, _ = load_adapter(straight.run_dir / "adapter")
     b, _ = load_adapter(flower.run_dir / "adapter")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and adapters_close(a, b)
     for kind, fields in (("round", ("round", "clients")), ("fit", ("round", "client", "examples", "steps", "tokens"))):
         assert [[r[f] for f in fields] for r in records(straight.run_dir, kind)] == [[r[f] for f in fields] for r in records(flower.run_dir, kind)]
     losses = lambda d, kind: [r["loss"] for r in records(d, kind)]  # noqa: E731

@@ -1,0 +1,21 @@
+import logging
+
+from fedtune.config import load_config
+from fedtune.federation.setup import build_strategy
+
+
+def test_build_strategy_passes_the_configured_hetlora_rule():
+    base = ["lora.r=4", "lora.client_ranks=[1, 4]"]
+    assert build_strategy(load_config(None, base)).aggregator.hetlora == "sparsity_weighted"
+    assert build_strategy(load_config(None, base + ["lora.hetlora_aggregation=slice_mean"])).aggregator.hetlora == "slice_mean"
+
+
+def test_build_strategy_warns_when_rounds_are_too_small_to_protect(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        build_strategy(load_config(None, ["federation.clients_per_round=2", "strategy.aggregator=median"]))
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
+    assert "norm check" in caplog.messages[0] and "median is their mean" in caplog.messages[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        build_strategy(load_config(None, ["federation.clients_per_round=3", "strategy.aggregator=median"]))
+    assert caplog.messages == []
