@@ -25,6 +25,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(BIN)/python scripts/numerics_other_isa.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

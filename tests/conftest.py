@@ -96,3 +96,14 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
     ]
     run(load_config(None, overrides))
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``numerics`` every test that compares float results with tests/tolerance.py: `make
+    test` reruns them under other CPU kernels (scripts/numerics_other_isa.py), so a tolerance
+    that holds only for this CPU's summation order fails here, not on a user's machine."""
+    for item in items:
+        fn = getattr(item, "function", None)
+        names = set(fn.__code__.co_names) if fn is not None else set()
+        if any(getattr(getattr(item.module, n, None), "__module__", None) == "tests.tolerance" for n in names):
+            item.add_marker(pytest.mark.numerics)
