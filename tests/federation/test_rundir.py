@@ -187,3 +187,9 @@ def test_evaluation_settings_may_change_on_resume(tiny_overrides):
     assert resumed.finished and len(resumed.samples_before) == len(resumed.samples_after) == 2
     assert [b["prompt"] for b in resumed.samples_before] == [a["prompt"] for a in resumed.samples_after]
     assert json.loads((resumed.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["type"] == "samples"
+
+
+def test_an_output_dir_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="file: cannot create or lock it .*choose another output.dir"):
+        lock_run_dir(tmp_path / "file").acquire()

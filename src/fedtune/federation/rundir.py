@@ -95,11 +95,15 @@ class RunLock:
     def acquire(self) -> "RunLock":
         for _ in range(10):  # retried only when a releasing holder removed the file under us
             self.created = self.created or not self.run_dir.exists()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
                 continue
+            except OSError as err:
+                if err.errno in STORAGE_ERRNOS:
+                    raise
+                raise CheckpointError(f"{self.run_dir}: cannot create or lock it ({err.strerror}); choose another output.dir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
