@@ -70,6 +70,51 @@ def test_run_generate_chat_and_resume_codes(tiny_overrides, tmp_path):
     resumed = fedtune("run", "--resume", run_dir, "federation.rounds=2")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    assert "report:" not in proc.stdout + resumed.stdout  # output.report=false: no report, none named
+    assert_one_line_error(fedtune("run", *tiny_overrides, "--from-round", "1"), 2, "--from-round N needs --resume")
+
+
+# A fault injected into the real CLI process: FEDTUNE_TEST_PATCH is exec'd before the command runs.
+PATCHED = "import os, sys; exec(os.environ['FEDTUNE_TEST_PATCH']); from fedtune.cli import main; sys.argv[0] = 'fedtune'; main()"
+CTRL_C_IN_ROUND_1 = """
+import signal
+from fedtune.reporting.progress import RichProgress
+_started = RichProgress.round_started
+def _press(self, round, clients):
+    _started(self, round, clients)
+    if round == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+RichProgress.round_started = _press
+"""
+DISK_FULL_AT_ROUND_2 = """
+import errno
+import fedtune.federation.checkpoint as ck
+_fsync = ck._fsync
+def _full(path):
+    if "round_00002" in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    _fsync(path)
+ck._fsync = _full
+"""
+
+
+def patched_fedtune(patch, *args):
+    env = {**os.environ, "COLUMNS": "200", "FEDTUNE_TEST_PATCH": patch}
+    return subprocess.run([sys.executable, "-c", PATCHED, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_ctrl_c_exits_130_and_disk_full_is_one_error(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = patched_fedtune(CTRL_C_IN_ROUND_1, "run", *tiny_overrides)
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"stopped after round 1; resume with: fedtune run --resume {run_dir}" in stopped.stderr
+    assert "held-out" not in stopped.stdout and "adapter" not in stopped.stdout and not (run_dir / "adapter").exists()
+
+    full = patched_fedtune(DISK_FULL_AT_ROUND_2, "run", "--resume", run_dir)
+    assert_one_line_error(full, 4, "round_00002", "No space left on device", f"fedtune run --resume {run_dir}")
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "round_00001"  # the last checkpoint is intact
+    done = fedtune("run", "--resume", run_dir)
+    assert done.returncode == 0 and "adapter (PEFT format)" in done.stdout, done.stderr
 
 
 def test_model_errors_exit_6(tiny_overrides, tmp_path):

@@ -93,13 +93,19 @@ def _config(path: Optional[str], overrides: list[str]):
 def run(
     args: List[str] = typer.Argument(None, help="CONFIG.yaml then key=value overrides (e.g. federation.rounds=5)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run directory from its last checkpoint"),
+    from_round: Optional[int] = typer.Option(
+        None, "--from-round", help="with --resume: continue from this kept round's checkpoint (later rounds are discarded)"
+    ),
 ) -> None:
-    """Run a federation (or resume one). Ctrl-C stops after the current round."""
+    """Run a federation (or resume one). Ctrl-C stops after the current round (exit 130)."""
     from fedtune.config import read_yaml
+    from fedtune.errors import ConfigError
     from fedtune.federation.engine import run as run_federation
-    from fedtune.federation.inprocess import CONFIG_FILE
+    from fedtune.federation.rundir import CONFIG_FILE
     from fedtune.reporting.progress import RichProgress
 
+    if from_round is not None and resume is None:
+        raise ConfigError("--from-round N needs --resume RUN_DIR (the run to rewind)")
     path, overrides = _split_args(args or [])
     if resume is not None:
         if path is None:  # the run's own config, with the overrides on top
@@ -119,9 +125,13 @@ def run(
 
         results = run_local_each(cfg, progress=RichProgress(err), stop=stop)  # one run directory per client
     else:
-        results = [run_federation(cfg, resume=resume is not None, progress=RichProgress(err), stop=stop)]
+        results = [run_federation(cfg, resume=resume is not None, from_round=from_round, progress=RichProgress(err), stop=stop)]
     for result in results:
         _show_result(result)
+    if results and not results[-1].finished:  # Ctrl-C after a round: not a finished run
+        stopped = results[-1]
+        err.print(f"stopped after round {stopped.rounds_done}; resume with: fedtune run --resume {stopped.run_dir}", highlight=False)
+        raise typer.Exit(130)
 
 
 def _on_interrupt(stop: threading.Event, *_: object) -> None:
@@ -132,8 +142,11 @@ def _on_interrupt(stop: threading.Event, *_: object) -> None:
 
 
 def _show_result(result) -> None:
+    """A finished run's before/after table, samples and adapter; the report of any run."""
+    from fedtune.federation.rundir import finished_adapter
+
     before, after = result.initial_eval, result.final_eval
-    if before and after:
+    if result.finished and before and after:
         dpo = "reward_accuracy" in before
         what = "DPO loss, reward accuracy, margin" if dpo else "loss (perplexity)"
         table = Table(title=f"held-out {what} in {result.run_dir}")
@@ -145,14 +158,15 @@ def _show_result(result) -> None:
         for name, b, a in rows:
             table.add_row(name, _eval_cell(b, dpo), _eval_cell(a, dpo))
         out.print(table)
-    for b, a in zip(result.samples_before, result.samples_after):
+    for b, a in zip(result.samples_before, result.samples_after if result.finished else []):
         prompt = b["prompt"] + (f"\n{b['input']}" if b.get("input") else "")
         out.print(f"[bold]prompt:[/] {prompt}", highlight=False)
         out.print(f"  [dim]before:[/] {b['answer']}", highlight=False)
         out.print(f"  [green]after:[/]  {a['answer']}", highlight=False)
-    if result.finished:
-        out.print(f"adapter (PEFT format): {result.run_dir / 'adapter'}")
-    out.print(f"report: {result.run_dir / 'report.html'}")
+    if result.finished and finished_adapter(result.run_dir) is not None:
+        out.print(f"adapter (PEFT format): {finished_adapter(result.run_dir)}")
+    if result.report is not None:
+        out.print(f"report: {result.report}")
 
 
 def _eval_cell(r: dict, dpo: bool) -> str:
@@ -270,8 +284,10 @@ def compare(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=val
     if result.comparison is None:
         err.print(f"stopped; run `fedtune compare` again with the same config to continue ({result.folder})")
         raise typer.Exit(130)
+    from fedtune.federation.rundir import COMPARISON_FILE, REPORT_FILE
+
     _show_comparison(result.comparison)
-    out.print(f"comparison: {result.folder / 'comparison.json'}\nreport: {result.folder / 'report.html'}")
+    out.print(f"comparison: {result.folder / COMPARISON_FILE}\nreport: {result.folder / REPORT_FILE}")
 
 
 def _show_comparison(comp: dict) -> None:
@@ -324,7 +340,9 @@ def eval_(
         g = gen["per_category"].get(c)
         table.add_row(c, f"{v['loss']:.4f}", f"{v['ppl']:.2f}", *([f"{g['rouge_l']:.3f}", f"{g['exact_match']:.3f}"] if g else ["-", "-"]))
     out.print(table)
-    out.print(f"saved: {run_dir / 'evaluations' / (record['name'] + '.json')}")
+    from fedtune.federation.rundir import EVALUATIONS
+
+    out.print(f"saved: {run_dir / EVALUATIONS / (record['name'] + '.json')}")
 
 
 @app.command()

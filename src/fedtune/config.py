@@ -353,10 +353,8 @@ class RunConfig:
 
 
 # Keys that may change when resuming a run: they do not affect the math of finished rounds.
-RESUMABLE_CHANGES = (
-    "federation.rounds", "output.", "eval.every", "eval.batch_size", "eval.max_new_tokens",
-    "eval.generation_examples", "eval.judge.", "compare.", "federation.engine", "flower.",
-    "privacy.target_epsilon",
+RESUMABLE_CHANGES = (  # evaluation never feeds back into training, so every eval.* setting may change
+    "federation.rounds", "output.", "eval.", "compare.", "federation.engine", "flower.", "privacy.target_epsilon",
 )
 
 

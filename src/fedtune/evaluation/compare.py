@@ -25,14 +25,17 @@ from typing import Optional
 
 from fedtune.config import RunConfig, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.evaluation.evaluate import FINAL_ADAPTER, build_eval_set, evaluate_model, judge_answers, require_sft
+from fedtune.evaluation.evaluate import build_eval_set, evaluate_model, judge_answers, require_sft
 from fedtune.evaluation.grading import Question
 from fedtune.federation import baselines, setup
-from fedtune.federation.inprocess import CONFIG_FILE, RunResult, run
+from fedtune.federation.inprocess import run
+from fedtune.federation.rundir import (
+    COMPARISON_FILE, CONFIG_FILE, FINAL_ADAPTER, METRICS_FILE, PARTITION_FILE, RunResult, finished_adapter, lock_run_dir,
+)
 from fedtune.model.lora import load_adapter
-from fedtune.reporting.metrics import METRICS_FILE, read_metrics
+from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
-from fedtune.reporting.report import COMPARISON_FILE, typical_local, write_report
+from fedtune.reporting.report import typical_local, write_report
 
 BASE = "base"
 
@@ -63,7 +66,7 @@ def run_or_reuse(cfg: RunConfig, *, reuse: bool, progress: Progress, stop: threa
         saved = load_config(run_dir / CONFIG_FILE)
         diffs = resume_differences(saved, cfg)
         same_rounds = saved.federation.rounds == cfg.federation.rounds
-        if not diffs and same_rounds and (run_dir / FINAL_ADAPTER).is_dir():
+        if not diffs and same_rounds and finished_adapter(run_dir) is not None:
             return "reused"
         if not diffs and saved.federation.rounds <= cfg.federation.rounds:
             return "resumed" if run(cfg, resume=True, progress=progress, stop=stop).finished else "stopped"
@@ -81,18 +84,23 @@ def run_local_each(cfg: RunConfig, *, progress: Optional[Progress] = None, stop:
     ``<output.dir>/local-<id>``, one after another (stops early when interrupted)."""
     progress, stop = progress or Progress(), stop or threading.Event()
     results = []
-    for sub in baselines.local_configs(cfg, cfg.output.dir):
-        progress.message(f"local-only client {sub.local.clients[0]} -> {sub.output.dir}")
-        results.append(run(sub, progress=progress, stop=stop))
-        if not results[-1].finished:
-            break
+    with lock_run_dir(Path(cfg.output.dir)):  # the folder of the per-client runs; each run locks its own as well
+        for sub in baselines.local_configs(cfg, cfg.output.dir):
+            progress.message(f"local-only client {sub.local.clients[0]} -> {sub.output.dir}")
+            results.append(run(sub, progress=progress, stop=stop))
+            if not results[-1].finished:
+                break
     return results
 
 
 def compare(cfg: RunConfig, *, progress: Optional[Progress] = None, stop: Optional[threading.Event] = None) -> CompareResult:
     """Train (or reuse) every compared run, evaluate all models alike, write
     ``comparison.json`` and ``report.html`` in ``output.dir``."""
-    progress, stop = progress or Progress(), stop or threading.Event()
+    with lock_run_dir(Path(cfg.output.dir)):  # one compare per folder; each run locks its own as well
+        return _compare(cfg, progress or Progress(), stop or threading.Event())
+
+
+def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> CompareResult:
     require_sft(cfg)
     root = Path(cfg.output.dir)
     runs = plan_runs(cfg)
@@ -111,7 +119,7 @@ def compare(cfg: RunConfig, *, progress: Optional[Progress] = None, stop: Option
     categories = [e.category for e in examples]
     shared = partition.to_json(categories)
     check_partitions(root, [n for n, _ in runs], shared)
-    (root / setup.PARTITION_FILE).write_text(json.dumps(shared))
+    (root / PARTITION_FILE).write_text(json.dumps(shared))
 
     bundle = setup.build_model(cfg)
     evalset = build_eval_set(cfg, bundle, [examples[i] for i in partition.holdout])
@@ -132,7 +140,7 @@ def check_partitions(root: Path, names: list[str], shared: dict) -> None:
     """Every compared run split the data exactly as ``shared`` (same rows, same held-out set)."""
     keys = ("data_fingerprint", "holdout", "clients")
     for name in names:
-        path = root / name / setup.PARTITION_FILE
+        path = root / name / PARTITION_FILE
         saved = json.loads(path.read_text()) if path.is_file() else {}
         differs = [k for k in keys if saved.get(k) != shared[k]]
         if differs:

@@ -24,11 +24,9 @@ from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
 from fedtune.model.generate import generate
 from fedtune.model.lora import load_adapter, set_adapter
-from fedtune.reporting.report import EVALUATIONS, write_report
+from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
+from fedtune.reporting.report import write_report
 from fedtune.types import Adapter
-
-FINAL_ADAPTER = "adapter"
-
 
 @dataclass
 class EvalSet:
@@ -93,7 +91,7 @@ def require_sft(cfg: RunConfig) -> None:
 def run_heldout(cfg: RunConfig, run_dir: Path) -> list[Example]:
     """The held-out rows of a run, as its ``partition.json`` recorded them."""
     examples, _ = setup.load_data(cfg)
-    path = run_dir / setup.PARTITION_FILE
+    path = run_dir / PARTITION_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; pass the held-out data with --data FILE")
     saved = json.loads(path.read_text())
@@ -109,9 +107,9 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
     config). Writes ``run_dir/evaluations/<name>.json``, refreshes the run's report and
     returns the record."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no config.yaml); check the path")
-    cfg = from_dict(parse_overrides(read_yaml(run_dir / "config.yaml"), list(overrides)))
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG_FILE}); check the path")
+    cfg = from_dict(parse_overrides(read_yaml(run_dir / CONFIG_FILE), list(overrides)))
     require_sft(cfg)
     if data is None:
         examples, source = run_heldout(cfg, run_dir), "the run's held-out set"

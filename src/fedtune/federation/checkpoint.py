@@ -76,7 +76,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, peft_config, seed: int, kee
     """Write ``ckpt`` atomically and keep only the ``keep`` newest checkpoints."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{PREFIX}{ckpt.round:05d}"
+    name = checkpoint_dir(run_dir, ckpt.round).name
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(tmp, ckpt.adapter, peft_config)
@@ -106,14 +106,30 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, peft_config, seed: int, kee
     return final
 
 
+def checkpoint_dir(run_dir: Path, round: int) -> Path:
+    """The folder of round ``round``'s checkpoint."""
+    return run_dir / CHECKPOINTS / f"{PREFIX}{round:05d}"
+
+
+def kept_rounds(run_dir: Path) -> list[int]:
+    """Rounds whose checkpoint folder is on disk (complete or not), ascending."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[len(PREFIX):]) for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit())
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint (the one LATEST names)."""
     root = run_dir / CHECKPOINTS
     pointer = root / LATEST
     if not pointer.is_file():
+        if kept_rounds(run_dir):
+            raise CheckpointError(f"{pointer} is missing (the run directory was edited by hand)")
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from; start it again with output.overwrite=true")
     path = root / pointer.read_text().strip()
     if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which is missing; the run directory was edited by hand")
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing (the run directory was edited by hand)")
     return path
 
 
@@ -123,13 +139,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / STATE_FILE).read_text())
         files = state[FILES_KEY]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{path}: {STATE_FILE} is missing or corrupt; resume from an older checkpoint folder") from None
+        raise CheckpointError(f"{path}: {STATE_FILE} is missing or corrupt") from None
     for name, digest in files.items():
         f = path / name
         if not f.is_file() or _sha256(f) != digest:
             raise CheckpointError(
-                f"{path}: {name} is missing or does not match its recorded hash (corrupt or truncated); "
-                "restore it or resume from an older checkpoint"
+                f"{path}: {name} is missing or does not match its recorded hash (corrupt or truncated); restore it"
             )
     adapter, _ = load_adapter(path)
     try:

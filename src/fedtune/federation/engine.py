@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedtune.config import RunConfig
-from fedtune.federation.inprocess import RunResult
+from fedtune.federation.rundir import RunResult
 
 
 def run(cfg: RunConfig, **kwargs) -> RunResult:

@@ -25,28 +25,31 @@ adapter saved, before the round that would exceed it.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import dataclasses
-import shutil
+import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from fedtune.client.schedule import round_lr
-from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
+from fedtune.config import RunConfig, config_hash
 from fedtune.data.sources import LoadReport
-from fedtune.errors import AggregationError, CheckpointError, ConfigError
+from fedtune.errors import AggregationError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import baselines, setup
 from fedtune.federation.clients import LocalClients
-from fedtune.federation.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from fedtune.federation.checkpoint import Checkpoint, save_checkpoint
+from fedtune.federation.rundir import (
+    METRICS_FILE, RunLock, RunResult, check_run_dir, lock_run_dir, save_final_adapter, storage_errors, write_run_dir,
+)
 from fedtune.model.generate import generate
-from fedtune.model.lora import save_adapter, set_adapter
+from fedtune.model.lora import set_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
-from fedtune.reporting.metrics import METRICS_FILE, MetricsLog, read_metrics
+from fedtune.reporting.metrics import MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.reporting.report import write_report
 from fedtune.seeding import generator
@@ -54,26 +57,7 @@ from fedtune.server.sampling import clients_per_round, sample_clients
 from fedtune.server.validate import validate_updates
 from fedtune.types import Adapter
 
-CONFIG_FILE = "config.yaml"
-FINAL_ADAPTER = "adapter"
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    rounds_done: int
-    total_rounds: int
-    last_round: Optional[int] = None  # the privacy budget's last round, when it ends the run early
-    initial_eval: Optional[dict] = None
-    final_eval: Optional[dict] = None
-    samples_before: list[dict] = field(default_factory=list)
-    samples_after: list[dict] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.rounds_done >= (self.total_rounds if self.last_round is None else min(self.total_rounds, self.last_round))
 
 
 @dataclass
@@ -154,8 +138,7 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
                          "rejected": [r.client_id for r in rejected], "skipped": skipped, "lr": lr, "seconds": seconds, **privacy})
         fed.checkpoint(rnd, global_adapter, state)
         fed.progress.round_finished(rnd, seconds)
-        if fed.stop.is_set() and rnd < last:
-            fed.progress.message(f"stopped after round {rnd}; resume with: fedtune run --resume {fed.run_dir}")
+        if fed.stop.is_set() and rnd < last:  # Ctrl-C: the caller says "stopped after round rnd"
             return global_adapter, rnd, last_eval
     if last < total:
         fed.progress.message(
@@ -183,31 +166,43 @@ def run(
     cfg: RunConfig,
     *,
     resume: bool = False,
+    from_round: Optional[int] = None,
     progress: Optional[Progress] = None,
     stop: Optional[threading.Event] = None,
     data: Optional[Callable[[RunConfig], tuple[list, LoadReport, setup.Partition]]] = None,
     connect: Optional[Callable[..., LocalClients]] = None,
+    lock: Optional[RunLock] = None,
 ) -> RunResult:
-    """Run (or, with ``resume``, continue) the federation that ``cfg`` describes.
+    """Run (or, with ``resume``, continue) the federation that ``cfg`` describes; ``from_round``
+    resumes from that kept checkpoint instead of the newest (later rounds are discarded).
 
-    Another engine reuses this setup and loop through two hooks: ``data(cfg)`` gives the
-    server's (examples, load report, partition) (default: read ``data.path`` and split it),
-    and ``connect(cfg, bundle, shards, progress, metrics)`` gives the object whose
-    ``fit(...)`` reaches the clients (default: :class:`LocalClients`, every fit in this process).
+    The run directory is locked (rundir.py) from the first check to the return; a caller that
+    already holds the lock (the Flower simulation) passes it as ``lock``. Another engine reuses
+    this setup and loop through two hooks: ``data(cfg)`` gives the server's (examples, load
+    report, partition) (default: read ``data.path`` and split it), and ``connect(cfg, bundle,
+    shards, progress, metrics)`` gives the object whose ``fit(...)`` reaches the clients
+    (default: :class:`LocalClients`, every fit in this process).
     """
-    progress = progress or Progress()
     run_dir = Path(cfg.output.dir)
     baselines.check_mode(cfg)
-    ckpt = check_run_dir(cfg, run_dir, resume)  # fail early, before any file is written
+    with storage_errors(run_dir), (contextlib.nullcontext(lock) if lock else lock_run_dir(run_dir)):
+        ckpt = check_run_dir(cfg, run_dir, resume or from_round is not None, from_round)  # before any file is written
+        return _run_locked(cfg, run_dir, ckpt, progress or Progress(), stop or threading.Event(), data, connect)
 
+
+def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progress: Progress, stop: threading.Event,
+                data, connect) -> RunResult:
+    """``run`` once the directory is locked and checked: set up, start or reopen, loop, finish."""
     examples, report, partition = (data or setup.load_and_split)(cfg)
     categories = [e.category for e in examples]
     progress.message(f"data: {len(examples)} rows from {report.source}; {len(partition.shards)} clients, "
                      f"{len(partition.holdout)} held out ({partition.method} split)")
     bundle = setup.build_model(cfg)
     encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
-    write_run_dir(cfg, run_dir, resume)
-    setup.write_partition(run_dir, partition, categories, check=resume)
+    if ckpt is not None:  # the data must split as before; checked before anything is rewound
+        setup.check_partition(run_dir, partition, categories)
+    write_run_dir(cfg, run_dir, ckpt)
+    setup.write_partition(run_dir, partition, categories, check=ckpt is not None)
     metrics = MetricsLog(run_dir / METRICS_FILE)
     shards = setup.client_shards(cfg, bundle.tokenizer, examples, encoded, partition.shards)
     fed = Federation(
@@ -219,7 +214,7 @@ def run(
         evaluator=setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [categories[i] for i in partition.holdout]),
         metrics=metrics,
         progress=progress,
-        stop=stop or threading.Event(),
+        stop=stop,
         privacy=setup.build_privacy(cfg),
         norm_bound_factor=setup.norm_bound_factor(cfg),
     )
@@ -241,13 +236,18 @@ def run(
         result.samples_before = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
         fed.checkpoint(0, global_adapter, state)
+        last_eval = None
     else:
         fed.metrics.truncate(ckpt.metrics_lines)
         global_adapter, state, start = ckpt.adapter, ckpt.strategy_state, ckpt.round
         fed.clients.rollback(start + 1)  # client state written after the checkpoint never happened
         earlier = list(read_metrics(fed.metrics.path))
         result.initial_eval = next((r for r in earlier if r["type"] == "eval" and r["round"] == 0), None)
-        result.samples_before = next((r["items"] for r in earlier if r["type"] == "samples" and r["round"] == 0), [])
+        last_eval = next((r for r in reversed(earlier) if r["type"] == "eval"), None)
+        recorded = next((r["items"] for r in earlier if r["type"] == "samples" and r["round"] == 0), [])
+        same = [(s["prompt"], s["input"]) for s in recorded] == [(p["prompt"], p["input"]) for p in prompts]
+        # eval.* may change on resume: prompts not answered at round 0 are answered now with the starting adapter
+        result.samples_before = recorded if same else answer(fed, prompts, bundle.initial_adapter)
         progress.message(f"resuming {run_dir} after round {start} of {cfg.federation.rounds}")
 
     last = cfg.federation.rounds if result.last_round is None else result.last_round
@@ -257,13 +257,15 @@ def run(
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
     finally:
         progress.run_finished()
+    if result.final_eval is None and last_eval is not None:  # resumed with no round left: the last one's eval
+        result.final_eval = {k: v for k, v in last_eval.items() if k not in ("type", "round")}
     plot_eval(fed.metrics.path, run_dir / EVAL_PLOT)
     if result.finished:
-        save_adapter(run_dir / FINAL_ADAPTER, global_adapter, bundle.peft_config)
         result.samples_after = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": result.rounds_done, "items": result.samples_after})
+        save_final_adapter(run_dir, global_adapter, bundle.peft_config)  # last: adapter/ means finished
     if cfg.output.report:
-        write_report(run_dir)
+        result.report = write_report(run_dir)
     return result
 
 
@@ -282,36 +284,3 @@ def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]
         template=fed.cfg.data.template, max_new_tokens=fed.cfg.eval.max_new_tokens,
     )
     return [{**p, "answer": a} for p, a in zip(prompts, answers)]
-
-
-def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Optional[Checkpoint]:
-    """Refuse to clobber an existing run, or check that ``run_dir`` can be resumed with
-    ``cfg``. Writes nothing. Returns the checkpoint to resume from (None for a new run)."""
-    config_path = run_dir / CONFIG_FILE
-    if not resume:
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-            raise ConfigError(
-                f"output.dir: {run_dir} already holds files; resume it with `fedtune run --resume {run_dir}`, "
-                "or set output.overwrite=true or another output.dir"
-            )
-        return None
-    if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG_FILE}); check the path")
-    diffs = resume_differences(load_config(config_path), cfg)
-    if diffs:
-        raise CheckpointError(f"cannot resume {run_dir}: config differs in {'; '.join(diffs)}; drop those overrides or start a new run")
-    ckpt = load_checkpoint(latest_checkpoint(run_dir))
-    if ckpt.config_hash != config_hash(cfg):
-        raise CheckpointError(f"{run_dir}: the checkpoint was written under a different config; start a new run")
-    if ckpt.round >= cfg.federation.rounds:
-        raise CheckpointError(f"{run_dir} already finished {ckpt.round} rounds; raise federation.rounds to continue it")
-    return ckpt
-
-
-def write_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Create a fresh run directory (replacing an old one only with output.overwrite) and
-    write the resolved config before round 1; on resume, rewrite it (rounds may have grown)."""
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))

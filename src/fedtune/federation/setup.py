@@ -29,9 +29,10 @@ from fedtune.errors import CheckpointError, ConfigError, ModelError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.preferences import PreferenceEvaluator
 from fedtune.federation.attacks import ClientSide, malicious_clients
-from fedtune.federation.client_state import CLIENT_STATE, ClientStateStore
+from fedtune.federation.client_state import ClientStateStore
 from fedtune.federation.clients import LocalClients
 from fedtune.federation.compression import Compression
+from fedtune.federation.rundir import CLIENT_STATE, CONFIG_FILE, PARTITION_FILE, finished_adapter, write_atomic
 from fedtune.model.attention import use_packed_attention
 from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
@@ -45,7 +46,6 @@ from fedtune.types import Adapter
 
 log = logging.getLogger(__name__)
 
-PARTITION_FILE = "partition.json"
 
 
 # ----------------------------------------------------------------------------- data
@@ -71,18 +71,29 @@ class Partition:
         }
 
 
+def check_partition(run_dir: Path, partition: Partition, categories: list[str]) -> None:
+    """On resume: the data still splits as ``partition.json`` recorded (a missing file is rewritten)."""
+    path = run_dir / PARTITION_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is unreadable ({err}); delete it and resume: it is rewritten from data.path and the config"
+        ) from None
+    record = partition.to_json(categories)
+    if not isinstance(saved, dict) or saved.get("data_fingerprint") != record["data_fingerprint"] or saved.get("clients") != record["clients"]:
+        raise CheckpointError(f"{path}: the data or its split changed since the run started; restore data.path or start a new run")
+
+
 def write_partition(run_dir: Path, partition: Partition, categories: list[str], check: bool = False) -> None:
     """Write ``partition.json``; when resuming (``check``), verify the data still splits the same way."""
-    path = run_dir / PARTITION_FILE
-    record = partition.to_json(categories)
-    if check and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("data_fingerprint") != record["data_fingerprint"] or saved.get("clients") != record["clients"]:
-            raise CheckpointError(
-                f"{path}: the data or its split changed since the run started; restore data.path or start a new run"
-            )
-        return
-    path.write_text(json.dumps(record))
+    if check:
+        check_partition(run_dir, partition, categories)
+        if (run_dir / PARTITION_FILE).is_file():
+            return
+    write_atomic(run_dir / PARTITION_FILE, json.dumps(partition.to_json(categories)))
 
 
 Record = Union[Example, PreferencePair]  # a row of task=sft or task=dpo data
@@ -196,9 +207,9 @@ def build_model(cfg: RunConfig) -> ModelBundle:
 def read_init_adapter(path: str, like: Adapter) -> Adapter:
     """An adapter from a run directory (its final ``adapter/``) or a PEFT folder."""
     folder = Path(path)
-    if (folder / "adapter").is_dir():
-        folder = folder / "adapter"
-    elif (folder / "config.yaml").is_file():
+    if finished_adapter(folder) is not None:
+        folder = finished_adapter(folder)
+    elif (folder / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"model.init_adapter: run {path} has not finished (no adapter/ yet); finish it with `fedtune run --resume {path}`"
         )
@@ -350,13 +361,11 @@ def load_run_model(run_dir: Path):
     from fedtune.federation.checkpoint import latest_checkpoint
     from fedtune.model.lora import set_adapter
 
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no config.yaml); check the path")
+        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG_FILE}); check the path")
     cfg = load_config(config_path)
-    folder = run_dir / "adapter"
-    if not folder.is_dir():
-        folder = latest_checkpoint(run_dir)
+    folder = finished_adapter(run_dir) or latest_checkpoint(run_dir)
     bundle = build_model(cfg)
     adapter, _ = load_adapter(folder)
     set_adapter(bundle.params, adapter)

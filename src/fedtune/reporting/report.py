@@ -13,13 +13,11 @@ from pathlib import Path
 
 from fedtune.config import load_config
 from fedtune.errors import CheckpointError
+from fedtune.federation.rundir import COMPARISON_FILE, CONFIG_FILE, EVALUATIONS, METRICS_FILE, PARTITION_FILE, REPORT_FILE
 from fedtune.reporting import html as h
 from fedtune.reporting import plots
-from fedtune.reporting.metrics import METRICS_FILE, read_metrics
+from fedtune.reporting.metrics import read_metrics
 
-REPORT_FILE = "report.html"
-COMPARISON_FILE = "comparison.json"
-EVALUATIONS = "evaluations"
 REPORTED_SAMPLES = 16  # sample answers shown side by side (comparison.json keeps them all)
 
 
@@ -43,8 +41,8 @@ def run_report(run_dir: Path) -> Path:
     fits = [r for r in records if r["type"] == "fit"]
     rounds = [(r["round"], r["clients"]) for r in records if r["type"] == "round"]
     samples = [r for r in records if r["type"] == "samples"]
-    partition = _read_json(run_dir / "partition.json")
-    cfg = load_config(run_dir / "config.yaml")
+    partition = _read_json(run_dir / PARTITION_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE)
     mode = cfg.federation.mode
     sections = [h.section("summary", h.table(["", "value"], _run_summary(evals, fits, rounds, mode)))]
     if evals:

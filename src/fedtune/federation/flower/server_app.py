@@ -23,6 +23,7 @@ from fedtune.errors import DataError
 from fedtune.federation import inprocess, setup
 from fedtune.federation.flower.runconfig import RESUME_KEY, config_from_run_config
 from fedtune.federation.flower.transport import FlowerClients
+from fedtune.federation.rundir import RunLock, RunResult
 from fedtune.reporting.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ def server_data(cfg: RunConfig) -> tuple[list, object, setup.Partition]:
     return examples, report, partition
 
 
-def serve(grid: Grid, cfg: RunConfig, *, resume: bool, progress: Progress, stop: Optional[threading.Event] = None) -> inprocess.RunResult:
-    """Run the federation ``cfg`` describes with the clients behind ``grid``."""
+def serve(grid: Grid, cfg: RunConfig, *, resume: bool, progress: Progress, stop: Optional[threading.Event] = None,
+          from_round: Optional[int] = None, lock: Optional[RunLock] = None) -> RunResult:
+    """Run the federation ``cfg`` describes with the clients behind ``grid`` (the run directory
+    locked here, or by the caller that passes ``lock``)."""
 
     def connect(cfg: RunConfig, bundle, shards, progress: Progress, metrics) -> FlowerClients:
         return FlowerClients(
@@ -56,7 +59,8 @@ def serve(grid: Grid, cfg: RunConfig, *, resume: bool, progress: Progress, stop:
             compression=setup.compression_of(cfg),
         )
 
-    return inprocess.run(cfg, resume=resume, progress=progress, stop=stop, data=server_data, connect=connect)
+    return inprocess.run(cfg, resume=resume, from_round=from_round, progress=progress, stop=stop, data=server_data,
+                         connect=connect, lock=lock)
 
 
 class LogProgress(Progress):

@@ -15,7 +15,7 @@ from typing import Optional
 
 from fedtune.config import RunConfig
 from fedtune.federation.flower.runconfig import run_config_of
-from fedtune.federation.inprocess import RunResult, check_run_dir
+from fedtune.federation.rundir import RunResult, check_run_dir, lock_run_dir, storage_errors
 from fedtune.reporting.progress import Progress
 
 
@@ -31,6 +31,7 @@ def run(
     cfg: RunConfig,
     *,
     resume: bool = False,
+    from_round: Optional[int] = None,
     progress: Optional[Progress] = None,
     stop: Optional[threading.Event] = None,
 ) -> RunResult:
@@ -42,14 +43,16 @@ def run(
     from fedtune.federation.flower.runconfig import CONFIG_KEY
     from fedtune.federation.flower.server_app import serve
 
-    check_run_dir(cfg, Path(cfg.output.dir), resume)  # fail before Ray starts, not after
+    run_dir = Path(cfg.output.dir)
     result: dict[str, RunResult] = {}
     server = ServerApp()
+    with storage_errors(run_dir), lock_run_dir(run_dir) as lock:  # held here, passed to the ServerApp thread
+        check_run_dir(cfg, run_dir, resume or from_round is not None, from_round)  # fail before Ray starts, not after
 
-    @server.main()
-    def main(grid, context) -> None:
-        result["run"] = serve(grid, cfg, resume=resume, progress=progress or Progress(), stop=stop)
+        @server.main()
+        def main(grid, context) -> None:
+            result["run"] = serve(grid, cfg, resume=resume, from_round=from_round, progress=progress or Progress(), stop=stop, lock=lock)
 
-    client = make_client_app(run_config_of(cfg)[CONFIG_KEY])
-    run_simulation(server, client, num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg))
+        client = make_client_app(run_config_of(cfg)[CONFIG_KEY])
+        run_simulation(server, client, num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg))
     return result["run"]
