@@ -21,13 +21,10 @@ from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import MetricsLog
 from fedtune.reporting.progress import Progress
 from tests.federation.test_inprocess import StopAfter, records
+from tests.tolerance import adapters_close as close
 
 HOLDER = "import sys, time; from fedtune.federation.rundir import lock_run_dir; l = lock_run_dir(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)"
 
-
-def close(a, b):
-    """Adapters equal up to float noise relative to each tensor's magnitude."""
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6 * (1 + float(a[k].abs().max()))) for k in a)
 
 
 def test_lock_names_the_holder_and_dies_with_it(tmp_path):
