@@ -117,3 +117,19 @@ def test_init_adapter_from_a_run(tiny_overrides, tmp_path):
     first = run(load_config(None, tiny_overrides + ["federation.rounds=1"]))
     second = run(load_config(None, tiny_overrides + ["federation.rounds=1", f"model.init_adapter={first.run_dir}", f"output.dir={tmp_path / 'b'}"]))
     assert second.initial_eval["loss"] == pytest.approx(first.final_eval["loss"], rel=1e-5)
+
+
+def test_bf16_autocast_run(tiny_overrides, tmp_path):
+    """train.precision=bf16 (what precision=auto picks on AVX512-BF16/AMX CPUs and CUDA) trains
+    and evaluates end to end on any CPU: finite fp32 adapter, held-out loss falls, and it is the
+    same federation as fp32 up to bf16 rounding (the other tests pin fp32; see conftest.py)."""
+    fp32 = run(load_config(None, tiny_overrides))
+    bf16 = run(load_config(None, tiny_overrides + ["train.precision=bf16", f"output.dir={tmp_path / 'bf16'}"]))
+    a, _ = load_adapter(fp32.run_dir / "adapter")
+    b, _ = load_adapter(bf16.run_dir / "adapter")
+    assert all(b[k].dtype == torch.float32 and torch.isfinite(b[k]).all() for k in b)
+    evals = records(bf16.run_dir, "eval")
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert numbers_close(evals[0]["loss"], records(fp32.run_dir, "eval")[0]["loss"], 1e-2)  # bf16 keeps ~3 digits
+    assert [r["clients"] for r in records(bf16.run_dir, "round")] == [r["clients"] for r in records(fp32.run_dir, "round")]
+    assert adapters_close(a, b, rel=0.5)  # the same direction of travel, not a different run

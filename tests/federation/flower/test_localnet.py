@@ -52,7 +52,7 @@ def wait_for(predicate, timeout: float) -> None:
 def test_two_supernodes_with_their_own_files_match_the_in_process_engine(tiny_model_dir, tmp_path):
     # Arrange: the in-process run, and its partition written out as one file per data owner
     common = [
-        f"model.name={tiny_model_dir}", "data.demo_per_category=30", "data.max_length=64", "partition.method=shards",
+        f"model.name={tiny_model_dir}", "train.precision=fp32", "data.demo_per_category=30", "data.max_length=64", "partition.method=shards",
         "partition.num_clients=2", "partition.holdout_per_category=3", "federation.rounds=2", "train.local_steps=3",
         "train.batch_size=4", "train.lr=0.002", "eval.num_samples=1", "eval.max_new_tokens=4",
     ]
@@ -114,7 +114,7 @@ def test_tls_and_supernode_authentication(tiny_model_dir, tmp_path):
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "scripts" / "make-certs.sh"), str(certs), "1"], check=True, capture_output=True, timeout=120)
     cfg = load_config(None, [
-        f"model.name={tiny_model_dir}", "data.demo_per_category=10", "data.max_length=48", "partition.num_clients=1",
+        f"model.name={tiny_model_dir}", "train.precision=fp32", "data.demo_per_category=10", "data.max_length=48", "partition.num_clients=1",
         "partition.holdout_per_category=2", "federation.rounds=1", "train.local_steps=2", "eval.num_samples=0",
         "federation.engine=flower", f"output.dir={tmp_path / 'run'}", "flower.connect_timeout=180",
     ])
