@@ -94,7 +94,8 @@ def test_packed_row_equals_padded_batch(tiny_model_dir, tokenizer):
     assert all(close(p.grad, padded_grads[k], GRAD) for k, p in params.items())
     with torch.no_grad():  # without segments the packed row would mix the examples
         mixed, _ = forward.sequence_nll(model, packed_batch["input_ids"], packed_batch["labels"])
-    assert not torch.allclose(mixed.sum(), packed.sum(), rtol=1e-3)
+    # a random tiny model attends weakly: mixing moves the sum ~8e-4 relative (measured), 80x FORWARD noise
+    assert not close(mixed.sum(), packed.sum().detach(), 10 * FORWARD)
 
 
 def test_chunked_inference_loss_equals_one_call(tiny_model_dir, tokenizer, monkeypatch):
