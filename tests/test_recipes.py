@@ -1,10 +1,9 @@
-from pathlib import Path
-
 import pytest
 
+from fedtune.bundled_recipes import RECIPES_DIR
 from fedtune.config import load_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -83,49 +83,43 @@ def _split_args(args: List[str]) -> tuple[Optional[str], list[str]]:
 
 
 def _config(path: Optional[str], overrides: list[str]):
-    from fedtune.config import load_config
+    """The validated config: ``path`` is a YAML file or, when no such file exists, a bundled recipe's name."""
+    from fedtune.api import load_config
 
     return load_config(path, overrides)
+
+
+CONFIG_ARGS = "CONFIG (a YAML file or a bundled recipe: `fedtune recipes`) then key=value overrides (every key: `fedtune config`)"
 
 
 @app.command()
 @handle_errors
 def run(
-    args: List[str] = typer.Argument(None, help="CONFIG.yaml then key=value overrides (e.g. federation.rounds=5)"),
+    args: List[str] = typer.Argument(None, help=CONFIG_ARGS + ", e.g. `fedtune run demo federation.rounds=5`"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run directory from its last checkpoint"),
     from_round: Optional[int] = typer.Option(
         None, "--from-round", help="with --resume: continue from this kept round's checkpoint (later rounds are discarded)"
     ),
 ) -> None:
-    """Run a federation (or resume one). Ctrl-C stops after the current round (exit 130)."""
-    from fedtune.config import read_yaml
+    """Run a federation (or resume one). Ctrl-C stops after the current round (exit 130).
+
+    ARGS: CONFIG, a YAML file or a bundled recipe's name (`fedtune recipes`), then key=value
+    overrides: `fedtune run demo federation.rounds=5 output.dir=runs/r5`. Every setting, its
+    default and help: `fedtune config` (one section: `fedtune config lora`)."""
+    from fedtune import api
     from fedtune.errors import ConfigError
-    from fedtune.federation.engine import run as run_federation
-    from fedtune.federation.rundir import CONFIG_FILE
     from fedtune.reporting.progress import RichProgress
 
     if from_round is not None and resume is None:
         raise ConfigError("--from-round N needs --resume RUN_DIR (the run to rewind)")
     path, overrides = _split_args(args or [])
-    if resume is not None:
-        if path is None:  # the run's own config, with the overrides on top
-            from fedtune.config import from_dict, parse_overrides
-
-            cfg = from_dict(parse_overrides(read_yaml(resume / CONFIG_FILE), overrides + [f"output.dir={resume}"]))
-        else:
-            cfg = _config(path, overrides + [f"output.dir={resume}"])
-    else:
-        cfg = _config(path, overrides)
+    cfg = api.run_config(path, overrides, resume=resume)  # with --resume and no CONFIG: the run's own config
     if cfg.federation.engine == "flower":
         _quiet_flower()
     stop = threading.Event()
     signal.signal(signal.SIGINT, functools.partial(_on_interrupt, stop))
-    if cfg.federation.mode == "local" and len(cfg.local.clients) != 1 and resume is None:
-        from fedtune.evaluation.compare import run_local_each
-
-        results = run_local_each(cfg, progress=RichProgress(err), stop=stop)  # one run directory per client
-    else:
-        results = [run_federation(cfg, resume=resume is not None, from_round=from_round, progress=RichProgress(err), stop=stop)]
+    results = api.run(cfg, resume=resume, from_round=from_round, progress=RichProgress(err), stop=stop)
+    results = results if isinstance(results, list) else [results]
     for result in results:
         _show_result(result)
     if results and not results[-1].finished:  # Ctrl-C after a round: not a finished run
@@ -178,7 +172,7 @@ def _eval_cell(r: dict, dpo: bool) -> str:
 
 @app.command()
 @handle_errors
-def validate(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides")) -> None:
+def validate(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     """Check a config without loading a model or data."""
     from fedtune.config import dump_yaml
 
@@ -189,7 +183,7 @@ def validate(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=va
 
 @app.command()
 @handle_errors
-def data(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides")) -> None:
+def data(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     """Load and validate the data, split it, and show examples per client and category."""
     from fedtune.data.partition import category_table
     from fedtune.federation import setup
@@ -271,10 +265,10 @@ def chat(
 
 @app.command()
 @handle_errors
-def compare(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides")) -> None:
+def compare(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     """Base vs local-only vs federated vs centralized on one partition: train (or reuse) the
     runs, evaluate them alike, write comparison.json and report.html."""
-    from fedtune.evaluation.compare import compare as run_compare
+    from fedtune.api import compare as run_compare
     from fedtune.reporting.progress import RichProgress
 
     cfg = _config(*_split_args(args))
@@ -328,9 +322,9 @@ def eval_(
     base: bool = typer.Option(False, "--base", help="evaluate the base model (adapter disabled)"),
 ) -> None:
     """Evaluate a run's adapter: held-out loss/perplexity per category, ROUGE-L, exact match."""
-    from fedtune.evaluation.evaluate import evaluate_run
+    from fedtune.api import evaluate
 
-    record = evaluate_run(run_dir, data=data, base=base, overrides=args or [])
+    record = evaluate(run_dir, data=data, base=base, overrides=args or [])
     table = Table(title=record["description"])
     for col in ("category", "loss", "perplexity", "ROUGE-L", "exact match"):
         table.add_column(col, justify="left" if col == "category" else "right")
@@ -385,6 +379,63 @@ def serve(
         server.server_close()
 
 
+# ----------------------------------------------------------------------------- fedtune recipes / config
+
+recipes = typer.Typer(pretty_exceptions_show_locals=False, help="The recipes that ship with fedtune: list them, or copy one to edit.")
+app.add_typer(recipes, name="recipes")
+
+
+@recipes.callback(invoke_without_command=True)
+@handle_errors
+def list_recipes(ctx: typer.Context) -> None:
+    """List the bundled recipes; any command that takes a CONFIG accepts a recipe's name."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fedtune.api import recipes as catalog
+
+    table = Table(title="bundled recipes (`fedtune run NAME`, `fedtune recipes copy NAME` to edit one)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("description")
+    for name, text in catalog():
+        table.add_row(name, text)
+    out.print(table)
+
+
+@recipes.command("copy")
+@handle_errors
+def copy_recipe(
+    name: str = typer.Argument(..., help="a bundled recipe (`fedtune recipes` lists them)"),
+    dest: Optional[Path] = typer.Argument(None, help="file or folder to write (default: ./NAME.yaml); never overwritten"),
+) -> None:
+    """Write a bundled recipe to a file to edit (refuses to overwrite one)."""
+    from fedtune.bundled_recipes import copy
+
+    written = copy(name, dest)
+    out.print(f"wrote {written}; run it with: fedtune run {written}", highlight=False)
+
+
+@app.command("config")
+@handle_errors
+def show_config(
+    args: List[str] = typer.Argument(None, help="[CONFIG] [SECTION] then key=value overrides, e.g. `fedtune config demo lora`"),
+) -> None:
+    """Print every setting with its value, default and help as commented YAML (a valid config
+    file), for the defaults or CONFIG with overrides; SECTION (lora, data.columns ...) limits it."""
+    from fedtune.config_doc import is_section, render
+
+    from fedtune.bundled_recipes import names
+
+    path, overrides = _split_args(args or [])
+    section = None
+    if path is not None and is_section(path) and not Path(path).is_file():
+        path, section = None, path
+    elif path is not None and not Path(path).is_file() and path not in names() and "/" not in path and not path.endswith(".yaml"):
+        render(_config(None, []), path)  # neither a file, a recipe nor a section: the section error names the nearest
+    elif path is not None and overrides and "=" not in overrides[0] and not overrides[0].startswith("~"):
+        section, overrides = overrides[0], overrides[1:]
+    out.print(render(_config(path, overrides), section), end="", markup=False, highlight=False, soft_wrap=True)
+
+
 # ----------------------------------------------------------------------------- fedtune flower ...
 
 flower = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Run a federation on a Flower deployment (SuperLink + one SuperNode per data owner).")
@@ -394,7 +445,7 @@ app.add_typer(flower, name="flower")
 @flower.command("run")
 @handle_errors
 def run_deployed(
-    args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides"),
+    args: List[str] = typer.Argument(..., help=CONFIG_ARGS),
     superlink: str = typer.Option(..., "--superlink", help="the SuperLink's address, host:port"),
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of a TLS SuperLink (ca.crt)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (a local try-out only)"),
@@ -411,7 +462,7 @@ def run_deployed(
 @flower.command("app")
 @handle_errors
 def write_app(
-    args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides"),
+    args: List[str] = typer.Argument(..., help=CONFIG_ARGS),
     out_dir: Path = typer.Option(..., "--out", help="folder to write the Flower App (pyproject.toml) into"),
     resume: bool = typer.Option(False, "--resume", help="the app resumes output.dir instead of starting it"),
 ) -> None:
@@ -425,7 +476,7 @@ def write_app(
 @flower.command("local")
 @handle_errors
 def run_local(
-    args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value overrides"),
+    args: List[str] = typer.Argument(..., help=CONFIG_ARGS),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the processes' logs go (default: a temporary folder)"),
 ) -> None:
     """Try the deployment runtime on this machine: a SuperLink and one SuperNode per client

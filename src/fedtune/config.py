@@ -523,7 +523,7 @@ def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, raising ConfigError with the file name on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pass a YAML recipe such as configs/demo.yaml")
+        raise ConfigError(f"config file {path} not found; pass a YAML file or a bundled recipe's name such as demo")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -558,8 +558,11 @@ def from_dict(raw: dict) -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
-    raw = read_yaml(path) if path is not None else {}
+    """Load a YAML file or a bundled recipe by name (``"demo"``; a real file wins), or the
+    defaults when ``path`` is None, and apply ``key=value`` / ``~key`` overrides."""
+    from fedtune.bundled_recipes import resolve
+
+    raw = read_yaml(resolve(path)) if path is not None else {}
     return from_dict(parse_overrides(raw, list(overrides or [])))
 
 

