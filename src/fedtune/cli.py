@@ -214,26 +214,27 @@ def data(args: List[str] = typer.Argument(..., help="CONFIG.yaml then key=value 
     out.print(table)
 
 
+MODEL_FOLDER_HELP = "a run directory, a PEFT adapter folder or a merged model folder (fedtune export)"
+
+
 @app.command()
 @handle_errors
 def generate(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
+    run_dir: Path = typer.Argument(..., help=MODEL_FOLDER_HELP),
     prompt: str = typer.Argument(..., help="instruction to answer"),
     input: str = typer.Option("", "--input", help="optional input/context for the instruction"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     base: bool = typer.Option(False, "--base", help="answer with the base model (adapter disabled)"),
 ) -> None:
-    """Answer one prompt with a run's adapter."""
-    from fedtune.federation.setup import load_run_model
+    """Answer one prompt with a run's adapter (or an adapter folder, or a merged model)."""
+    import contextlib
+
+    from fedtune.federation.loader import load_any_model
     from fedtune.model.generate import generate as gen
 
-    cfg, bundle, _ = load_run_model(run_dir)
-    kwargs = dict(template=cfg.data.template, max_new_tokens=max_new_tokens, inputs=[input])
-    if base:
-        with bundle.model.disable_adapter():
-            answer = gen(bundle.model, bundle.tokenizer, [prompt], **kwargs)[0]
-    else:
-        answer = gen(bundle.model, bundle.tokenizer, [prompt], **kwargs)[0]
+    loaded = load_any_model(run_dir)
+    with loaded.base_only() if base else contextlib.nullcontext():
+        answer = gen(loaded.model, loaded.tokenizer, [prompt], template=loaded.template, max_new_tokens=max_new_tokens, inputs=[input])[0]
     out.print(answer, highlight=False, markup=False)
 
 
@@ -322,7 +323,7 @@ def _show_comparison(comp: dict) -> None:
 @app.command(name="eval")
 @handle_errors
 def eval_(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
+    run_dir: Path = typer.Argument(..., help=MODEL_FOLDER_HELP + " (not a run: --data is needed)"),
     args: List[str] = typer.Argument(None, help="key=value overrides of the run's config (e.g. data.columns.output=response)"),
     data: Optional[str] = typer.Option(None, "--data", help="evaluate on this file (default: the run's held-out set)"),
     base: bool = typer.Option(False, "--base", help="evaluate the base model (adapter disabled)"),
@@ -357,7 +358,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run or comparison directo
 @app.command()
 @handle_errors
 def serve(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
+    run_dir: Path = typer.Argument(..., help=MODEL_FOLDER_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (beyond loopback needs --api-key)"),
     port: int = typer.Option(8000, "--port"),
     name: Optional[str] = typer.Option(None, "--name", help="model id to serve (default: the run directory's name)"),
