@@ -386,6 +386,23 @@ def serve(
         server.server_close()
 
 
+@app.command()
+@handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run directory, a PEFT adapter folder or a merged model folder"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write the model into"),
+    format: str = typer.Option("hf", "--format", help="hf (safetensors folder: vLLM, transformers) or gguf (llama.cpp, Ollama)"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16; with --format gguf also q8_0"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in --out"),
+) -> None:
+    """Merge a run's adapter into its base model and write it as a full model (with tokenizer and model card)."""
+    from fedtune.model.export import export_model
+    from fedtune.reporting.progress import RichProgress
+
+    result = export_model(run_dir, out_dir, format=format, dtype=dtype, overwrite=overwrite, progress=RichProgress(err))
+    out.print(f"exported: {result.folder} ({', '.join(result.files)})", highlight=False)
+
+
 # ----------------------------------------------------------------------------- fedtune flower ...
 
 flower = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Run a federation on a Flower deployment (SuperLink + one SuperNode per data owner).")

@@ -114,6 +114,12 @@ def run_summary(cfg: RunConfig, run_dir: Path, base_path: Optional[str] = None) 
     }
 
 
+def folder_summary(name: str, base: dict, *, task: str, template: str) -> dict:
+    """``run_summary`` for a model folder that is not a run: no training facts, no figures."""
+    return {"run": name, "base": base, "task": task, "template": template, "data": None, "rows": None, "rounds": None,
+            "strategy": None, "clients": None, "lora": None, "privacy": None, "before": None, "after": None}
+
+
 def _base_path_of(cfg: RunConfig) -> str:
     """The base's folder or hub name as the run resolved it (not converting the bundled model anew)."""
     from fedtune.model.base import bundled_model_dir, resolve_model_path
@@ -154,12 +160,10 @@ def model_card(summary: dict, *, kind: str, files: Optional[list[str]] = None) -
     if base["variant"]:
         lines += [f"The base it was trained on is {base['variant']} (a dequantised GGUF of `{base['hub_id']}`); "
                   "the hub's full-precision weights differ from it slightly.", ""]
-    lines += ["## Training", "",
-              f"- data: {summary['data']}" + (f" ({summary['rows']} rows)" if summary["rows"] else ""),
-              f"- rounds: {summary['rounds']}", f"- strategy: {summary['strategy']}", f"- clients: {summary['clients']}",
-              f"- LoRA: {summary['lora']}", f"- prompt template: {summary['template']}"]
-    if summary["privacy"]:
-        lines.append(f"- privacy: {summary['privacy']}")
+    facts = [("data", summary["data"] and summary["data"] + (f" ({summary['rows']} rows)" if summary["rows"] else "")),
+             ("rounds", summary["rounds"]), ("strategy", summary["strategy"]), ("clients", summary["clients"]),
+             ("LoRA", summary["lora"]), ("privacy", summary["privacy"]), ("prompt template", summary["template"])]
+    lines += ["## Training", "", *[f"- {k}: {v}" for k, v in facts if v is not None]]
     lines += ["", *figures_table(summary["before"], summary["after"]), "", "## Use", "", *_usage(kind, where, files or [])]
     return "\n".join(lines) + "\n"
 
