@@ -97,6 +97,7 @@ def load_any_model(path: Path, *, device: str = "auto", dtype: str = "auto") -> 
     if kind == RUN:
         fixed = [] if device == dtype == "auto" else [f"model.device={device}", f"model.dtype={dtype}", "model.quantize=none"]
         cfg, bundle, folder = load_run_model(path, fixed)
+        bundle.model.eval()  # as served: LoRA dropout off
         return LoadedModel(RUN, folder, bundle, cfg.data.template, cfg)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
@@ -107,6 +108,7 @@ def load_any_model(path: Path, *, device: str = "auto", dtype: str = "auto") -> 
         tokenizer = load_tokenizer(str(path))
         model = load_model(str(path), dtype=torch_dtype, device=torch_device)
         bundle = ModelBundle(model, tokenizer, {}, None, str(path), torch_device, resolve_precision("auto", torch_device))
+    bundle.model.eval()
     template = record.get("template") or ("chat" if getattr(bundle.tokenizer, "chat_template", None) else "alpaca")
     return LoadedModel(kind, path, bundle, template)
 

@@ -162,7 +162,8 @@ def model_card(summary: dict, *, kind: str, files: Optional[list[str]] = None) -
                   "the hub's full-precision weights differ from it slightly.", ""]
     facts = [("data", summary["data"] and summary["data"] + (f" ({summary['rows']} rows)" if summary["rows"] else "")),
              ("rounds", summary["rounds"]), ("strategy", summary["strategy"]), ("clients", summary["clients"]),
-             ("LoRA", summary["lora"]), ("privacy", summary["privacy"]), ("prompt template", summary["template"])]
+             ("LoRA", summary["lora"]), ("privacy", summary["privacy"]), ("prompt template", summary["template"]),
+             ("fedtune version", fedtune.__version__)]
     lines += ["## Training", "", *[f"- {k}: {v}" for k, v in facts if v is not None]]
     lines += ["", *figures_table(summary["before"], summary["after"]), "", "## Use", "", *_usage(kind, where, files or [])]
     return "\n".join(lines) + "\n"
