@@ -65,5 +65,5 @@ def test_folder_kind_refuses_other_folders(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         folder_kind(tmp_path / "nope")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(CheckpointError, match="is not a fedtune run .* a PEFT adapter folder .* or a model folder"):
+    with pytest.raises(CheckpointError, match="is not a fedtune run directory .* a PEFT adapter folder .* or a model folder"):
         folder_kind(tmp_path)

@@ -81,9 +81,9 @@ def folder_kind(path: Path) -> str:
     if (path / MODEL_CONFIG).is_file() and any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         return MERGED
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a run directory, a PEFT adapter folder or a model folder")
+        raise CheckpointError(f"{path} does not exist, so it is not a fedtune run directory, a PEFT adapter folder or a model folder; check the path")
     raise CheckpointError(
-        f"{path} is not a fedtune run ({CONFIG_FILE}), a PEFT adapter folder ({ADAPTER_CONFIG}) or a model folder "
+        f"{path} is not a fedtune run directory ({CONFIG_FILE}), a PEFT adapter folder ({ADAPTER_CONFIG}) or a model folder "
         f"({MODEL_CONFIG} and weights); check the path"
     )
 

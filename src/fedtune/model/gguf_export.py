@@ -162,6 +162,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
+    writer.add_add_space_prefix(False)  # byte-level BPE: spaces are in the tokens
     writer.add_tokenizer_pre("smollm" if tokens[:3] == SMOLLM_SPECIALS and vocab_size == 49152 else "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
