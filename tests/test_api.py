@@ -1,9 +1,5 @@
 """The Python API (`from fedtune import load_config, run, evaluate, compare, export`)."""
 
-import sys
-import types
-from pathlib import Path
-
 import pytest
 
 import fedtune
@@ -49,13 +45,10 @@ def test_compare_through_the_api(tiny_overrides, tmp_path):
     assert (result.folder / "comparison.json").is_file()
 
 
-def test_export_is_fedtune_model_export_imported_when_called(monkeypatch):
-    calls = []
-    fake = types.ModuleType("fedtune.model.export")
-    fake.export = lambda *args, **kwargs: calls.append((args, kwargs)) or Path("out")
-    monkeypatch.setitem(sys.modules, "fedtune.model.export", fake)
-    assert fedtune.export("runs/demo", "out", format="merged", dtype="bfloat16") == Path("out")
-    assert calls == [(("runs/demo", "out"), {"format": "merged", "dtype": "bfloat16"})]
+def test_export_through_the_api(finished_run, tmp_path):
+    result = fedtune.export(finished_run, tmp_path / "merged", dtype="bfloat16")
+    assert result.folder == tmp_path / "merged" and (result.folder / "config.json").is_file()
+    assert any(f.endswith(".safetensors") for f in result.files)
 
 
 def test_the_api_is_listed_and_unknown_names_fail():

@@ -97,12 +97,15 @@ def compare(config: Config = None, overrides: Overrides = None, *, progress=None
     return run_compare(load_config(config, overrides), progress=progress, stop=stop)
 
 
-def export(run_dir: Union[str, Path], out: Union[str, Path], *args: Any, **kwargs: Any):
-    """Export a run's adapter (merged into its base model, or as GGUF ...): see
-    :func:`fedtune.model.export.export` for the formats and dtypes."""
-    from fedtune.model.export import export as export_run
+def export(run_dir: Union[str, Path], out: Union[str, Path], *, format: str = "hf", dtype: str = "float32",
+           overwrite: bool = False, progress=None):
+    """Merge a run's adapter (or a PEFT adapter folder's) into its base model and write it to
+    ``out``: ``format="hf"`` (safetensors folder; dtype float32/bfloat16/float16) or ``"gguf"``
+    (llama.cpp; f32/f16/bf16/q8_0). Returns the ExportResult (folder, files). See
+    :mod:`fedtune.model.export`."""
+    from fedtune.model.export import export_model
 
-    return export_run(run_dir, out, *args, **kwargs)
+    return export_model(Path(run_dir), Path(out), format=format, dtype=dtype, overwrite=overwrite, progress=progress)
 
 
 def recipes() -> list[tuple[str, str]]:

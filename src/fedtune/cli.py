@@ -208,26 +208,27 @@ def data(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     out.print(table)
 
 
+MODEL_FOLDER_HELP = "a run directory, a PEFT adapter folder or a merged model folder (fedtune export)"
+
+
 @app.command()
 @handle_errors
 def generate(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
+    run_dir: Path = typer.Argument(..., help=MODEL_FOLDER_HELP),
     prompt: str = typer.Argument(..., help="instruction to answer"),
     input: str = typer.Option("", "--input", help="optional input/context for the instruction"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     base: bool = typer.Option(False, "--base", help="answer with the base model (adapter disabled)"),
 ) -> None:
-    """Answer one prompt with a run's adapter."""
-    from fedtune.federation.setup import load_run_model
+    """Answer one prompt with a run's adapter (or an adapter folder, or a merged model)."""
+    import contextlib
+
+    from fedtune.federation.loader import load_any_model
     from fedtune.model.generate import generate as gen
 
-    cfg, bundle, _ = load_run_model(run_dir)
-    kwargs = dict(template=cfg.data.template, max_new_tokens=max_new_tokens, inputs=[input])
-    if base:
-        with bundle.model.disable_adapter():
-            answer = gen(bundle.model, bundle.tokenizer, [prompt], **kwargs)[0]
-    else:
-        answer = gen(bundle.model, bundle.tokenizer, [prompt], **kwargs)[0]
+    loaded = load_any_model(run_dir)
+    with loaded.base_only() if base else contextlib.nullcontext():
+        answer = gen(loaded.model, loaded.tokenizer, [prompt], template=loaded.template, max_new_tokens=max_new_tokens, inputs=[input])[0]
     out.print(answer, highlight=False, markup=False)
 
 
@@ -316,7 +317,7 @@ def _show_comparison(comp: dict) -> None:
 @app.command(name="eval")
 @handle_errors
 def eval_(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
+    run_dir: Path = typer.Argument(..., help=MODEL_FOLDER_HELP + " (not a run: --data is needed)"),
     args: List[str] = typer.Argument(None, help="key=value overrides of the run's config (e.g. data.columns.output=response)"),
     data: Optional[str] = typer.Option(None, "--data", help="evaluate on this file (default: the run's held-out set)"),
     base: bool = typer.Option(False, "--base", help="evaluate the base model (adapter disabled)"),
@@ -351,7 +352,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run or comparison directo
 @app.command()
 @handle_errors
 def serve(
-    run_dir: Path = typer.Argument(..., help="a run directory"),
+    run_dir: Path = typer.Argument(..., help=MODEL_FOLDER_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (beyond loopback needs --api-key)"),
     port: int = typer.Option(8000, "--port"),
     name: Optional[str] = typer.Option(None, "--name", help="model id to serve (default: the run directory's name)"),
@@ -434,6 +435,23 @@ def show_config(
     elif path is not None and overrides and "=" not in overrides[0] and not overrides[0].startswith("~"):
         section, overrides = overrides[0], overrides[1:]
     out.print(render(_config(path, overrides), section), end="", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run directory, a PEFT adapter folder or a merged model folder"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write the model into"),
+    format: str = typer.Option("hf", "--format", help="hf (safetensors folder: vLLM, transformers) or gguf (llama.cpp, Ollama)"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16; with --format gguf also q8_0"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in --out"),
+) -> None:
+    """Merge a run's adapter into its base model and write it as a full model (with tokenizer and model card)."""
+    from fedtune.model.export import export_model
+    from fedtune.reporting.progress import RichProgress
+
+    result = export_model(run_dir, out_dir, format=format, dtype=dtype, overwrite=overwrite, progress=RichProgress(err))
+    out.print(f"exported: {result.folder} ({', '.join(result.files)})", highlight=False)
 
 
 # ----------------------------------------------------------------------------- fedtune flower ...

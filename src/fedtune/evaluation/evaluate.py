@@ -22,6 +22,7 @@ from fedtune.evaluation.generation import pick_generation_subset, score_answers
 from fedtune.evaluation.grading import Question, grade
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
+from fedtune.federation.loader import RUN, folder_kind, load_any_model
 from fedtune.model.generate import generate
 from fedtune.model.lora import load_adapter, set_adapter
 from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
@@ -49,13 +50,14 @@ def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence
 
 
 def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optional[Adapter], *, template: str,
-                   max_new_tokens: int, batch_size: int) -> dict:
+                   max_new_tokens: int, batch_size: int, as_loaded: bool = False) -> dict:
     """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
-    (LoRA disabled) when ``adapter`` is None. Answers are greedy."""
+    (LoRA disabled) when ``adapter`` is None; with ``as_loaded``, the model as it stands (a
+    merged model, or an adapter folder's model). Answers are greedy."""
     if adapter is not None:
         set_adapter(bundle.params, adapter)
     chosen = [evalset.examples[i] for i in evalset.answered]
-    with bundle.model.disable_adapter() if adapter is None else contextlib.nullcontext():
+    with bundle.model.disable_adapter() if adapter is None and not as_loaded else contextlib.nullcontext():
         heldout = evalset.evaluator.evaluate(bundle.model)
         answers = generate(
             bundle.model, bundle.tokenizer, [e.instruction for e in chosen], inputs=[e.input for e in chosen],
@@ -107,8 +109,8 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
     config). Writes ``run_dir/evaluations/<name>.json``, refreshes the run's report and
     returns the record."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG_FILE}); check the path")
+    if folder_kind(run_dir) != RUN:
+        return evaluate_folder(run_dir, data=data, base=base, overrides=overrides)
     cfg = from_dict(parse_overrides(read_yaml(run_dir / CONFIG_FILE), list(overrides)))
     require_sft(cfg)
     if data is None:
@@ -133,8 +135,42 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
         "judge": judge_answers(cfg.eval.judge, evalset.questions, {model_name: result["answers"]}),
         "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
     }
-    out = run_dir / EVALUATIONS / f"{name}.json"
+    save_record(run_dir, record)
+    write_report(run_dir)
+    return record
+
+
+def save_record(folder: Path, record: dict) -> None:
+    out = folder / EVALUATIONS / f"{record['name']}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
-    write_report(run_dir)
+
+
+def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides: Sequence[str]) -> dict:
+    """``evaluate_run`` for a PEFT adapter folder or a merged model folder: on ``data`` (there is
+    no held-out set), with the default config's ``data.columns`` and ``eval.*`` under ``overrides``;
+    the record goes to ``folder/evaluations/``."""
+    if data is None:
+        raise ConfigError(f"{folder} is not a run directory, so it has no held-out set; pass --data FILE")
+    loaded = load_any_model(folder)
+    if base:
+        loaded.check_base()
+    cfg = from_dict(parse_overrides({"data": {"template": loaded.template}}, list(overrides)))
+    require_sft(cfg)
+    d = cfg.data
+    examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
+    evalset = build_eval_set(cfg, loaded.bundle, examples)
+    result = evaluate_model(loaded.bundle, evalset, None, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size, as_loaded=not base)
+    what = f"{'base model of ' if base else ''}{loaded.kind} folder {folder}"
+    record = {
+        "name": ("base-" if base else "") + Path(data).stem,
+        "description": f"{what} on {report.source} ({report.rows} rows, {report.skipped} skipped): "
+                       f"{len(examples)} examples, {len(evalset.answered)} answered",
+        "heldout": result["heldout"],
+        "generation": result["generation"],
+        "judge": judge_answers(cfg.eval.judge, evalset.questions, {folder.name: result["answers"]}),
+        "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
+    }
+    save_record(folder, record)
     return record

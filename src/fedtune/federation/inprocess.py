@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ from fedtune.federation.checkpoint import Checkpoint, save_checkpoint
 from fedtune.federation.rundir import (
     METRICS_FILE, RunLock, RunResult, check_run_dir, lock_run_dir, save_final_adapter, storage_errors, write_run_dir,
 )
+from fedtune.federation.sharing import write_portable_adapter
 from fedtune.model.generate import generate
 from fedtune.model.lora import set_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
@@ -263,7 +265,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     if result.finished:
         result.samples_after = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": result.rounds_done, "items": result.samples_after})
-        save_final_adapter(run_dir, global_adapter, bundle.peft_config)  # last: adapter/ means finished
+        portable = functools.partial(write_portable_adapter, cfg=cfg, run_dir=run_dir, tokenizer=bundle.tokenizer, base_path=bundle.base_path)
+        save_final_adapter(run_dir, global_adapter, bundle.peft_config, portable)  # last: adapter/ means finished
     if cfg.output.report:
         result.report = write_report(run_dir)
     return result

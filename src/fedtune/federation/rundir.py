@@ -37,7 +37,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
@@ -270,11 +270,14 @@ def _rewind(run_dir: Path, round: int, rounds_remain: bool) -> None:
         shutil.rmtree(run_dir / FINAL_ADAPTER)  # present exactly when the run has finished its rounds
 
 
-def save_final_adapter(run_dir: Path, adapter, peft_config) -> Path:
-    """Write ``adapter/`` through a temporary folder, so it exists only when complete."""
+def save_final_adapter(run_dir: Path, adapter, peft_config, extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``adapter/`` through a temporary folder, so it exists only when complete;
+    ``extra(folder)`` adds to it before (the tokenizer and model card: federation/sharing.py)."""
     final, tmp = run_dir / FINAL_ADAPTER, run_dir / f".{FINAL_ADAPTER}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(tmp, adapter, peft_config)
+    if extra is not None:
+        extra(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

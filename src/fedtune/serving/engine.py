@@ -177,16 +177,16 @@ def _take(pending: list[tuple[int, Token]], end: int) -> list[Token]:
 
 
 def load_chat_model(run_dir, *, base: bool = False, name: Optional[str] = None) -> ChatModel:
-    """The served model of a run directory: its final adapter (else its newest checkpoint) on
-    its base model, or with ``base`` the base model alone (a zero adapter: LoRA adds exactly 0)."""
+    """The served model of a run directory (its final adapter, else its newest checkpoint, on
+    its base model), a PEFT adapter folder or a merged model folder (federation/loader.py);
+    with ``base`` the base model alone (a zero adapter: LoRA adds exactly 0)."""
     from pathlib import Path
 
-    from fedtune.federation.setup import load_run_model
-    from fedtune.model.lora import get_adapter, set_adapter, zeros_like
+    from fedtune.federation.loader import load_any_model
 
     run_dir = Path(run_dir)
-    cfg, bundle, _ = load_run_model(run_dir)
+    loaded = load_any_model(run_dir)
     if base:
-        set_adapter(bundle.params, zeros_like(get_adapter(bundle.params)))
+        loaded.drop_adapter()
     served = name or (f"{run_dir.resolve().name}-base" if base else run_dir.resolve().name)
-    return ChatModel(bundle.model, bundle.tokenizer, template=cfg.data.template, name=served)
+    return ChatModel(loaded.model, loaded.tokenizer, template=loaded.template, name=served)
