@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedtune.errors import FederationError, FedtuneError
@@ -66,7 +67,7 @@ def handle_errors(fn: Callable) -> Callable:
         except FedtuneError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)  # [x] is text
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; the last finished round's checkpoint is intact (resume with `fedtune run --resume RUN_DIR`)")

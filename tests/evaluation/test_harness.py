@@ -102,7 +102,7 @@ def test_the_adapter_column_is_what_lm_eval_measures_for_base_plus_peft_folder(r
 
     record = harness.bench_run(run_copy, ["tiny_text"], include_path=tasks_dir, base=False)
     lm = HFLM(pretrained=str(tiny_model_dir), peft=str(run_copy / FINAL_ADAPTER), device="cpu", dtype="float32", batch_size=4)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_text"], task_manager=harness.task_manager(tasks_dir), log_samples=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_text"], task_manager=harness.load_tasks(["tiny_text"], tasks_dir)[0], log_samples=False)
     theirs = out["results"]["tiny_text"]["bits_per_byte,none"]
     ours = next(r for r in record["rows"] if r["metric"] == "bits_per_byte")
     assert ours["base"] is None and ours["adapter"] == pytest.approx(theirs, rel=1e-5)
@@ -117,3 +117,46 @@ def test_unknown_tasks_and_a_missing_lm_eval_are_one_line_errors(run_copy, tasks
     with pytest.raises(ConfigError) as err:
         harness.bench_run(run_copy, ["tiny_qa"], include_path=tasks_dir)
     assert str(err.value) == "standard benchmarks need lm-evaluation-harness, which is not installed; pip install 'fedtune[harness]'"
+
+
+def test_bench_command_prints_the_table_and_a_missing_lm_eval_exits_2(run_copy, tasks_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedtune import cli
+    from tests.test_cli import fedtune
+
+    proc = fedtune("bench", run_copy, "--tasks", "tiny_qa", "--include-path", tasks_dir, "--limit", "2", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny_qa" in proc.stdout and "delta" in proc.stdout and f"{EVALUATIONS}/{HARNESS_FILE}" in proc.stdout.replace("\n", "")
+    assert "bench: base on tiny_qa (limit 2)" in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    result = CliRunner().invoke(cli.app, ["bench", str(run_copy), "--tasks", "tiny_qa"])
+    assert result.exit_code == 2
+    assert "pip install 'fedtune[harness]'" in result.output
+
+
+def test_compare_adds_the_harness_tasks_as_columns(tiny_overrides, tasks_dir):
+    from fedtune.config import load_config
+    from fedtune.evaluation.compare import compare
+
+    cfg = load_config(None, tiny_overrides + [
+        "federation.rounds=1", "compare.models=[base, federated]", "eval.generation_examples=2",
+        "eval.harness_tasks=[tiny_qa, tiny_text]", "eval.harness_limit=2", f"eval.harness_include_path={tasks_dir}",
+    ])
+    comparison = compare(cfg).comparison
+    bench = comparison["harness"]
+    assert set(bench) == {"base", "federated"}
+    assert set(bench["base"]) == {"tiny_qa", "tiny_text"} and set(bench["federated"]["tiny_qa"]) == {"acc"}
+    assert bench["base"]["tiny_text"]["word_perplexity"] != bench["federated"]["tiny_text"]["word_perplexity"]
+
+
+def test_compare_checks_the_harness_tasks_before_training(tiny_overrides, tasks_dir, monkeypatch):
+    from fedtune.config import load_config
+    from fedtune.evaluation.compare import compare
+
+    cfg = load_config(None, tiny_overrides + ["compare.models=[base, federated]", "eval.harness_tasks=[tiny_qa]",
+                                              f"eval.harness_include_path={tasks_dir}"])
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'fedtune\[harness\]'"):
+        compare(cfg)
+    assert not (Path(cfg.output.dir) / "federated").exists()

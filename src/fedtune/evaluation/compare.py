@@ -147,8 +147,7 @@ def harness_tasks(cfg: RunConfig) -> Optional[tuple]:
     """(lm-eval task index, task names) of ``eval.harness_tasks``, or None when there are none."""
     if not cfg.eval.harness_tasks:
         return None
-    manager = harness.task_manager(cfg.eval.harness_include_path)
-    return manager, harness.check_tasks(manager, cfg.eval.harness_tasks)
+    return harness.load_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include_path)
 
 
 def check_partitions(root: Path, names: list[str], shared: dict) -> None:

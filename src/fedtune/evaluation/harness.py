@@ -38,28 +38,30 @@ def require_lm_eval() -> None:
         raise ConfigError(f"standard benchmarks need lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
 
 
-def task_manager(include_path: Optional[str | Path] = None):
-    """lm-eval's task index: its built-in tasks plus the YAML tasks under ``include_path``."""
+def load_tasks(tasks: Sequence[str], include_path: Optional[str | Path] = None) -> tuple[object, list[str]]:
+    """(lm-eval task index, task names): the names checked against lm-eval's built-in tasks plus
+    the YAML tasks under ``include_path`` (ConfigError naming the unknown ones). When the local
+    tasks are all that is asked for, the built-in index (seconds to build) is skipped."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise ConfigError(f"harness include path {include_path}: not a folder; pass a folder of lm-eval task YAMLs")
-    return TaskManager(include_path=str(include_path) if include_path is not None else None)
-
-
-def check_tasks(manager, tasks: Sequence[str]) -> list[str]:
-    """The task names, checked against the index (ConfigError naming the unknown ones)."""
     names = [t.strip() for t in tasks if t.strip()]
     if not names:
         raise ConfigError("harness tasks: none given; name lm-eval tasks, e.g. --tasks arc_easy,hellaswag")
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise ConfigError(f"harness include path {include_path}: not a folder; pass a folder of lm-eval task YAMLs")
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(t in local.all_tasks for t in names):
+            return local, names
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
     known = set(manager.all_tasks)
     unknown = [t for t in names if t not in known]
     if unknown:
         hints = [f"{t} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(t, known, n=1)) else t for t in unknown]
         raise ConfigError(f"harness tasks: unknown {', '.join(hints)}; list them with `lm-eval ls tasks`, or add local "
                           "task YAMLs with --include-path (eval.harness_include_path)")
-    return names
+    return manager, names
 
 
 def split_metric(key: str) -> str:
@@ -131,8 +133,7 @@ def bench_run(run_dir: Path, tasks: Sequence[str], *, limit: Optional[int] = Non
 
     progress = progress or Progress()
     run_dir = Path(run_dir)
-    manager = task_manager(include_path)
-    names = check_tasks(manager, tasks)
+    manager, names = load_tasks(tasks, include_path)
     cfg, bundle, folder = setup.load_run_model(run_dir)
     runs = {}
     for which in (["base"] if base else []) + ["adapter"]:
