@@ -369,12 +369,13 @@ def bench(
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about a model passed as an object
     record = bench_run(run_dir, tasks.split(","), limit=limit, base=base_too, include_path=include_path,
                        batch_size=batch_size, progress=RichProgress(err))
-    table = Table(title=record["description"])
+    table = Table(title="lm-evaluation-harness: base model vs adapter")
     for col in ("task", "metric", "base", "adapter", "delta"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for r in record["rows"]:
         table.add_row(r["task"], r["metric"], _num(r["base"]), _num(r["adapter"]), _num(r["delta"], signed=True))
     out.print(table)
+    out.print(record["description"], highlight=False)
     out.print(f"saved: {run_dir / EVALUATIONS / HARNESS_FILE}")
 
 
