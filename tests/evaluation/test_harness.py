@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, DataError
 from fedtune.evaluation import harness
 from fedtune.federation.rundir import EVALUATIONS, FINAL_ADAPTER, HARNESS_FILE, HARNESS_TABLE
 
@@ -113,6 +113,10 @@ def test_unknown_tasks_and_a_missing_lm_eval_are_one_line_errors(run_copy, tasks
         harness.bench_run(run_copy, ["tiny_q"], include_path=tasks_dir)
     with pytest.raises(ConfigError, match="not a folder"):
         harness.bench_run(run_copy, ["tiny_qa"], include_path=tasks_dir / "nope")
+    hub = (tasks_dir / "tiny_qa.yaml").read_text().replace("task: tiny_qa", "task: hub_qa").replace("dataset_path: json", "dataset_path: someone/qa")
+    (tasks_dir / "hub_qa.yaml").write_text(hub.split("dataset_kwargs")[0] + "test_split: test" + hub.split("test_split: test")[1])
+    with pytest.raises(DataError, match=r"harness tasks hub_qa: a dataset could not be fetched \(.*\); connect to the Hugging Face hub"):
+        harness.bench_run(run_copy, ["hub_qa"], include_path=tasks_dir)  # offline (conftest): the hub is out of reach
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(ConfigError) as err:
         harness.bench_run(run_copy, ["tiny_qa"], include_path=tasks_dir)

@@ -147,8 +147,8 @@ def bench_run(run_dir: Path, tasks: Sequence[str], *, limit: Optional[int] = Non
     record = {
         "name": "harness",
         "kind": "harness",
-        "description": f"lm-evaluation-harness {getattr(lm_eval, '__version__', '?')} on {cfg.model.name}: adapter {folder}" + (" vs the base model (adapter disabled)" if base else "")
-                       + (f"; at most {limit} examples per task" if limit else ""),
+        "description": f"lm-evaluation-harness {getattr(lm_eval, '__version__', '?')} on {cfg.model.name}: adapter {folder}"
+                       + (" vs the base model (adapter disabled)" if base else "") + (f"; at most {limit} examples per task" if limit else ""),
         "tasks": names,
         "limit": limit,
         "adapter": str(folder),
