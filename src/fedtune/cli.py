@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedtune.errors import FederationError, FedtuneError
@@ -66,7 +67,7 @@ def handle_errors(fn: Callable) -> Callable:
         except FedtuneError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)  # [x] is text
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; the last finished round's checkpoint is intact (resume with `fedtune run --resume RUN_DIR`)")
@@ -297,7 +298,9 @@ def _show_comparison(comp: dict) -> None:
         table.add_row(c, *[f"{heldout[m]['per_category'][c]['loss']:.3f}" for m in models])
     out.print(table)
     summary = Table(title="summary")
-    for col in ("model", "loss", "perplexity", "ROUGE-L", "exact match", "steps", *(["judge rel.", "W/T/L"] if comp["judge"] else [])):
+    bench = [(t, m) for t, ms in (comp.get("harness") or {}).get(models[0], {}).items() for m in ms]  # eval.harness_tasks
+    for col in ("model", "loss", "perplexity", "ROUGE-L", "exact match", "steps", *(["judge rel.", "W/T/L"] if comp["judge"] else []),
+                *[f"{t} {m}" for t, m in bench]):
         summary.add_column(col, justify="left" if col == "model" else "right")
     for m in models:
         gen, judge = comp["generation"][m], (comp["judge"] or {}).get(m, {})
@@ -307,7 +310,8 @@ def _show_comparison(comp: dict) -> None:
             rel = single.get("relative")
             extra = [f"{rel:.3f}" if rel is not None else "-", f"{pair.get('win', '-')}/{pair.get('tie', '-')}/{pair.get('loss', '-')}"]
         summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", f"{gen['rouge_l']:.3f}",
-                        f"{gen['exact_match']:.3f}", str(comp["budget"][m]["optimizer_steps"]), *extra)
+                        f"{gen['exact_match']:.3f}", str(comp["budget"][m]["optimizer_steps"]), *extra,
+                        *[_num(comp["harness"][m].get(t, {}).get(k)) for t, k in bench])
     out.print(summary)
     out.print(comp["budget_note"], highlight=False)
     for check, ok in comp["summary"]["ordering"].items():
@@ -338,6 +342,40 @@ def eval_(
     from fedtune.federation.rundir import EVALUATIONS
 
     out.print(f"saved: {run_dir / EVALUATIONS / (record['name'] + '.json')}")
+
+
+@app.command()
+@handle_errors
+def bench(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    tasks: str = typer.Option(..., "--tasks", help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most N examples per task (a quick look; not a comparable score)"),
+    base_too: bool = typer.Option(True, "--base-too/--no-base", help="also evaluate the base model (adapter disabled), side by side"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="a folder of extra lm-eval task YAMLs (local tasks)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="requests per forward pass"),
+) -> None:
+    """Standard benchmarks: run lm-evaluation-harness tasks on a run's adapter and its base model
+    (needs pip install 'fedtune[harness]'); writes evaluations/harness.json and harness.md."""
+    from fedtune.evaluation.harness import bench_run
+    from fedtune.federation.rundir import EVALUATIONS, HARNESS_FILE
+    from fedtune.reporting.progress import RichProgress
+
+    if not _state["debug"]:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about a model passed as an object
+    record = bench_run(run_dir, tasks.split(","), limit=limit, base=base_too, include_path=include_path,
+                       batch_size=batch_size, progress=RichProgress(err))
+    table = Table(title="lm-evaluation-harness: base model vs adapter")
+    for col in ("task", "metric", "base", "adapter", "delta"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for r in record["rows"]:
+        table.add_row(r["task"], r["metric"], _num(r["base"]), _num(r["adapter"]), _num(r["delta"], signed=True))
+    out.print(table)
+    out.print(record["description"], highlight=False)
+    out.print(f"saved: {run_dir / EVALUATIONS / HARNESS_FILE}")
+
+
+def _num(value: Optional[float], signed: bool = False) -> str:
+    return "-" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
 @app.command()

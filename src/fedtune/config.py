@@ -31,6 +31,7 @@ from fedtune.server.sampling import clients_per_round
 BUNDLED_MODEL = "smollm2-135m-instruct"
 DEMO_DATA = "demo"
 COMPARE_MODELS = ("base", "local", "federated", "centralized")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # output.trackers (reporting/trackers.py)
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -301,6 +302,12 @@ class EvalConfig:
         48, "held-out examples answered for ROUGE-L / exact match in compare and eval (null: all)", ge=0
     )
     judge: JudgeConfig = _f(JudgeConfig(), "LLM-as-judge grading (off unless judge.base_url is set)")
+    harness_tasks: list[str] = _f(
+        [], "lm-evaluation-harness tasks `fedtune compare` also runs on every model (extra columns), e.g. [arc_easy, "
+        "hellaswag]; needs pip install 'fedtune[harness]' and the tasks' datasets (hub, or harness_include_path)"
+    )
+    harness_limit: Optional[int] = _f(None, "examples per harness task (null: all)", ge=1)
+    harness_include_path: Optional[str] = _f(None, "a folder of extra lm-eval task YAMLs (local tasks) for harness_tasks")
 
 
 @dataclass
@@ -328,6 +335,11 @@ class OutputConfig:
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
     keep_checkpoints: int = _f(2, "newest round checkpoints to keep", ge=1)
     report: bool = _f(True, "write report.html (plots, tables, sample answers) when the run stops or finishes")
+    trackers: list[str] = _f(
+        [], "experiment trackers that mirror metrics.jsonl, offline, under the run directory: tensorboard "
+        "(tensorboard/), mlflow (mlruns/ file store), wandb (offline run in wandb/; `wandb sync` uploads it); "
+        "each needs its extra, e.g. pip install 'fedtune[tensorboard]'"
+    )
 
 
 @dataclass
@@ -611,6 +623,9 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"local.clients: {cfg.local.clients} repeats a client")
     if fed.mode == "local" and not cfg.local.clients and cfg.local.count > part.num_clients:
         problems.append(f"local.count: {cfg.local.count} is more than partition.num_clients={part.num_clients}")
+    bad_trackers = [t for t in cfg.output.trackers if t not in TRACKERS]
+    if bad_trackers or len(set(cfg.output.trackers)) != len(cfg.output.trackers):
+        problems.append(f"output.trackers: {cfg.output.trackers} has unknown or repeated entries; choose from {', '.join(TRACKERS)}")
     unknown = [m for m in cfg.compare.models if m not in COMPARE_MODELS]
     if unknown:
         problems.append(f"compare.models: {unknown} unknown; choose from {', '.join(COMPARE_MODELS)}")

@@ -12,7 +12,8 @@ split the data exactly as this config does (``partition.json`` is checked), so a
 are evaluated on the same held-out rows. Evaluation then loads the base model once and, for
 each model, loads its final adapter (base: LoRA disabled) and measures held-out loss and
 perplexity per category, ROUGE-L and exact match of greedy answers to the same held-out
-prompts, and, if ``eval.judge.base_url`` is set, LLM-judge scores against the reference answers.
+prompts, if ``eval.judge.base_url`` is set, LLM-judge scores against the reference answers, and,
+if ``eval.harness_tasks`` names lm-evaluation-harness tasks, their metrics (evaluation/harness.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Optional
 
 from fedtune.config import RunConfig, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.evaluation import harness
 from fedtune.evaluation.evaluate import build_eval_set, evaluate_model, judge_answers, require_sft
 from fedtune.evaluation.grading import Question
 from fedtune.federation import baselines, setup
@@ -108,6 +110,7 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
     reference = cfg.eval.judge.reference
     if cfg.eval.judge.base_url and reference not in ("data", *names):
         raise ConfigError(f"eval.judge.reference: '{reference}' is neither 'data' nor a compared model ({', '.join(names)})")
+    bench = harness_tasks(cfg)  # lm-eval installed and the tasks known: checked before any training
     for name, sub in runs:
         status = run_or_reuse(sub, reuse=cfg.compare.reuse, progress=progress, stop=stop)
         progress.message(f"compare: {name} {status} ({sub.output.dir})")
@@ -129,11 +132,22 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
         adapter = None if name == BASE else load_adapter(root / name / FINAL_ADAPTER)[0]
         results[name] = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
                                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        if bench is not None:
+            progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
+            results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,
+                                                                batch_size=cfg.eval.batch_size)["values"]
     judge = _judge(cfg, evalset.questions, {n: r["answers"] for n, r in results.items()}, progress)
     comparison = assemble(cfg, root, names, results, evalset, shared, judge)
     (root / COMPARISON_FILE).write_text(json.dumps(comparison, indent=1))
     write_report(root)
     return CompareResult(root, comparison)
+
+
+def harness_tasks(cfg: RunConfig) -> Optional[tuple]:
+    """(lm-eval task index, task names) of ``eval.harness_tasks``, or None when there are none."""
+    if not cfg.eval.harness_tasks:
+        return None
+    return harness.load_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include_path)
 
 
 def check_partitions(root: Path, names: list[str], shared: dict) -> None:
@@ -183,6 +197,7 @@ def assemble(cfg: RunConfig, root: Path, names: list[str], results: dict, evalse
         "heldout": {n: results[n]["heldout"] for n in names},
         "generation": {n: results[n]["generation"] for n in names},
         "judge": judge and judge["models"],
+        "harness": {n: results[n]["harness"] for n in names} if "harness" in results[names[0]] else None,
         "judge_note": judge and judge_note(judge, cfg.eval.judge.reference),
         "judge_reference_ratings": judge and judge["reference_ratings"],
         "budget": budget,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fedtune.client.schedule import round_lr
-from fedtune.config import RunConfig, config_hash
+from fedtune.config import RunConfig, config_hash, to_dict
 from fedtune.data.sources import LoadReport
 from fedtune.errors import AggregationError
 from fedtune.evaluation.heldout import HeldoutEvaluator
@@ -54,6 +54,7 @@ from fedtune.reporting.curves import EVAL_PLOT, plot_eval
 from fedtune.reporting.metrics import MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.reporting.report import write_report
+from fedtune.reporting.trackers import open_trackers, require_trackers
 from fedtune.seeding import generator
 from fedtune.server.sampling import clients_per_round, sample_clients
 from fedtune.server.validate import validate_updates
@@ -187,13 +188,14 @@ def run(
     """
     run_dir = Path(cfg.output.dir)
     baselines.check_mode(cfg)
-    with storage_errors(run_dir), (contextlib.nullcontext(lock) if lock else lock_run_dir(run_dir)):
+    require_trackers(cfg.output.trackers)  # a missing tracker package: one line, before anything is loaded
+    with storage_errors(run_dir), (contextlib.nullcontext(lock) if lock else lock_run_dir(run_dir)), contextlib.ExitStack() as closing:
         ckpt = check_run_dir(cfg, run_dir, resume or from_round is not None, from_round)  # before any file is written
-        return _run_locked(cfg, run_dir, ckpt, progress or Progress(), stop or threading.Event(), data, connect)
+        return _run_locked(cfg, run_dir, ckpt, progress or Progress(), stop or threading.Event(), data, connect, closing)
 
 
 def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progress: Progress, stop: threading.Event,
-                data, connect) -> RunResult:
+                data, connect, closing: contextlib.ExitStack) -> RunResult:
     """``run`` once the directory is locked and checked: set up, start or reopen, loop, finish."""
     examples, report, partition = (data or setup.load_and_split)(cfg)
     categories = [e.category for e in examples]
@@ -205,7 +207,10 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
         setup.check_partition(run_dir, partition, categories)
     write_run_dir(cfg, run_dir, ckpt)
     setup.write_partition(run_dir, partition, categories, check=ckpt is not None)
-    metrics = MetricsLog(run_dir / METRICS_FILE)
+    metrics = closing.enter_context(MetricsLog(run_dir / METRICS_FILE, open_trackers(
+        cfg.output.trackers, run_dir, config=to_dict(cfg), start_round=ckpt.round if ckpt else 0,
+        history=list(read_metrics(run_dir / METRICS_FILE))[:ckpt.metrics_lines] if ckpt and cfg.output.trackers else [],
+    )))  # every logged record also goes to the output.trackers, closed when the run returns
     shards = setup.client_shards(cfg, bundle.tokenizer, examples, encoded, partition.shards)
     fed = Federation(
         cfg=cfg,

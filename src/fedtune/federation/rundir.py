@@ -9,7 +9,8 @@ Layout of one run::
     checkpoints/      round_NNNNN/ and LATEST (federation/checkpoint.py)
     client_state/     per-client state across rounds (federation/client_state.py)
     adapter/          the final adapter (PEFT); present exactly when the run finished its rounds
-    eval.png  report.html  evaluations/
+    eval.png  report.html  evaluations/   (evaluations/harness.json, harness.md: `fedtune bench`)
+    trackers.json  tensorboard/  mlruns/  wandb/   output.trackers (reporting/trackers.py)
     .fedtune.lock     while a process holds the run: an OS lock, with the holder's pid inside
 
 Lives in ``federation/`` because it is the engines' contract (DESIGN.md, "one federation,
@@ -48,7 +49,8 @@ from fedtune.reporting.metrics import METRICS_FILE, read_metrics
 
 __all__ = [
     "CONFIG_FILE", "METRICS_FILE", "PARTITION_FILE", "CHECKPOINTS", "CLIENT_STATE", "FINAL_ADAPTER", "REPORT_FILE",
-    "EVALUATIONS", "COMPARISON_FILE", "LOCK_FILE", "RunResult", "RunLock", "lock_run_dir", "check_run_dir",
+    "EVALUATIONS", "HARNESS_FILE", "HARNESS_TABLE", "TRACKERS_FILE", "TENSORBOARD_DIR", "MLFLOW_DIR",
+    "WANDB_DIR", "COMPARISON_FILE", "LOCK_FILE", "RunResult", "RunLock", "lock_run_dir", "check_run_dir",
     "write_run_dir", "save_final_adapter", "finished_adapter", "storage_errors", "write_atomic",
 ]
 
@@ -57,6 +59,12 @@ PARTITION_FILE = "partition.json"
 FINAL_ADAPTER = "adapter"
 REPORT_FILE = "report.html"
 EVALUATIONS = "evaluations"
+HARNESS_FILE = "harness.json"  # in EVALUATIONS: lm-evaluation-harness results, base vs adapter
+HARNESS_TABLE = "harness.md"  # in EVALUATIONS: the same as a Markdown table
+TRACKERS_FILE = "trackers.json"  # the experiment trackers' run ids, so a resumed run appends to the same run
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DIR = "mlruns"
+WANDB_DIR = "wandb"
 COMPARISON_FILE = "comparison.json"
 LOCK_FILE = ".fedtune.lock"
 

@@ -111,6 +111,11 @@ def _evaluations(run_dir: Path) -> list[str]:
     out = []
     for path in sorted((run_dir / EVALUATIONS).glob("*.json")):
         ev = json.loads(path.read_text())
+        if ev.get("kind") == "harness":  # `fedtune bench`: lm-evaluation-harness, base vs adapter
+            rows = [(r["task"], r["metric"], r["base"], r["adapter"], r["delta"]) for r in ev["rows"]]
+            out.append(h.section("standard benchmarks (lm-evaluation-harness)", h.note(ev["description"]),
+                                 h.table(["task", "metric", "base", "adapter", "delta"], rows)))
+            continue
         rows = [("all", ev["heldout"]["loss"], ev["heldout"]["ppl"], ev["generation"]["rouge_l"], ev["generation"]["exact_match"])]
         gen = ev["generation"]["per_category"]
         rows += [(c, v["loss"], v["ppl"], gen.get(c, {}).get("rouge_l"), gen.get(c, {}).get("exact_match"))
