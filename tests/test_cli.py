@@ -272,6 +272,8 @@ class Terminal:
                     self.seen += os.read(self.master, 4096).decode(errors="replace")
                 except OSError:  # the child closed the terminal
                     assert False, f"chat exited before {needle!r}: {self.seen!r}"
+            elif self.proc.poll() is not None:
+                assert False, f"chat exited ({self.proc.returncode}) before {needle!r}: {self.seen!r}"
         before, _, self.seen = self.seen.partition(needle)
         return before
 
