@@ -145,6 +145,9 @@ def test_eval_report_and_serve_commands(finished_run, tmp_path):
     ev = fedtune("eval", run_dir, "eval.generation_examples=2")
     assert ev.returncode == 0, ev.stderr
     assert "ROUGE-L" in ev.stdout and "evaluations/heldout.json" in ev.stdout.replace("\n", "")
+    for phase in ("loading model", "tokenising", "held-out loss", "generating answers"):  # no silent wait; lines in a log
+        assert f"{phase} ..." in ev.stderr and f"{phase} done in" in ev.stderr, ev.stderr
+    assert "\r" not in ev.stderr
     rep = fedtune("report", run_dir)
     assert rep.returncode == 0 and "report.html" in rep.stdout
     assert_one_line_error(fedtune("eval", tmp_path / "nowhere"), 4, "not a fedtune run directory")
@@ -237,3 +240,107 @@ def test_a_failed_flower_run_exits_8(monkeypatch):
     result = CliRunner().invoke(cli.app, ["flower", "run", "configs/demo.yaml", "federation.engine=flower", "--superlink", "127.0.0.1:1", "--insecure"])
     assert result.exit_code == 8, result.output
     assert "error: the Flower run ended finished:failed: a ClientApp crashed" in result.output
+
+
+# ----------------------------------------------------------------------------- fedtune chat, on a terminal
+
+
+class Terminal:
+    """`fedtune chat` with its stdin and stdout on a pseudo-terminal (readline is live), stderr in a file."""
+
+    def __init__(self, run_dir, cache, log):
+        import pty
+
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "COLUMNS": "200", "TERM": "xterm", "FEDTUNE_CACHE": str(cache)}
+        self.log = open(log, "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "chat", run_dir, "--max-new-tokens", "6"],
+                                     stdin=slave, stdout=slave, stderr=self.log, env=env, cwd=ROOT)
+        os.close(slave)
+        self.seen = ""
+
+    def expect(self, needle, timeout=120):
+        """Read until ``needle`` shows up (after what earlier expects consumed); the text before it."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while needle not in self.seen:
+            assert time.monotonic() < deadline, f"no {needle!r} in {self.seen!r}"
+            if select.select([self.master], [], [], 0.5)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:  # the child closed the terminal
+                    assert False, f"chat exited before {needle!r}: {self.seen!r}"
+            elif self.proc.poll() is not None:
+                assert False, f"chat exited ({self.proc.returncode}) before {needle!r}: {self.seen!r}"
+        before, _, self.seen = self.seen.partition(needle)
+        return before
+
+    def send(self, text):
+        os.write(self.master, text.encode())
+
+    def finish(self):
+        code = self.proc.wait(timeout=60)
+        os.close(self.master)
+        self.log.seek(0)
+        return code, self.log.read()
+
+
+def test_chat_on_a_terminal_streams_keeps_history_and_ends_cleanly(finished_run, tmp_path):
+    import signal
+
+    # Arrange, Act: an empty line does nothing, a question gets a reply, /exit ends with 0
+    chat = Terminal(finished_run, tmp_path / "cache", tmp_path / "err1")
+    chat.expect("you> ")
+    chat.send("\n")
+    chat.expect("you> ")
+    assert chat.proc.poll() is None  # still chatting
+    chat.send("hello there\n")
+    chat.expect("model> ")
+    chat.expect("you> ")
+    chat.send("/exit\n")
+    code, err = chat.finish()
+    assert code == 0, err
+    assert "hello there" in (tmp_path / "cache" / "chat_history").read_text()
+
+    # Act: a new chat recalls that line with the up arrow (line editing), then Ctrl-C at the prompt ends it
+    chat = Terminal(finished_run, tmp_path / "cache", tmp_path / "err2")
+    chat.expect("you> ")
+    chat.send("\x1b[A\x1b[A\n")  # up arrow twice (past /exit), Enter: the recalled question is answered
+    assert "hello there" in chat.expect("model> ")
+    chat.expect("you> ")
+    chat.proc.send_signal(signal.SIGINT)
+    code, err = chat.finish()
+
+    # Assert
+    assert code == 0, err
+    assert "resume" not in err and "interrupted" not in err and "Traceback" not in err
+
+
+def test_chat_prints_a_reply_as_it_is_generated_and_ctrl_c_stops_only_the_reply(monkeypatch):
+    import io
+
+    from fedtune import cli
+    from fedtune.serving.engine import Finish, Piece
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli.out, "file", screen)
+
+    class Model:
+        def prompt_ids(self, req):
+            return [1, 2]
+
+        def generate(self, req, ids):
+            yield Piece("Hel", [])
+            assert screen.getvalue() == "model> Hel"  # shown before the next token exists
+            yield Piece("lo", [])
+            if req.max_tokens == 1:
+                raise KeyboardInterrupt  # Ctrl-C while generating
+            yield Finish("stop", 2, 2)
+
+    assert cli._stream_reply(Model(), [{"role": "user", "content": "hi"}], 8) == "Hello"
+    assert screen.getvalue() == "model> Hello\n"
+    screen.truncate(0), screen.seek(0)
+    assert cli._stream_reply(Model(), [{"role": "user", "content": "hi"}], 1) == "Hello"  # the partial reply is kept
+    assert screen.getvalue() == "model> Hello [stopped]\n"

@@ -80,13 +80,14 @@ def run(config: Config = None, overrides: Overrides = None, *, resume: Union[str
     return run_federation(cfg, resume=resume is not None, from_round=from_round, progress=progress, stop=stop)
 
 
-def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, base: bool = False, overrides: Overrides = None) -> dict:
+def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, base: bool = False, overrides: Overrides = None,
+             progress=None) -> dict:
     """Evaluate a run's adapter (``base``: the base model) on its held-out set or on the file
     ``data``: held-out loss and perplexity per category, ROUGE-L, exact match (and the judge
     when ``eval.judge`` is set). Saved under ``run_dir/evaluations/``; returns the record."""
     from fedtune.evaluation.evaluate import evaluate_run
 
-    return evaluate_run(Path(run_dir), data=data, base=base, overrides=_override_list(overrides))
+    return evaluate_run(Path(run_dir), data=data, base=base, overrides=_override_list(overrides), progress=progress)
 
 
 def compare(config: Config = None, overrides: Overrides = None, *, progress=None, stop: Optional[threading.Event] = None):

@@ -5,6 +5,7 @@ function and shows the result. User errors print ``error: <one line>`` and exit 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -226,11 +227,25 @@ def generate(
 
     from fedtune.federation.loader import load_any_model
     from fedtune.model.generate import generate as gen
+    from fedtune.reporting.progress import LOADING, RichProgress
 
-    loaded = load_any_model(run_dir)
-    with loaded.base_only() if base else contextlib.nullcontext():
-        answer = gen(loaded.model, loaded.tokenizer, [prompt], template=loaded.template, max_new_tokens=max_new_tokens, inputs=[input])[0]
+    progress = RichProgress(err)
+    with _interrupted(), progress.phase(LOADING):
+        loaded = load_any_model(run_dir)
+    kwargs = dict(template=loaded.template, max_new_tokens=max_new_tokens, inputs=[input], progress=progress)
+    with _interrupted(), loaded.base_only() if base else contextlib.nullcontext():
+        answer = gen(loaded.model, loaded.tokenizer, [prompt], **kwargs)[0]
     out.print(answer, highlight=False, markup=False)
+
+
+@contextlib.contextmanager
+def _interrupted():
+    """Ctrl-C in a command that trains nothing: exit 130 without the training resume hint."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -239,30 +254,96 @@ def chat(
     run_dir: Path = typer.Argument(..., help="a run directory"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
 ) -> None:
-    """Talk to a run's adapter (empty line or Ctrl-D to quit; /reset clears the history)."""
-    from fedtune.federation.setup import load_run_model
-    from fedtune.model.generate import chat_reply, generate as gen
+    """Talk to a run's adapter; replies are streamed. /reset clears the conversation; /exit,
+    /quit, Ctrl-D or Ctrl-C at the prompt end the chat; Ctrl-C during a reply stops it."""
+    from fedtune.reporting.progress import LOADING, RichProgress
+    from fedtune.serving.engine import load_chat_model
 
-    cfg, bundle, folder = load_run_model(run_dir)
-    err.print(f"chatting with {folder} ({cfg.data.template} template); empty line to quit")
-    history: list[dict] = []
-    while True:
-        try:
+    try:
+        with RichProgress(err).phase(LOADING):
+            model = load_chat_model(run_dir)
+    except KeyboardInterrupt:
+        return
+    history_file = _line_editing()
+    err.print(f"chatting with {model.name} ({model.template} template); /reset clears the conversation, "
+              "/exit or Ctrl-D ends it, Ctrl-C stops a reply", highlight=False)
+    messages: list[dict] = []
+    try:
+        while True:
             text = input("you> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
-        if text == "/reset":
-            history = []
-            continue
-        if cfg.data.template == "chat":
-            history.append({"role": "user", "content": text})
-            reply = chat_reply(bundle.model, bundle.tokenizer, history, max_new_tokens=max_new_tokens)
-            history.append({"role": "assistant", "content": reply})
-        else:
-            reply = gen(bundle.model, bundle.tokenizer, [text], template=cfg.data.template, max_new_tokens=max_new_tokens)[0]
-        out.print(f"model> {reply}", highlight=False, markup=False)
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                messages = []
+                err.print("conversation cleared")
+                continue
+            if text.startswith("/"):
+                err.print(f"unknown command {text.split()[0]}; commands: /reset, /exit, /quit", highlight=False)
+                continue
+            messages.append({"role": "user", "content": text})
+            reply = _stream_reply(model, messages, max_new_tokens)
+            if reply is None:
+                messages.pop()
+            else:
+                messages.append({"role": "assistant", "content": reply})
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt
+        out.file.write("\n")
+    finally:
+        _save_history(history_file)
+
+
+def _stream_reply(model, messages: list[dict], max_new_tokens: int) -> Optional[str]:
+    """Print the model's next turn as it is generated and return it (cut short by Ctrl-C);
+    None when the conversation no longer fits the model's context."""
+    from fedtune.serving.api import GenRequest, RequestError
+    from fedtune.serving.engine import Finish
+
+    req = GenRequest(messages=messages, max_tokens=max_new_tokens)
+    try:
+        ids = model.prompt_ids(req)
+    except RequestError as e:
+        err.print(f"{e.message}; /reset starts a new conversation", highlight=False)
+        return None
+    reply = ""
+    out.file.write("model> ")
+    try:
+        for piece in model.generate(req, ids):
+            if not isinstance(piece, Finish):
+                reply += piece.text
+                out.file.write(piece.text)
+                out.file.flush()
+    except KeyboardInterrupt:
+        out.file.write(" [stopped]")
+    out.file.write("\n")
+    out.file.flush()
+    return reply
+
+
+def _line_editing() -> Optional[Path]:
+    """Line editing and history for ``input()`` (POSIX readline); the history file, if any."""
+    try:
+        import readline
+    except ImportError:  # no readline (Windows): plain input
+        return None
+    from fedtune.model.base import cache_root
+
+    path = cache_root() / "chat_history"
+    readline.set_history_length(1000)
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    return path
+
+
+def _save_history(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    import readline
+
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
 
 
 @app.command()
@@ -328,8 +409,10 @@ def eval_(
 ) -> None:
     """Evaluate a run's adapter: held-out loss/perplexity per category, ROUGE-L, exact match."""
     from fedtune.api import evaluate
+    from fedtune.reporting.progress import RichProgress
 
-    record = evaluate(run_dir, data=data, base=base, overrides=args or [])
+    with _interrupted():
+        record = evaluate(run_dir, data=data, base=base, overrides=args or [], progress=RichProgress(err))
     table = Table(title=record["description"])
     for col in ("category", "loss", "perplexity", "ROUGE-L", "exact match"):
         table.add_column(col, justify="left" if col == "category" else "right")

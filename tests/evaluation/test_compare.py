@@ -13,10 +13,16 @@ from fedtune.serving import ChatServer, load_chat_model
 
 class Messages(Progress):
     def __init__(self):
-        self.lines = []
+        self.lines, self.phases, self.advanced = [], [], {}
 
     def message(self, text):
         self.lines.append(text)
+
+    def phase_started(self, name, total):
+        self.phases.append((name, total))
+
+    def phase_advanced(self, name, n):
+        self.advanced[name] = self.advanced.get(name, 0) + n
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +89,12 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
         f"compare: {n} reused ({root / n})" for n in ("local-1", "federated", "centralized")
     ]
     assert again.comparison["heldout"] == comp["heldout"] and judge_server.count == served
+    # evaluation shows progress: load, tokenise, then per model held-out batches and answers, then the judge calls
+    names = [n for n, _ in progress.phases]
+    assert names == ["loading model", "tokenising"] + ["held-out loss", "generating answers"] * 4 + ["judge calls"]
+    judge_calls = 2 * (1 + 4 * (1 + 2))  # 2 questions: reference ratings; per model, a rating and two pairwise verdicts
+    assert progress.phases[-1] == ("judge calls", judge_calls) and progress.advanced["judge calls"] == judge_calls
+    assert progress.advanced["generating answers"] == 4 * 4
 
     # a changed training setting is not silently reused
     with pytest.raises(ConfigError, match=r"local-1 holds a run with a different config \(lora.r \(run: 8, now: 4\)\)"):

@@ -6,6 +6,21 @@ import pytest
 from fedtune.errors import CheckpointError
 from fedtune.evaluation.evaluate import evaluate_run
 from fedtune.reporting.metrics import read_metrics
+from fedtune.reporting.progress import Progress
+
+
+class Phases(Progress):
+    def __init__(self):
+        self.started, self.advanced, self.finished = [], {}, []
+
+    def phase_started(self, name, total):
+        self.started.append((name, total))
+
+    def phase_advanced(self, name, n):
+        self.advanced[name] = self.advanced.get(name, 0) + n
+
+    def phase_finished(self, name, seconds):
+        self.finished.append(name)
 
 
 @pytest.fixture
@@ -15,7 +30,8 @@ def run_copy(finished_run, tmp_path):
 
 def test_eval_on_the_runs_heldout_set_matches_its_final_evaluation(run_copy):
     # Act
-    record = evaluate_run(run_copy)
+    progress = Phases()
+    record = evaluate_run(run_copy, progress=progress)
 
     # Assert
     final = [r for r in read_metrics(run_copy / "metrics.jsonl") if r["type"] == "eval"][-1]
@@ -28,6 +44,12 @@ def test_eval_on_the_runs_heldout_set_matches_its_final_evaluation(run_copy):
     saved = json.loads((run_copy / "evaluations" / "heldout.json").read_text())
     assert saved["heldout"]["loss"] == record["heldout"]["loss"]
     assert "evaluation: heldout" in (run_copy / "report.html").read_text()
+    # no silent phase: loading, tokenising, held-out batches, answers
+    names = [n for n, _ in progress.started]
+    assert names == ["loading model", "tokenising", "held-out loss", "generating answers"] and progress.finished == names
+    totals = dict(progress.started)
+    assert totals["held-out loss"] >= 1 and progress.advanced["held-out loss"] == totals["held-out loss"]
+    assert totals["generating answers"] == progress.advanced["generating answers"] == 4
 
 
 def test_eval_of_the_base_model_is_the_untrained_starting_point(run_copy):

@@ -133,3 +133,56 @@ def test_bf16_autocast_run(tiny_overrides, tmp_path):
     assert numbers_close(evals[0]["loss"], records(fp32.run_dir, "eval")[0]["loss"], 1e-2)  # bf16 keeps ~3 digits
     assert [r["clients"] for r in records(bf16.run_dir, "round")] == [r["clients"] for r in records(fp32.run_dir, "round")]
     assert adapters_close(a, b, rel=0.5)  # the same direction of travel, not a different run
+
+
+class Recorder(Progress):
+    """Records the events the CLI's progress display is driven by."""
+
+    def __init__(self):
+        self.events = []
+
+    def run_started(self, total_rounds, done_rounds, total_steps, pending=None):
+        self.events.append(("run", total_steps, dict(pending or {})))
+
+    def client_started(self, round, client, steps):
+        self.events.append(("client", round, client, steps))
+
+    def step(self, step, steps, loss):
+        self.events.append(("step", step, steps))
+
+    def phase_started(self, name, total):
+        self.events.append(("phase", name, total))
+
+    def phase_advanced(self, name, n):
+        self.events.append(("advance", name, n))
+
+    def phase_finished(self, name, seconds):
+        self.events.append(("done", name))
+
+    def named(self, kind):
+        return [e for e in self.events if e[0] == kind]
+
+
+def test_progress_sees_every_phase_and_each_clients_own_step_count(tiny_overrides):
+    # Arrange: clients do different work per round; evaluations after rounds 2 and 3 (the last)
+    cfg = load_config(None, tiny_overrides + ["train.local_steps_per_client=[1,4]", "eval.every=2"])
+    progress = Recorder()
+
+    # Act
+    result = run(cfg, progress=progress)
+
+    # Assert: loading, tokenising, the round-0 and two later evaluations, samples before and after
+    phases = [name for _, name, _ in progress.named("phase")]
+    assert phases == ["loading model", "tokenising", "evaluation", "sample answers", "evaluation", "evaluation", "sample answers"]
+    assert len(progress.named("done")) == len(phases)
+    batches = progress.named("phase")[2][2]
+    assert batches >= 1 and sum(n for _, name, n in progress.named("advance") if name == "evaluation") == 3 * batches
+    # the ETA knows the evaluations and final answers to come, and every step
+    fits = records(result.run_dir, "fit")
+    (started,) = progress.named("run")
+    assert started[1] == sum(f["steps"] for f in fits) and started[2] == {"evaluation": 2, "sample answers": 1}
+    # each client's bar counts that client's steps
+    told = {(r, c): steps for _, r, c, steps in progress.named("client")}
+    assert told == {(f["round"], f["client"]): f["steps"] for f in fits} and len(set(told.values())) > 1
+    steps_of = [e[2] for e in progress.events if e[0] == "step"]
+    assert steps_of == [f["steps"] for f in fits for _ in range(f["steps"])]

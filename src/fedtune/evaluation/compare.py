@@ -36,7 +36,7 @@ from fedtune.federation.rundir import (
 )
 from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
-from fedtune.reporting.progress import Progress
+from fedtune.reporting.progress import LOADING, Progress
 from fedtune.reporting.report import typical_local, write_report
 
 BASE = "base"
@@ -124,14 +124,15 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
     check_partitions(root, [n for n, _ in runs], shared)
     (root / PARTITION_FILE).write_text(json.dumps(shared))
 
-    bundle = setup.build_model(cfg)
-    evalset = build_eval_set(cfg, bundle, [examples[i] for i in partition.holdout])
+    with progress.phase(LOADING):
+        bundle = setup.build_model(cfg)
+    evalset = build_eval_set(cfg, bundle, [examples[i] for i in partition.holdout], progress)
     results = {}
     for name in names:
         progress.message(f"compare: evaluating {name}")
         adapter = None if name == BASE else load_adapter(root / name / FINAL_ADAPTER)[0]
         results[name] = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress)
         if bench is not None:
             progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
             results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,
@@ -169,7 +170,8 @@ def _judge(cfg: RunConfig, questions: list[Question], answers: dict[str, list[st
     if reference != "data":  # a compared model's answers are the reference (checked in compare)
         questions = [Question(q.text, a) for q, a in zip(questions, answers[reference])]
         answers = {m: a for m, a in answers.items() if m != reference}
-    return judge_answers(cfg.eval.judge, questions, answers, on_model=lambda m: progress.message(f"compare: judging {m}"))
+    return judge_answers(cfg.eval.judge, questions, answers, on_model=lambda m: progress.message(f"compare: judging {m}"),
+                         progress=progress)
 
 
 def _run_records(run_dir: Path) -> list[dict]:

@@ -26,6 +26,7 @@ from fedtune.federation.loader import RUN, folder_kind, load_any_model
 from fedtune.model.generate import generate
 from fedtune.model.lora import load_adapter, set_adapter
 from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
+from fedtune.reporting.progress import JUDGING, LOADING, TOKENISING, Progress
 from fedtune.reporting.report import write_report
 from fedtune.types import Adapter
 
@@ -42,35 +43,39 @@ class EvalSet:
         return [Question(user_message(e.instruction, e.input), e.output) for e in (self.examples[i] for i in self.answered)]
 
 
-def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence[Example]) -> EvalSet:
+def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence[Example],
+                   progress: Optional[Progress] = None) -> EvalSet:
     examples = list(examples)
-    encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    with (progress or Progress()).phase(TOKENISING):
+        encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
     evaluator = setup.build_evaluator(cfg, bundle, encoded, [e.category for e in examples])
     return EvalSet(examples, evaluator, pick_generation_subset([e.category for e in examples], cfg.eval.generation_examples))
 
 
 def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optional[Adapter], *, template: str,
-                   max_new_tokens: int, batch_size: int, as_loaded: bool = False) -> dict:
+                   max_new_tokens: int, batch_size: int, as_loaded: bool = False, progress: Optional[Progress] = None) -> dict:
     """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
     (LoRA disabled) when ``adapter`` is None; with ``as_loaded``, the model as it stands (a
-    merged model, or an adapter folder's model). Answers are greedy."""
+    merged model, or an adapter folder's model). Answers are greedy. ``progress`` sees the
+    held-out loss and the generation as phases."""
     if adapter is not None:
         set_adapter(bundle.params, adapter)
     chosen = [evalset.examples[i] for i in evalset.answered]
     with bundle.model.disable_adapter() if adapter is None and not as_loaded else contextlib.nullcontext():
-        heldout = evalset.evaluator.evaluate(bundle.model)
+        heldout = evalset.evaluator.evaluate(bundle.model, progress)
         answers = generate(
             bundle.model, bundle.tokenizer, [e.instruction for e in chosen], inputs=[e.input for e in chosen],
-            template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
         ) if chosen else []
     generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
     return {"heldout": heldout, "generation": generation, "answers": answers}
 
 
 def judge_answers(judge: JudgeConfig, questions: list[Question], answers: dict[str, list[str]],
-                  on_model: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+                  on_model: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None) -> Optional[dict]:
     """LLM-judge grades of each model's answers against ``questions``' references, or None
-    when no judge is configured (``eval.judge.base_url`` unset)."""
+    when no judge is configured (``eval.judge.base_url`` unset). ``progress`` sees the judge
+    calls as a phase (cached answers count too)."""
     if not judge.base_url:
         return None
     from fedtune.evaluation.judge import build_judge
@@ -81,8 +86,17 @@ def judge_answers(judge: JudgeConfig, questions: list[Question], answers: dict[s
         timeout=judge.timeout, max_tokens=judge.max_tokens,
     )
     n = judge.examples or len(questions)
-    graded = grade(client.complete, questions[:n], {m: a[:n] for m, a in answers.items()}, protocol=judge.grading, on_model=on_model)
-    return {**graded, "judge_model": judge.model, "questions": min(n, len(questions)), "client": dict(client.stats)}
+    asked = min(n, len(questions))
+    single, pairwise = judge.grading in ("single", "both"), judge.grading in ("pairwise", "both")
+    calls = asked * (single + len(answers) * (single + 2 * pairwise))  # reference ratings; each answer rated, judged both ways
+    with (progress or Progress()).phase(JUDGING, calls) as shown:
+        def complete(messages: list[dict]) -> str:
+            reply = client.complete(messages)
+            shown.advance()
+            return reply
+
+        graded = grade(complete, questions[:n], {m: a[:n] for m, a in answers.items()}, protocol=judge.grading, on_model=on_model)
+    return {**graded, "judge_model": judge.model, "questions": asked, "client": dict(client.stats)}
 
 
 def require_sft(cfg: RunConfig) -> None:
@@ -102,15 +116,18 @@ def run_heldout(cfg: RunConfig, run_dir: Path) -> list[Example]:
     return [examples[i] for i in saved["holdout"]]
 
 
-def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = False, overrides: Sequence[str] = ()) -> dict:
+def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = False, overrides: Sequence[str] = (),
+                 progress: Optional[Progress] = None) -> dict:
     """Evaluate a run's adapter (or, with ``base``, its base model) on its held-out set or on
     ``data`` (read with the run's ``data.columns``; ``overrides`` such as
     ``data.columns.output=response`` or ``eval.generation_examples=100`` adjust the run's
     config). Writes ``run_dir/evaluations/<name>.json``, refreshes the run's report and
-    returns the record."""
+    returns the record. ``progress`` sees every phase (model load, tokenisation, held-out
+    loss, generation, judge calls)."""
+    progress = progress or Progress()
     run_dir = Path(run_dir)
     if folder_kind(run_dir) != RUN:
-        return evaluate_folder(run_dir, data=data, base=base, overrides=overrides)
+        return evaluate_folder(run_dir, data=data, base=base, overrides=overrides, progress=progress)
     cfg = from_dict(parse_overrides(read_yaml(run_dir / CONFIG_FILE), list(overrides)))
     require_sft(cfg)
     if data is None:
@@ -119,11 +136,12 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
         d = cfg.data
         examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
         source = f"{report.source} ({report.rows} rows, {report.skipped} skipped)"
-    _, bundle, folder = setup.load_run_model(run_dir)
-    evalset = build_eval_set(cfg, bundle, examples)
+    with progress.phase(LOADING):
+        _, bundle, folder = setup.load_run_model(run_dir)
+    evalset = build_eval_set(cfg, bundle, examples, progress)
     adapter = None if base else load_adapter(folder)[0]
     result = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress)
     model_name = "base" if base else run_dir.name
     name = ("base-" if base else "") + ("heldout" if data is None else Path(data).stem)
     record = {
@@ -132,7 +150,7 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
                        f"{len(examples)} examples, {len(evalset.answered)} answered",
         "heldout": result["heldout"],
         "generation": result["generation"],
-        "judge": judge_answers(cfg.eval.judge, evalset.questions, {model_name: result["answers"]}),
+        "judge": judge_answers(cfg.eval.judge, evalset.questions, {model_name: result["answers"]}, progress=progress),
         "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
     }
     save_record(run_dir, record)
@@ -146,22 +164,25 @@ def save_record(folder: Path, record: dict) -> None:
     out.write_text(json.dumps(record, indent=1))
 
 
-def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides: Sequence[str]) -> dict:
+def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides: Sequence[str],
+                    progress: Optional[Progress] = None) -> dict:
     """``evaluate_run`` for a PEFT adapter folder or a merged model folder: on ``data`` (there is
     no held-out set), with the default config's ``data.columns`` and ``eval.*`` under ``overrides``;
     the record goes to ``folder/evaluations/``."""
     if data is None:
         raise ConfigError(f"{folder} is not a run directory, so it has no held-out set; pass --data FILE")
-    loaded = load_any_model(folder)
+    progress = progress or Progress()
+    with progress.phase(LOADING):
+        loaded = load_any_model(folder)
     if base:
         loaded.check_base()
     cfg = from_dict(parse_overrides({"data": {"template": loaded.template}}, list(overrides)))
     require_sft(cfg)
     d = cfg.data
     examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
-    evalset = build_eval_set(cfg, loaded.bundle, examples)
+    evalset = build_eval_set(cfg, loaded.bundle, examples, progress)
     result = evaluate_model(loaded.bundle, evalset, None, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, as_loaded=not base)
+                            batch_size=cfg.eval.batch_size, as_loaded=not base, progress=progress)
     what = f"{'base model of ' if base else ''}{loaded.kind} folder {folder}"
     record = {
         "name": ("base-" if base else "") + Path(data).stem,
@@ -169,7 +190,7 @@ def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides:
                        f"{len(examples)} examples, {len(evalset.answered)} answered",
         "heldout": result["heldout"],
         "generation": result["generation"],
-        "judge": judge_answers(cfg.eval.judge, evalset.questions, {folder.name: result["answers"]}),
+        "judge": judge_answers(cfg.eval.judge, evalset.questions, {folder.name: result["answers"]}, progress=progress),
         "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
     }
     save_record(folder, record)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from fedtune.data.prompts import Encoded, collate
 from fedtune.model.forward import sequence_nll
+from fedtune.reporting.progress import HELDOUT, Progress
 
 
 class HeldoutEvaluator:
@@ -28,21 +29,24 @@ class HeldoutEvaluator:
         self.size = len(examples)
 
     @torch.inference_mode()
-    def evaluate(self, model) -> dict:
-        """{"loss", "ppl", "tokens", "examples", "per_category": {cat: {"loss", "ppl", "examples"}}}"""
+    def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT) -> dict:
+        """{"loss", "ppl", "tokens", "examples", "per_category": {cat: {"loss", "ppl", "examples"}}};
+        ``progress`` sees a phase named ``phase`` advanced per batch."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         nll_by: dict[str, float] = defaultdict(float)
         tok_by: dict[str, int] = defaultdict(int)
         n_by: dict[str, int] = defaultdict(int)
-        for batch, cats in self.batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            nll, tokens = sequence_nll(model, **batch)  # (b,), (b,)
-            for cat, n, t in zip(cats, nll.tolist(), tokens.tolist()):
-                nll_by[cat] += n
-                tok_by[cat] += t
-                n_by[cat] += 1
+        with (progress or Progress()).phase(phase, len(self.batches)) as shown:
+            for batch, cats in self.batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                nll, tokens = sequence_nll(model, **batch)  # (b,), (b,)
+                for cat, n, t in zip(cats, nll.tolist(), tokens.tolist()):
+                    nll_by[cat] += n
+                    tok_by[cat] += t
+                    n_by[cat] += 1
+                shown.advance()
         model.train(was_training)
         total_nll, total_tok = sum(nll_by.values()), sum(tok_by.values())
         return {

@@ -15,6 +15,7 @@ import torch
 
 from fedtune.client.dpo import mean_stats, pair_logps, pair_stats, preference_loss, reference_logps
 from fedtune.data.preferences import EncodedPair, collate_pairs
+from fedtune.reporting.progress import HELDOUT, REFERENCE, Progress
 from fedtune.types import Adapter
 
 
@@ -44,22 +45,27 @@ class PreferenceEvaluator:
         self.size = len(pairs)
 
     @torch.no_grad()
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT) -> dict:
         """{"loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
-        "rejected_logp", "examples", "per_category": {cat: {... "examples"}}}"""
+        "rejected_logp", "examples", "per_category": {cat: {... "examples"}}}; ``progress`` sees
+        a phase named ``phase`` advanced per batch (after the reference's, on first use)."""
+        progress = progress or Progress()
         if self.reference is None:
-            self.reference = reference_logps(model, self.params, self.batches, self.reference_adapter)
+            with progress.phase(REFERENCE):
+                self.reference = reference_logps(model, self.params, self.batches, self.reference_adapter)
         was_training = model.training
         model.eval()
         device = next(iter(self.params.values())).device
         rows = []
-        for batch, ref in zip(self.batches, self.reference):
-            chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
-            ref = ref.to(device)  # (b, 2)
-            losses = preference_loss(
-                chosen, rejected, ref[:, 0], ref[:, 1], chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, **self.loss
-            )
-            rows.append(pair_stats(losses, chosen, rejected, ref[:, 0], ref[:, 1], self.loss["beta"]))
+        with progress.phase(phase, len(self.batches)) as shown:
+            for batch, ref in zip(self.batches, self.reference):
+                chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
+                ref = ref.to(device)  # (b, 2)
+                losses = preference_loss(
+                    chosen, rejected, ref[:, 0], ref[:, 1], chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, **self.loss
+                )
+                rows.append(pair_stats(losses, chosen, rejected, ref[:, 0], ref[:, 1], self.loss["beta"]))
+                shown.advance()
         model.train(was_training)
         cats = sorted(set(self.categories))
         per_category = {}

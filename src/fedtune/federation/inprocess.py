@@ -52,7 +52,7 @@ from fedtune.model.lora import set_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
 from fedtune.reporting.metrics import MetricsLog, read_metrics
-from fedtune.reporting.progress import Progress
+from fedtune.reporting.progress import EVALUATION, LOADING, SAMPLES, TOKENISING, Progress
 from fedtune.reporting.report import write_report
 from fedtune.reporting.trackers import open_trackers, require_trackers
 from fedtune.seeding import generator
@@ -90,7 +90,7 @@ class Federation:
 
     def evaluate(self, adapter: Adapter) -> dict:
         set_adapter(self.bundle.params, adapter)
-        return self.evaluator.evaluate(self.bundle.model)
+        return self.evaluator.evaluate(self.bundle.model, self.progress, EVALUATION)
 
     def checkpoint(self, round: int, adapter: Adapter, state: dict) -> None:
         ckpt = Checkpoint(round, adapter, state, self.metrics.lines, config_hash(self.cfg))
@@ -131,7 +131,7 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
             global_adapter, state = fed.strategy.aggregate(global_adapter, accepted, state)
 
         privacy = epsilon_fields(fed.privacy, rnd)
-        if rnd % cfg.eval.every == 0 or rnd == last:
+        if evaluates(cfg, rnd, last):
             last_eval = fed.evaluate(global_adapter)
             fed.metrics.log({"type": "eval", "round": rnd, **last_eval, **privacy})
             fed.progress.evaluated(rnd, {**last_eval, **privacy})
@@ -149,6 +149,11 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
             f"privacy.target_epsilon={fed.privacy.target:g} (delta={fed.privacy.delta:g}); stopped after round {last}"
         )
     return global_adapter, max(last, start_round), last_eval
+
+
+def evaluates(cfg: RunConfig, rnd: int, last: int) -> bool:
+    """Whether round ``rnd`` ends with a held-out evaluation (every eval.every rounds, and the last)."""
+    return rnd % cfg.eval.every == 0 or rnd == last
 
 
 def log_fits(metrics: MetricsLog, rnd: int, updates: list, norms: dict, failures: list, rejected: list) -> None:
@@ -201,8 +206,10 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     categories = [e.category for e in examples]
     progress.message(f"data: {len(examples)} rows from {report.source}; {len(partition.shards)} clients, "
                      f"{len(partition.holdout)} held out ({partition.method} split)")
-    bundle = setup.build_model(cfg)
-    encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    with progress.phase(LOADING):
+        bundle = setup.build_model(cfg)
+    with progress.phase(TOKENISING):
+        encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
     if ckpt is not None:  # the data must split as before; checked before anything is rewound
         setup.check_partition(run_dir, partition, categories)
     write_run_dir(cfg, run_dir, ckpt)
@@ -259,16 +266,19 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
 
     last = cfg.federation.rounds if result.last_round is None else result.last_round
     remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, last + 1) for c in fed.schedule(r))
-    progress.run_started(cfg.federation.rounds, start, remaining)
+    # the ETA counts the evaluations and the final sample answers still to come, timed by those done
+    pending = {EVALUATION: sum(evaluates(cfg, r, last) for r in range(start + 1, last + 1)), SAMPLES: int(bool(prompts))}
+    progress.run_started(cfg.federation.rounds, start, remaining, pending)
     try:
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
+        if result.finished:
+            result.samples_after = answer(fed, prompts, global_adapter)
     finally:
         progress.run_finished()
     if result.final_eval is None and last_eval is not None:  # resumed with no round left: the last one's eval
         result.final_eval = {k: v for k, v in last_eval.items() if k not in ("type", "round")}
     plot_eval(fed.metrics.path, run_dir / EVAL_PLOT)
     if result.finished:
-        result.samples_after = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": result.rounds_done, "items": result.samples_after})
         portable = functools.partial(write_portable_adapter, cfg=cfg, run_dir=run_dir, tokenizer=bundle.tokenizer, base_path=bundle.base_path)
         save_final_adapter(run_dir, global_adapter, bundle.peft_config, portable)  # last: adapter/ means finished
@@ -289,6 +299,6 @@ def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]
     set_adapter(fed.bundle.params, adapter)
     answers = generate(
         fed.bundle.model, fed.bundle.tokenizer, [p["prompt"] for p in prompts], inputs=[p["input"] for p in prompts],
-        template=fed.cfg.data.template, max_new_tokens=fed.cfg.eval.max_new_tokens,
+        template=fed.cfg.data.template, max_new_tokens=fed.cfg.eval.max_new_tokens, progress=fed.progress, phase=SAMPLES,
     )
     return [{**p, "answer": a} for p, a in zip(prompts, answers)]
