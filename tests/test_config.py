@@ -301,3 +301,12 @@ def test_small_round_warnings(overrides, expected):
     got = small_round_warnings(load_config(None, overrides))
     assert len(got) == len(expected) and all(g.startswith(e) for g, e in zip(got, expected))
     assert all("\n" not in g and ("min_clients=3" in g or "at least 3 clients" in g) for g in got)  # one line, names the fix
+
+
+@pytest.mark.parametrize("key", ["output.dir", "data.path", "model.name"])
+def test_empty_paths_are_refused(key):
+    """An empty output.dir would become the working directory (and overwrite would clear it)."""
+    with pytest.raises(ConfigError, match=f"{key}: must not be empty"):
+        load_config(None, [f"{key}="])
+    with pytest.raises(ConfigError, match=f"{key}: must not be empty"):
+        load_config(None, [f"{key}=  "])

@@ -358,6 +358,9 @@ def test_listening_beyond_loopback_needs_a_key_and_ports_are_checked():
     with pytest.raises(ConfigError, match="--api-key"):
         check_listen("0.0.0.0", 8000, None)
     check_listen("0.0.0.0", 8000, "key")
+    for blank in ("", "   "):
+        with pytest.raises(ConfigError, match="--api-key"):
+            check_listen("0.0.0.0", 8000, blank)
     check_listen("::1", 8000, None)
     check_listen("localhost", 8000, None)
     with pytest.raises(ConfigError, match="--port must be in 0..65535, got 70000"):

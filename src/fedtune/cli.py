@@ -71,7 +71,7 @@ def handle_errors(fn: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)  # [x] is text
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; the last finished round's checkpoint is intact (resume with `fedtune run --resume RUN_DIR`)")
+            err.print("interrupted; the last finished round's checkpoint is intact (resume with `fedtune run --resume` and the run directory)")
             raise typer.Exit(130) from None
 
     return wrapper

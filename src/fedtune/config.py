@@ -35,7 +35,7 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")  # output.trackers (reporting/trac
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A config field with help text and optional checks (choices, ge, gt, le, lt)."""
+    """A config field with help text and optional checks (choices, ge, gt, le, lt, nonempty)."""
     meta = {"help": help, **checks}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -46,7 +46,7 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f(BUNDLED_MODEL, "base model: 'smollm2-135m-instruct' (bundled, offline), a local folder or a hub name")
+    name: str = _f(BUNDLED_MODEL, "base model: 'smollm2-135m-instruct' (bundled, offline), a local folder or a hub name", nonempty=True)
     dtype: str = _f("auto", "weights dtype (auto: bfloat16 on CUDA if supported, else float32)", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "device (auto: CUDA if available, else CPU)", choices=("auto", "cpu", "cuda", "mps"))
     trust_remote_code: bool = _f(False, "allow custom model code from the hub")
@@ -89,7 +89,7 @@ class ColumnsConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f(DEMO_DATA, "'demo' (built in), a .jsonl/.json/.csv/.parquet file, a folder, or a hub dataset name")
+    path: str = _f(DEMO_DATA, "'demo' (built in), a .jsonl/.json/.csv/.parquet file, a folder, or a hub dataset name", nonempty=True)
     columns: ColumnsConfig = _f(ColumnsConfig(), "column mapping from the source to fedtune's fields")
     split: str = _f("train", "split to load from a hub dataset or folder")
     subset: Optional[str] = _f(None, "hub dataset configuration name")
@@ -331,7 +331,7 @@ class CompressionConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = _f("runs/run", "run directory (config, metrics, checkpoints, final adapter)")
+    dir: str = _f("runs/run", "run directory (config, metrics, checkpoints, final adapter)", nonempty=True)
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
     keep_checkpoints: int = _f(2, "newest round checkpoints to keep", ge=1)
     report: bool = _f(True, "write report.html (plots, tables, sample answers) when the run stops or finishes")
@@ -433,6 +433,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
 def _check_bounds(value: Any, meta: dict, key: str, problems: list[str]) -> None:
     if value is None or isinstance(value, bool):
         return
+    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
+        problems.append(f"{key}: must not be empty")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         hint = difflib.get_close_matches(str(value), choices, n=1)

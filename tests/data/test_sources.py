@@ -167,6 +167,22 @@ def test_an_explicitly_mapped_optional_column_must_exist(tmp_path):
     assert e.category == "t"
 
 
+def test_a_non_utf8_file_inside_a_data_folder_is_one_data_error(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_bytes(json.dumps({"instruction": "q", "output": "Müller 12345"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"record 1 is not UTF-8 text \(byte 0xfc\); save its file as UTF-8") as e:
+        load_examples(str(tmp_path / "d"), ALPACA)
+    assert "12345" not in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_utf8_byte_order_mark_is_read_as_utf8(tmp_path, suffix):
+    text = "instruction,output\nq,a\n" if suffix == ".csv" else json.dumps({"instruction": "q", "output": "a"}) + "\n"
+    f = tmp_path / f"bom{suffix}"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Excel and Notepad save
+    (example,), _ = load_examples(str(f), ALPACA)
+    assert (example.instruction, example.output) == ("q", "a")
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_a_file_that_is_not_utf8_names_the_line_not_the_text(tmp_path, suffix):
     secret = "Müller's salary is 12345"

@@ -78,6 +78,11 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_overrides, tmp_
     with pytest.raises(ConfigError, match="not a fedtune run directory"):
         run(load_config(None, tiny_overrides + ["output.overwrite=true"]))
     assert (tmp_path / "run" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "run" / "config.yaml").write_text("services: {}\n")  # another tool's config beside the user's files
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="not a fedtune run directory"):
+        run(load_config(None, tiny_overrides + ["output.overwrite=true"]))
+    assert (tmp_path / "run" / "thesis.tex").read_text() == "precious"
 
 
 def test_resume_finishes_a_run_killed_before_its_adapter(tiny_overrides, tmp_path):
@@ -173,6 +178,27 @@ def test_disk_full_is_one_error_with_the_checkpoint_intact(tiny_overrides, tmp_p
     assert kept_rounds(cfg_dir := tmp_path / "run") == [0, 1] and not (cfg_dir / "adapter").exists()
     resumed = run(cfg, resume=True)
     assert resumed.finished and close(load_adapter(cfg_dir / "adapter")[0], load_adapter(straight.run_dir / "adapter")[0])
+
+
+def test_disk_full_inside_a_safetensors_write_is_one_error(tiny_overrides, tmp_path, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError carrying the OS code, not an OSError."""
+    import fedtune.model.lora as lora
+    from safetensors import SafetensorError
+
+    real_save = lora.save_file
+
+    def full(tensors, path, *args, **kwargs):
+        if "round_00002" in path or ".tmp-round_00002" in path:
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "save_file", full)
+    cfg = load_config(None, tiny_overrides)
+    with pytest.raises(CheckpointError, match=r"No space left on device while writing the run; free space .* --resume"):
+        run(cfg)
+    monkeypatch.setattr(lora, "save_file", real_save)
+    assert kept_rounds(tmp_path / "run") == [0, 1]
+    assert run(cfg, resume=True).finished
 
 
 def test_evaluation_settings_may_change_on_resume(tiny_overrides):

@@ -8,6 +8,7 @@ field, and what to do about it.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 from contextlib import contextmanager
@@ -108,10 +109,11 @@ def _csv_rows(path: Path) -> Iterator[Row]:
 
 @contextmanager
 def _text_file(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
-    """``path`` opened as UTF-8 text; a file that cannot be read or decoded is a DataError
-    naming the file (and the line and byte that are not UTF-8), never the text itself."""
+    """``path`` opened as UTF-8 text (a leading byte-order mark, as Excel and Notepad write, is
+    dropped); a file that cannot be read or decoded is a DataError naming the file (and the
+    line and byte that are not UTF-8), never the text itself."""
     try:
-        with path.open(encoding="utf-8", newline=newline) as fh:
+        with path.open(encoding="utf-8-sig", newline=newline) as fh:
             yield fh
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: {not_utf8(path, err)}; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
@@ -159,7 +161,17 @@ def _hub_rows(name: str, split: str, subset: Optional[str], folder: bool) -> Ite
             f"cannot load {where} '{name}' (split '{split}'): {reason}; check data.path/data.split, "
             "or download it and pass a local .jsonl/.csv/.parquet file"
         ) from None
-    for i, row in enumerate(ds, start=1):
+    rows = iter(ds)
+    for i in itertools.count(1):
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as err:  # pyarrow decodes lazily: a non-UTF-8 file in a folder fails here
+            raise DataError(
+                f"'{name}': record {i} is not UTF-8 text (byte 0x{err.object[err.start]:02x}); save its file as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)"
+            ) from None
         yield f"record {i}", row
 
 

@@ -35,13 +35,16 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from safetensors import SafetensorError
+
 from fedtune.config import RunConfig, config_hash, dump_yaml, load_config, resume_differences
-from fedtune.errors import CheckpointError, ConfigError
+from fedtune.errors import CheckpointError, ConfigError, FedtuneError
 from fedtune.federation.checkpoint import CHECKPOINTS, LATEST, Checkpoint, checkpoint_dir, kept_rounds, latest_checkpoint, load_checkpoint
 from fedtune.federation.client_state import CLIENT_STATE
 from fedtune.model.lora import save_adapter
@@ -153,6 +156,19 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     return RunLock(run_dir)
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder fedtune wrote: its config.yaml is a fedtune config and it has metrics.jsonl or
+    checkpoints/ (a run that failed before its first write leaves nothing behind). Anything
+    else (another tool's config.yaml beside a user's files) is never deleted by overwrite."""
+    if not (path / CONFIG_FILE).is_file() or not ((path / METRICS_FILE).is_file() or (path / CHECKPOINTS).is_dir()):
+        return False
+    try:
+        load_config(path / CONFIG_FILE)
+    except FedtuneError:
+        return False
+    return True
+
+
 def _entries(run_dir: Path) -> list[Path]:
     """What the folder holds, besides the lock."""
     return [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
@@ -171,10 +187,10 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, from_round: Optio
                 f"output.dir: {run_dir} already holds files; resume it with `fedtune run --resume {run_dir}`, "
                 "or set output.overwrite=true or another output.dir"
             )
-        if _entries(run_dir) and not (run_dir / CONFIG_FILE).is_file():
+        if _entries(run_dir) and not is_run_dir(run_dir):
             raise ConfigError(
-                f"output.dir: {run_dir} holds files but is not a fedtune run directory (no {CONFIG_FILE}); "
-                "output.overwrite only replaces runs: choose another output.dir or empty it"
+                f"output.dir: {run_dir} holds files but is not a fedtune run directory (a fedtune {CONFIG_FILE} with "
+                f"{METRICS_FILE} or {CHECKPOINTS}/); output.overwrite only replaces runs: choose another output.dir or empty it"
             )
         return None
     if not (run_dir / CONFIG_FILE).is_file():
@@ -297,6 +313,12 @@ def finished_adapter(run_dir: Path) -> Optional[Path]:
     return folder if folder.is_dir() else None
 
 
+def _safetensors_errno(err: Exception) -> Optional[int]:
+    """The OS error code inside a safetensors write error (its Rust ``Os { code: 28, ... }``)."""
+    found = re.search(r"code: (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
 def storage_errors(run_dir: Path) -> Iterator[None]:
     """Turn a full (or read-only, or failing) disk under a run into one CheckpointError line
@@ -304,12 +326,14 @@ def storage_errors(run_dir: Path) -> Iterator[None]:
     checkpoint is intact whatever write failed."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in STORAGE_ERRNOS:
+    except (OSError, SafetensorError) as err:
+        code = err.errno if isinstance(err, OSError) else _safetensors_errno(err)
+        if code not in STORAGE_ERRNOS:
             raise
-        where = err.filename or run_dir
+        where = getattr(err, "filename", None) or run_dir
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else os.strerror(code)
         if (run_dir / CHECKPOINTS / LATEST).is_file():
             fix = f"free space (or fix the disk) and resume with `fedtune run --resume {run_dir}`; the last checkpoint is intact"
         else:
             fix = "free space (or fix the disk) and start it again with output.overwrite=true"
-        raise CheckpointError(f"{where}: {err.strerror or err} while writing the run; {fix}") from None
+        raise CheckpointError(f"{where}: {reason} while writing the run; {fix}") from None

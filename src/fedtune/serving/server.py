@@ -44,7 +44,9 @@ def check_listen(host: str, port: int, api_key: Optional[str], max_waiting: int 
     if max_waiting < 0 or not io_timeout > 0 or (max_tokens_limit is not None and max_tokens_limit < 1):
         raise ConfigError(f"--max-queue must be >= 0 (got {max_waiting}), --timeout > 0 (got {io_timeout:g}) "
                           f"and --max-tokens-limit >= 1 (got {max_tokens_limit})")
-    if not api_key and not is_loopback(host):
+    if api_key is not None and api_key != api_key.strip():
+        raise ConfigError("--api-key (or FEDTUNE_API_KEY) starts or ends with whitespace; a key is one word (e.g. from `openssl rand -hex 16`)")
+    if not (api_key or "").strip() and not is_loopback(host):
         raise ConfigError(f"--host {host} is reachable from other machines: set --api-key (or FEDTUNE_API_KEY) "
                           "so that only clients with the key are served, or listen on 127.0.0.1")
 
