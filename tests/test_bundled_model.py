@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from tests.test_cli import fedtune
 

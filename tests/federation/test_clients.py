@@ -3,7 +3,6 @@
 
 import threading
 
-import torch
 from safetensors.torch import load_file
 
 from fedtune.config import load_config

@@ -11,7 +11,6 @@ from fedtune.config import STRATEGIES, load_config
 from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
-from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.server.sampling import local_steps_per_client
 from tests.federation.test_inprocess import StopAfter, records

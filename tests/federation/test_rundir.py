@@ -10,7 +10,6 @@ import sys
 import threading
 
 import pytest
-import torch
 
 from fedtune.config import load_config
 from fedtune.errors import CheckpointError, ConfigError

@@ -40,7 +40,7 @@ import torch
 
 from fedtune.privacy import dp
 from fedtune.seeding import torch_seed
-from fedtune.types import Adapter, ClientUpdate
+from fedtune.types import ClientUpdate
 
 RELEASE_ID = -1  # client id of the server's private aggregate, the one update the strategy sees
 

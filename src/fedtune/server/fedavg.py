@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 from fedtune.server.aggregate import Mean, check_updates
 from fedtune.server.state import State
