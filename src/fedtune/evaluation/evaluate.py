@@ -142,20 +142,26 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
     adapter = None if base else load_adapter(folder)[0]
     result = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress)
-    model_name = "base" if base else run_dir.name
     name = ("base-" if base else "") + ("heldout" if data is None else Path(data).stem)
-    record = {
-        "name": name,
-        "description": f"{'base model (adapter disabled)' if base else f'adapter {folder}'} on {source}: "
-                       f"{len(examples)} examples, {len(evalset.answered)} answered",
-        "heldout": result["heldout"],
-        "generation": result["generation"],
-        "judge": judge_answers(cfg.eval.judge, evalset.questions, {model_name: result["answers"]}, progress=progress),
-        "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
-    }
+    what = "base model (adapter disabled)" if base else f"adapter {folder}"
+    record = make_record(name, f"{what} on {source}", cfg, evalset, result, "base" if base else run_dir.name, progress)
     save_record(run_dir, record)
     write_report(run_dir)
     return record
+
+
+def make_record(name: str, what: str, cfg: RunConfig, evalset: EvalSet, result: dict, model_name: str,
+                progress: Progress) -> dict:
+    """The saved evaluation record (held-out, generation, judge, samples) of ``result``."""
+    answers = result["answers"]
+    return {
+        "name": name,
+        "description": f"{what}: {len(evalset.examples)} examples, {len(evalset.answered)} answered",
+        "heldout": result["heldout"],
+        "generation": result["generation"],
+        "judge": judge_answers(cfg.eval.judge, evalset.questions, {model_name: answers}, progress=progress),
+        "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, answers)],
+    }
 
 
 def save_record(folder: Path, record: dict) -> None:
@@ -184,14 +190,7 @@ def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides:
     result = evaluate_model(loaded.bundle, evalset, None, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, as_loaded=not base, progress=progress)
     what = f"{'base model of ' if base else ''}{loaded.kind} folder {folder}"
-    record = {
-        "name": ("base-" if base else "") + Path(data).stem,
-        "description": f"{what} on {report.source} ({report.rows} rows, {report.skipped} skipped): "
-                       f"{len(examples)} examples, {len(evalset.answered)} answered",
-        "heldout": result["heldout"],
-        "generation": result["generation"],
-        "judge": judge_answers(cfg.eval.judge, evalset.questions, {folder.name: result["answers"]}, progress=progress),
-        "samples": [{"prompt": q.text, "reference": q.reference, "answer": a} for q, a in zip(evalset.questions, result["answers"])],
-    }
+    source = f"{report.source} ({report.rows} rows, {report.skipped} skipped)"
+    record = make_record(("base-" if base else "") + Path(data).stem, f"{what} on {source}", cfg, evalset, result, folder.name, progress)
     save_record(folder, record)
     return record
