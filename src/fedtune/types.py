@@ -29,6 +29,7 @@ class ClientFailure:
 
     client_id: int
     reason: str  # e.g. "simulated dropout (federation.dropout=0.2)"
+    simulated: bool = False  # a seeded, simulated failure (a rerun fails the same way), not a real one
 
 
 # Keys of the ``client_config`` dict a strategy sends its clients each round (empty for FedAvg).

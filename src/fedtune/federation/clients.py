@@ -1,29 +1,49 @@
-"""How the server reaches its clients. In-process: every client fit runs here, one after
-another, on the one shared model. (A distributed engine sends the same requests over the
-network and gets the same ClientUpdates back; the round loop does not change.)
+"""How the round loop reaches its clients: the :class:`Clients` protocol, and its in-process
+transport :class:`LocalClients`, where every client fit runs here, one after another, on the
+one shared model. (The Flower transport, federation/flower/transport.py, sends the same
+requests as messages; each node runs the same client pipeline, federation/client_fit.py, and
+the round loop cannot tell the two apart.)
 
 This is also where the in-process engine simulates what real clients do: fail to answer
-(``dropout``), differ in how much work they do per round (``local_steps``), and keep their
-own state across rounds (SCAFFOLD's control variates and error-feedback residuals, in a
-:class:`ClientStateStore` on disk), train a lower LoRA rank (``ranks``, HetLoRA), and encode
-their upload (``compression``; the fit metrics carry ``upload_bytes``).
+(``dropout``, seeded, reported as ``ClientFailure(simulated=True)``), differ in how much work
+they do per round (``local_steps``), and train a lower LoRA rank (``ranks``, HetLoRA). What
+a client does with its fit (attack / local DP, compression with error feedback, SCAFFOLD's
+control variates kept in a :class:`ClientStateStore` on disk) is the client pipeline's.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
+from typing import Optional, Protocol, Sequence
 
 from fedtune.client.sft import LocalTrainer
 from fedtune.data.prompts import Encoded
-from fedtune.errors import CheckpointError
 from fedtune.federation.attacks import ClientSide
+from fedtune.federation.client_fit import ClientPipeline
 from fedtune.federation.client_state import ClientStateStore
-from fedtune.federation.compression import Compression, encode_upload
+from fedtune.federation.compression import Compression
 from fedtune.reporting.progress import Progress
 from fedtune.seeding import generator
-from fedtune.types import SERVER_CONTROL, Adapter, ClientFailure, ClientUpdate
+from fedtune.types import Adapter, ClientFailure, ClientUpdate
+
+
+class Clients(Protocol):
+    """What the round loop (federation/inprocess.py) needs from its clients, whatever the transport.
+
+    ``fit`` returns the updates of the clients that answered (decoded, not yet validated: the
+    loop validates) and a failure per client that did not, with the reason; it decides nothing
+    about the round. ``rollback(round)`` forgets client state written in ``round`` or later."""
+
+    def __len__(self) -> int: ...
+
+    def sizes(self) -> list[int]: ...
+
+    def steps(self, client: int, round: int) -> int: ...
+
+    def fit(
+        self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]: ...
+
+    def rollback(self, round: int) -> None: ...
 
 
 class LocalClients:
@@ -61,6 +81,7 @@ class LocalClients:
         self.round_steps = round_steps or {}
         self.ranks, self.compression = ranks, compression
         self.client_side = client_side
+        self.pipeline = ClientPipeline(trainer, client_side, compression, state)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -91,79 +112,20 @@ class LocalClients:
         updates, failures = [], []
         for cid in clients:
             if self.fails(cid, round):
-                failures.append(ClientFailure(cid, f"simulated dropout (federation.dropout={self.dropout})"))
+                failures.append(ClientFailure(cid, f"simulated dropout (federation.dropout={self.dropout})", simulated=True))
                 continue
-            kept = self._load_state(cid, round, global_adapter)
-            control = self._control(kept.get(CONTROL), client_config)
             rank = None if self.ranks is None else self.ranks[cid]
             self.progress.client_started(round, cid, self.steps(cid, round))
-            update = self.trainer.fit(
-                cid, self.data[cid], global_adapter, round=round, lr=lr, client_config=client_config,
-                client_control=control, local_steps=self._local_steps(cid, round), rank=rank, on_step=self.progress.step,
-            )
-            update.rank = rank
-            if self.client_side is not None:  # a simulated attack, or local DP noise, before the upload
-                update = self.client_side.outgoing(update, round)
-            if rank is not None:
-                update.metrics["rank"] = rank
-            new_state = self._upload(update, global_adapter, kept.get(RESIDUAL))
-            if update.control_delta is not None:  # the client keeps c_i^+ = c_i + Delta c_i
-                new_state[CONTROL] = {k: control[k] + update.control_delta[k] for k in control}
-            if new_state:
-                self.state.save(cid, round, _flatten(new_state))
+            upload = self.pipeline.fit(cid, self.data[cid], global_adapter, round=round, lr=lr, client_config=client_config,
+                                       local_steps=self._local_steps(cid, round), rank=rank, on_step=self.progress.step)
+            update = upload.update
+            if self.compression.method != "none":  # the server sees the decoded delta
+                update.delta = self.compression.decode(upload.payload, global_adapter)
             self.progress.client_finished(round, cid, update.metrics)
             updates.append(update)
         return updates, failures
-
-    def _upload(self, update: ClientUpdate, global_adapter: Adapter, residual: Optional[Adapter]) -> dict[str, Adapter]:
-        """What crosses the wire: the delta encoded by ``compression`` (the server sees the
-        decoded delta), and its size in the fit metrics. Returns the state the client keeps
-        (its error-feedback residual)."""
-        payload, new_residual = encode_upload(update, self.compression, residual)
-        if self.compression.method != "none":
-            update.delta = self.compression.decode(payload, global_adapter)
-        return {} if new_residual is None else {RESIDUAL: new_residual}
-
-    def _load_state(self, client: int, round: int, like: Adapter) -> dict[str, Adapter]:
-        """What the client kept from its previous fit: {CONTROL: c_i, RESIDUAL: e_i} (parts may be missing)."""
-        if self.state is None:
-            return {}
-        stored = self.state.load(client, round)
-        if stored is None:
-            return {}
-        parts = _unflatten(stored)
-        for name, tensors in parts.items():
-            if tensors.keys() != like.keys() or any(tensors[k].shape != v.shape for k, v in like.items()):
-                raise CheckpointError(
-                    f"{self.state.root}: client {client}'s stored {name} does not fit this adapter; start a new run"
-                )
-        return parts
-
-    def _control(self, stored: Optional[Adapter], client_config: dict) -> Optional[Adapter]:
-        """The client's SCAFFOLD variate c_i (zeros before its first round), or None."""
-        server_control = client_config.get(SERVER_CONTROL)
-        if server_control is None:
-            return None
-        assert self.state is not None, "SCAFFOLD clients need a ClientStateStore"
-        return stored if stored is not None else {k: torch.zeros_like(v) for k, v in server_control.items()}
 
     def rollback(self, round: int) -> None:
         """Forget client state written in ``round`` or later (resume, or a skipped round)."""
         if self.state is not None:
             self.state.rollback(round)
-
-
-CONTROL, RESIDUAL = "control", "residual"  # the parts of a client's kept state
-_SEP = "/"
-
-
-def _flatten(parts: dict[str, Adapter]) -> dict[str, torch.Tensor]:
-    return {f"{name}{_SEP}{k}": v for name, tensors in parts.items() for k, v in tensors.items()}
-
-
-def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Adapter]:
-    parts: dict[str, Adapter] = {}
-    for key, v in flat.items():
-        name, _, k = key.partition(_SEP)
-        parts.setdefault(name, {})[k] = v
-    return parts

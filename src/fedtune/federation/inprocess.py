@@ -5,10 +5,17 @@ round loop, which reads top to bottom:
 
     sample clients -> client config -> local fits -> aggregate -> evaluate -> log -> checkpoint
 
-A sampled client may fail to return (simulated by ``federation.dropout``); failures are
-logged as ``{"type": "failure", ...}`` lines, and a round with fewer than
-``federation.min_clients`` updates is skipped: the global adapter and strategy state stay as
-they were, and client state written in that round is rolled back.
+A sampled client may fail to return an update; failures are logged as
+``{"type": "failure", ...}`` lines. A round with fewer than ``federation.min_clients``
+updates (the one "too few updates" rule, here and nowhere else):
+
+- is *skipped* when every failure was simulated (``federation.dropout``: seeded, so a rerun
+  fails the same clients and failing the run would make it impossible to finish): the global
+  adapter and strategy state stay as they were, and client state written in that round is
+  rolled back;
+- otherwise (a real failure: a SuperNode gone, silent past ``flower.round_timeout``, or an
+  undecodable reply) *fails* the run with an AggregationError and the checkpoint of the
+  previous round intact: bring the nodes back and ``--resume``.
 
 Every returned update is validated on the server (server/validate.py: names, shapes, dtype,
 finite values, norm bound); a rejected one is logged as ``{"type": "rejected", ...}`` and
@@ -41,7 +48,7 @@ from fedtune.data.sources import LoadReport
 from fedtune.errors import AggregationError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import baselines, setup
-from fedtune.federation.clients import LocalClients
+from fedtune.federation.clients import Clients, LocalClients
 from fedtune.federation.checkpoint import Checkpoint, save_checkpoint
 from fedtune.federation.rundir import (
     METRICS_FILE, RunLock, RunResult, check_run_dir, lock_run_dir, save_final_adapter, storage_errors, write_run_dir,
@@ -70,7 +77,7 @@ class Federation:
     cfg: RunConfig
     run_dir: Path
     bundle: setup.ModelBundle
-    clients: LocalClients
+    clients: Clients
     strategy: object
     evaluator: HeldoutEvaluator
     metrics: MetricsLog
@@ -117,6 +124,11 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
         skipped = None
         if len(updates) < cfg.federation.min_clients:
             skipped = f"{len(updates)} of {len(clients)} clients returned, fewer than federation.min_clients={cfg.federation.min_clients}"
+            if not all(f.simulated for f in failures):  # real failures: fail the run, resumable (module doc)
+                raise AggregationError(
+                    f"round {rnd}: {skipped} (reasons in metrics.jsonl); the round was not aggregated and the "
+                    f"checkpoint of round {rnd - 1} is intact: bring the clients back and resume the run"
+                )
             fed.clients.rollback(rnd)
             log.warning("round %d skipped: %s", rnd, skipped)
         elif len(accepted) < cfg.federation.min_clients:
@@ -178,7 +190,7 @@ def run(
     progress: Optional[Progress] = None,
     stop: Optional[threading.Event] = None,
     data: Optional[Callable[[RunConfig], tuple[list, LoadReport, setup.Partition]]] = None,
-    connect: Optional[Callable[..., LocalClients]] = None,
+    connect: Optional[Callable[..., Clients]] = None,
     lock: Optional[RunLock] = None,
 ) -> RunResult:
     """Run (or, with ``resume``, continue) the federation that ``cfg`` describes; ``from_round``
@@ -250,6 +262,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
         result.samples_before = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
         fed.checkpoint(0, global_adapter, state)
+        fed.clients.rollback(1)  # client state a former run in this folder left (on a node's disk) is not this run's
         last_eval = None
     else:
         fed.metrics.truncate(ckpt.metrics_lines)

@@ -5,11 +5,12 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
-from fedtune.errors import AggregationError, FederationError
+from fedtune.errors import FederationError
 from fedtune.federation.flower import records
 from fedtune.federation.flower.transport import FlowerClients
 from fedtune.reporting.metrics import MetricsLog, read_metrics
 from fedtune.reporting.progress import Progress
+from fedtune.server.validate import validate_updates
 from fedtune.types import ClientUpdate
 
 GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
@@ -130,17 +131,28 @@ def no_examples(m):
         (wrong_shape, "tensor a.lora_B.weight is (2, 3)"),
         (wrong_dtype, "torch.float64, expected (2, 3) torch.float32"),
         (nan_values, "NaN or Inf"),
-        (no_examples, "num_examples is missing"),
     ],
 )
-def test_a_bad_update_is_rejected_with_its_reason_and_never_merged(tmp_path, bad, reason):
+def test_the_transport_passes_a_bad_update_on_and_the_loops_validation_rejects_it(tmp_path, bad, reason):
     clients, metrics = make(tmp_path, {901: (0, trains(1.0)), 902: (1, bad)})
+
+    updates, failures = clients.fit(2, [0, 1], GLOBAL, {}, lr=0.1)
+    accepted, rejected, _ = validate_updates(GLOBAL, updates, None)  # the round loop's one validation
+
+    assert failures == [] and [u.client_id for u in updates] == [0, 1]
+    assert [u.client_id for u in accepted] == [0]
+    (r,) = rejected
+    assert r.client_id == 1 and reason in r.reason
+
+
+def test_a_reply_that_does_not_decode_is_a_failure(tmp_path):
+    clients, metrics = make(tmp_path, {901: (0, trains(1.0)), 902: (1, no_examples)})
 
     updates, failures = clients.fit(2, [0, 1], GLOBAL, {}, lr=0.1)
 
     assert [u.client_id for u in updates] == [0]
-    (rejected,) = failures
-    assert rejected.client_id == 1 and "update rejected" in rejected.reason and reason in rejected.reason
+    (failed,) = failures
+    assert failed.client_id == 1 and not failed.simulated and "num_examples is missing" in failed.reason
 
 
 def test_failed_silent_and_missing_clients_are_logged_and_the_round_goes_on(tmp_path):
@@ -160,11 +172,23 @@ def test_failed_silent_and_missing_clients_are_logged_and_the_round_goes_on(tmp_
     assert lines(metrics, "nodes")[0]["missing"] == [3]
 
 
-def test_fewer_valid_updates_than_min_clients_fails_the_round(tmp_path):
-    clients, metrics = make(tmp_path, {901: (0, trains(1.0)), 902: (1, nan_values)}, min_clients=2)
+def test_fewer_updates_than_min_clients_is_the_round_loops_call_not_the_transports(tmp_path):
+    clients, metrics = make(tmp_path, {901: (0, trains(1.0)), 902: (1, lambda m: Error(code=5, reason="gone"))}, min_clients=2)
 
-    with pytest.raises(AggregationError, match=r"round 4: 1 valid client update\(s\) of 2, fewer than federation.min_clients=2"):
-        clients.fit(4, [0, 1], GLOBAL, {}, lr=0.1)
+    updates, failures = clients.fit(4, [0, 1], GLOBAL, {}, lr=0.1)  # no AggregationError here (was raised before)
+
+    assert [u.client_id for u in updates] == [0] and [f.client_id for f in failures] == [1]
+
+
+def test_rollbacks_travel_with_every_train_message_of_the_session(tmp_path):
+    clients, _ = make(tmp_path, {901: (0, trains(1.0))})
+    clients.rollback(3)
+    clients.fit(3, [0], GLOBAL, {}, lr=0.1)
+    clients.rollback(4)  # a skipped round
+    clients.fit(5, [0], GLOBAL, {}, lr=0.1)
+
+    sent = [records.read_rollbacks(m.content) for m in clients.grid.sent if m.metadata.message_type == "train"]
+    assert sent == [(clients.session, [3]), (clients.session, [3, 4])]
 
 
 def test_two_nodes_claiming_one_client_or_an_unknown_client_stop_the_run(tmp_path):

@@ -14,10 +14,11 @@ run) or start a process per message (deployment, ``--isolation subprocess``). Ei
 base model and the tokenised shard are built once per process and kept in :data:`CACHE`, the
 one module-level cache the house rules allow.
 
-A SCAFFOLD client keeps its control variate c_i, and a compressing client its error-feedback
-residual, in Flower's per-node run state (``context.state``), so they live as long as the
-SuperNode's run: a resumed run (a new Flower run) starts them at zero again, where the
-in-process engine restores them from disk.
+The fit itself is the client pipeline both engines run (federation/client_fit.py): this
+module only decodes the TRAIN message, calls it, and encodes the reply. A SCAFFOLD client's
+control variate c_i and a compressing client's error-feedback residual live in a
+ClientStateStore on the node's disk (federation/flower/node_state.py), so a resumed run
+continues them exactly as the in-process engine does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import time
 from typing import Optional
 
 import numpy as np
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -38,19 +38,17 @@ from fedtune.config import RunConfig, to_dict
 from fedtune.data.batching import plan_steps
 from fedtune.errors import ConfigError
 from fedtune.federation import setup
-from fedtune.federation.compression import encode_upload
+from fedtune.federation.client_fit import ClientPipeline
 from fedtune.federation.flower import records
+from fedtune.federation.flower.node_state import apply_rollbacks, node_store
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
 from fedtune.server.sampling import local_steps_per_client
-from fedtune.types import SERVER_CONTROL
 
 log = logging.getLogger(__name__)
 
 DATA_PATH = "data-path"  # --node-config keys
 CLIENT_ID = "client-id"
 PARTITION_ID = "partition-id"  # Flower's simulation sets this one
-SCAFFOLD_STATE = "fedtune.scaffold_control"  # the node's c_i in context.state
-RESIDUAL_STATE = "fedtune.upload_residual"  # the node's error-feedback residual
 
 
 class NodeCache:
@@ -133,24 +131,15 @@ def count_steps(cfg: RunConfig, num_examples: int, client: int) -> int:
     return len(plan)
 
 
-def node_control(context: Context, server_control: dict) -> dict:
-    """This node's SCAFFOLD variate c_i, kept in Flower's per-node run state (zeros at first)."""
-    if SCAFFOLD_STATE in context.state.array_records:
-        stored = records.from_record(context.state[SCAFFOLD_STATE])
-        if stored.keys() == server_control.keys() and all(stored[k].shape == v.shape for k, v in server_control.items()):
-            return stored
-        log.warning("discarding a stored SCAFFOLD variate that does not fit this adapter")
-    return {k: torch.zeros_like(v) for k, v in server_control.items()}
-
-
 def answer_query(cfg: RunConfig, message: Message, context: Context) -> Message:
     """Which client this node holds, its example count and steps per round (no model needed)."""
     client, examples = node_examples(cfg, dict(context.node_config))
     return Message(records.node_content(client, len(examples), count_steps(cfg, len(examples), client)), reply_to=message)
 
 
-def answer_train(cfg: RunConfig, message: Message, context: Context) -> Message:
-    """One local fit on this node's data, from the global adapter in ``message``."""
+def answer_train(cfg: RunConfig, message: Message, context: Context, state_dir: Optional[str] = None) -> Message:
+    """One client pipeline fit on this node's data, from the global adapter in ``message``;
+    the node's client state lives under ``state_dir`` (node_state.py)."""
     adapter, client, round, lr, client_config = records.read_train(message.content)
     started = time.perf_counter()
     trainer = CACHE.get_trainer(cfg)
@@ -158,26 +147,21 @@ def answer_train(cfg: RunConfig, message: Message, context: Context) -> Message:
     setup_seconds = time.perf_counter() - started  # ~0 when this process already holds them
     if holds != client:
         raise ConfigError(f"a message for client {client} reached the SuperNode holding client {holds}")
-    control = node_control(context, client_config[SERVER_CONTROL]) if SERVER_CONTROL in client_config else None
-    rank = node_choice(cfg.lora.client_ranks, cfg, client, "ranks")
-    update = trainer.fit(client, examples, adapter, round=round, lr=lr, client_config=client_config,
-                         client_control=control, local_steps=client_steps(cfg, client), rank=rank)
-    update.rank = rank
-    if update.control_delta is not None:  # the node keeps c_i^+ = c_i + Delta c_i for its next round
-        context.state[SCAFFOLD_STATE] = records.to_record({k: control[k] + update.control_delta[k] for k in control})
-    update = setup.build_client_side(cfg).outgoing(update, round)  # a simulated attack, or local DP noise
-    residual = records.from_record(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state.array_records else None
-    payload, residual = encode_upload(update, setup.compression_of(cfg), residual)
-    if residual is not None:  # error feedback: what this upload dropped goes into the next one
-        context.state[RESIDUAL_STATE] = records.to_record(residual)
-    update.metrics["setup_seconds"] = setup_seconds
+    store = node_store(cfg, dict(context.node_config), state_dir)
+    apply_rollbacks(store, *records.read_rollbacks(message.content))
+    pipeline = ClientPipeline(trainer, setup.build_client_side(cfg), setup.compression_of(cfg), store)
+    upload = pipeline.fit(client, examples, adapter, round=round, lr=lr, client_config=client_config,
+                          local_steps=client_steps(cfg, client), rank=node_choice(cfg.lora.client_ranks, cfg, client, "ranks"),
+                          setup_seconds=setup_seconds)
+    update = upload.update
     log.info("round %d client %d: loss %.4f, %d steps", round, client, update.metrics["loss"], update.metrics["steps"])
-    return Message(records.update_content(update, payload), reply_to=message)
+    return Message(records.update_content(update, upload.payload), reply_to=message)
 
 
-def make_client_app(config_yaml: Optional[str] = None) -> ClientApp:
+def make_client_app(config_yaml: Optional[str] = None, state_dir: Optional[str] = None) -> ClientApp:
     """The ClientApp. Deployment reads the run's config from the run config (``flwr run``);
-    the simulation passes it here.
+    the simulation passes it here, and the folder of the nodes' client state (``state_dir``;
+    a SuperNode's ``--node-config state-dir`` wins).
 
     The handlers only call module-level functions: Ray pickles this app for every message,
     and a module-level function travels by reference, so :data:`CACHE` is the actor's own
@@ -194,7 +178,7 @@ def make_client_app(config_yaml: Optional[str] = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return answer_train(config(context), message, context)
+        return answer_train(config(context), message, context, state_dir)
 
     return app
 

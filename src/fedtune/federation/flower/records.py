@@ -9,6 +9,8 @@ keys are the constants below::
                                         FIT: ConfigRecord     {client, round, lr}
                                         CLIENT_CONFIG: ConfigRecord          scalar strategy settings
                                         CLIENT_CONFIG + ".<name>": ArrayRecord tensor-valued settings
+                                        ROLLBACKS: ConfigRecord {session, rounds} (client state to drop;
+                                                   federation/flower/node_state.py)
             node -> server              DELTA: ArrayRecord    local - global
                                         CONTROL_DELTA: ArrayRecord (SCAFFOLD, optional)
                                         UPDATE: ConfigRecord  {client, num_examples}
@@ -16,7 +18,7 @@ keys are the constants below::
 
 A reply is read back with :func:`read_update`, which raises :class:`ReplyError` with a reason
 for anything that is not a well-formed update; checking it against the global adapter is the
-strategy's validator's job (``fedtune.server.strategies.check_updates``).
+round loop's job (``fedtune.server.validate.validate_updates``), once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ UPDATE = "update"
 METRICS = "metrics"
 NODE = "node"
 QUERY = "query"
+ROLLBACKS = "rollbacks"
+SESSION = "session"
+ROUNDS = "rounds"
 
 CLIENT = "client"
 ROUND = "round"
@@ -74,12 +79,16 @@ def from_record(record: ArrayRecord) -> Adapter:
 # ----------------------------------------------------------------------------- server -> node
 
 
-def train_content(global_adapter: Adapter, client: int, round: int, lr: float, client_config: dict) -> RecordDict:
-    """The TRAIN message for one client: the global adapter and what its fit needs."""
+def train_content(global_adapter: Adapter, client: int, round: int, lr: float, client_config: dict,
+                  rollbacks: Optional[tuple[str, list[int]]] = None) -> RecordDict:
+    """The TRAIN message for one client: the global adapter and what its fit needs, and the
+    server's (session, rolled-back rounds) the node's client state must agree with."""
     records: dict[str, Any] = {
         ADAPTER: to_record(global_adapter),
         FIT: ConfigRecord({CLIENT: client, ROUND: round, LR: float(lr)}),
     }
+    if rollbacks is not None and rollbacks[1]:
+        records[ROLLBACKS] = ConfigRecord({SESSION: rollbacks[0], ROUNDS: [int(r) for r in rollbacks[1]]})
     scalars = {}
     for name, value in client_config.items():
         if isinstance(value, torch.Tensor):
@@ -102,6 +111,14 @@ def read_train(content: RecordDict) -> tuple[Adapter, int, int, float, dict]:
             tensors = from_record(record)
             client_config[key[len(prefix):]] = tensors[TENSOR] if list(tensors) == [TENSOR] else tensors
     return from_record(content[ADAPTER]), int(fit[CLIENT]), int(fit[ROUND]), float(fit[LR]), client_config
+
+
+def read_rollbacks(content: RecordDict) -> tuple[str, list[int]]:
+    """(session, rolled-back rounds) of a TRAIN message (("", []) when it carries none)."""
+    record = content.config_records.get(ROLLBACKS)
+    if record is None:
+        return "", []
+    return str(record[SESSION]), [int(r) for r in record[ROUNDS]]
 
 
 def query_content() -> RecordDict:

@@ -6,31 +6,32 @@
 tell them apart. Clients are fedtune client ids; each SuperNode says which one it holds when
 first queried (its ``--node-config``; in simulation, its partition id).
 
-A round keeps going when some clients fail: a node that is not connected, that errors or
-disconnects (the SuperLink answers for a node whose heartbeat stops), that does not reply
-within ``round_timeout``, or whose update is malformed or does not fit the global adapter
-(wrong keys, shapes or dtype, NaN/Inf, no example count) is returned as a failure (the round
-loop logs it to ``metrics.jsonl`` with the reason) and left out of aggregation. Fewer than
-``min_clients`` valid updates fail the round with :class:`~fedtune.errors.AggregationError`;
-the last checkpoint stays intact, and the run resumes once nodes are back. (The in-process
-engine skips such a round instead: its failures are simulated and seeded, so a resumed run
-would fail the same way again.)
+A transport moves tensors and reports failures; it decides nothing. A client fails (and is
+returned as a :class:`ClientFailure` with the reason, which the round loop logs to
+``metrics.jsonl``) when its node is not connected, errors or disconnects (the SuperLink
+answers for a node whose heartbeat stops), does not reply within ``round_timeout``, or sends
+a reply that does not decode as an update. Checking updates against the global adapter, and
+what a round with too few updates means, are the round loop's (federation/inprocess.py).
+
+Client state lives on the nodes (federation/flower/node_state.py): ``rollback(round)`` is
+recorded here and travels with every TRAIN message of this ServerApp session, so each node
+drops the versions the rollbacks made stale before its next fit.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Optional, Sequence
 
 from flwr.app import Message, MessageType
 
-from fedtune.errors import AggregationError, FederationError
+from fedtune.errors import FederationError
 from fedtune.federation.compression import Compression
 from fedtune.federation.flower import records
 from fedtune.reporting.metrics import MetricsLog
 from fedtune.reporting.progress import Progress
-from fedtune.server.strategies import check_updates
 from fedtune.types import Adapter, ClientFailure, ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ class FlowerClients:
         self.step_count: dict[int, int] = {}  # client id -> optimizer steps per round
         self.asked: set[int] = set()  # node ids already queried
         self.connected = False
+        self.session = uuid.uuid4().hex  # this ServerApp's rollbacks, as the nodes see them (node_state.py)
+        self.rollbacks: list[int] = []
 
-    # ------------------------------------------------------------------ the LocalClients interface
+    # ------------------------------------------------------------------ the Clients protocol
 
     def __len__(self) -> int:
         return self.num_clients
@@ -89,13 +92,14 @@ class FlowerClients:
             raise records.ReplyError(f"the {self.compression.method} payload does not decode ({type(err).__name__}: {err})") from None
 
     def rollback(self, round: int) -> None:
-        """Client state lives on the nodes (see client_app.py): nothing to roll back here."""
+        """Tell every node, with its next TRAIN message, to forget client state of ``round`` and later."""
+        self.rollbacks.append(round)
 
     def fit(
         self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float
     ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
-        """Send the global adapter to ``clients``; return their valid updates in client order,
-        and the clients that failed with the reason."""
+        """Send the global adapter to ``clients``; return their decoded updates in client
+        order, and the clients that failed with the reason."""
         self.connect()
         self.discover(self.round_timeout)  # nodes that (re)joined since the last round
         messages, failures = {}, []
@@ -103,7 +107,7 @@ class FlowerClients:
             if cid not in self.node_of:
                 failures.append(ClientFailure(cid, "no SuperNode holding this client is connected"))
                 continue
-            content = records.train_content(global_adapter, cid, round, lr, client_config)
+            content = records.train_content(global_adapter, cid, round, lr, client_config, (self.session, self.rollbacks))
             messages[cid] = Message(content, dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN, group_id=str(round))
             self.progress.client_started(round, cid, self.steps(cid, round))
 
@@ -120,21 +124,11 @@ class FlowerClients:
                 try:
                     update = records.read_update(reply.content, cid)
                     update.delta = self.decode(update.delta, global_adapter)
-                    check_updates(global_adapter, [update])
-                except (records.ReplyError, AggregationError) as err:
-                    failures.append(ClientFailure(cid, f"update rejected: {err}"))
+                except records.ReplyError as err:
+                    failures.append(ClientFailure(cid, f"reply does not decode: {err}"))
                     continue
                 self.finished(round, update)
                 updates.append(update)
-
-        if len(updates) < self.min_clients:
-            for f in failures:
-                log.warning("round %d: client %d failed: %s", round, f.client_id, f.reason)
-            raise AggregationError(
-                f"round {round}: {len(updates)} valid client update(s) of {len(clients)}, fewer than "
-                f"federation.min_clients={self.min_clients} (reasons in metrics.jsonl); the round was not "
-                "aggregated and the last checkpoint is intact: bring the SuperNodes back and resume the run"
-            )
         return updates, failures  # updates in client order (``clients`` is sorted): the in-process sums, the same floats
 
     # ------------------------------------------------------------------ which node holds which client
