@@ -355,6 +355,8 @@ def compare(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     from fedtune.reporting.progress import RichProgress
 
     cfg = _config(*_split_args(args))
+    if cfg.federation.engine == "flower":
+        _quiet_flower()
     stop = threading.Event()
     signal.signal(signal.SIGINT, functools.partial(_on_interrupt, stop))
     result = run_compare(cfg, progress=RichProgress(err), stop=stop)

@@ -599,6 +599,11 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         )
     if fed.engine == "flower" and fed.dropout > 0:
         problems.append("federation.dropout: simulated dropout is for the in-process engine; on Flower, real nodes fail (set it to 0)")
+    if fed.engine == "flower" and fed.mode == "centralized":
+        problems.append(
+            "federation.mode: centralized pools every client's data in one process, which a federation on Flower never "
+            "does; use federation.engine=inprocess (fedtune compare runs its centralized baseline in-process and says so)"
+        )
     bad_ranks = [r for r in cfg.lora.client_ranks if not 1 <= r <= cfg.lora.r]
     if bad_ranks:
         problems.append(f"lora.client_ranks: {bad_ranks} outside 1..lora.r={cfg.lora.r}")

@@ -115,3 +115,35 @@ def test_dropout_min_clients_and_heterogeneous_steps(tiny_overrides, tmp_path):
     for key, value in c.items():
         k = key.removeprefix("control.")
         assert close(value, sum(o[k] for o in own) / 3, 1e-5)  # kept incrementally vs summed at the end
+
+
+def test_too_few_updates_after_real_failures_fail_the_run_with_the_checkpoint_intact(tiny_overrides, tmp_path):
+    """The one "too few updates" rule, in the round loop: simulated (seeded) dropouts skip the
+    round (above); a real failure (a node gone) fails the run, resumable from the last checkpoint."""
+    from fedtune.errors import AggregationError
+    from fedtune.federation.inprocess import local_clients
+    from fedtune.types import ClientFailure
+
+    class NodesGoneInRound2:  # a transport (Clients protocol) whose clients fail for real in round 2
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getattr__(self, name):  # sizes, steps, rollback
+            return getattr(self.inner, name)
+
+        def fit(self, round, clients, *args):
+            if round == 2:
+                return [], [ClientFailure(c, "no reply within flower.round_timeout=1s") for c in clients]
+            return self.inner.fit(round, clients, *args)
+
+    cfg = load_config(None, tiny_overrides + SMALL + ["federation.rounds=3", f"output.dir={tmp_path / 'r'}"])
+    with pytest.raises(AggregationError, match=r"round 2: 0 of 3 clients returned, fewer than federation.min_clients=1 .*"
+                                               r"checkpoint of round 1 is intact"):
+        run(cfg, connect=lambda *a: NodesGoneInRound2(local_clients(*a)))
+
+    assert load_checkpoint(latest_checkpoint(tmp_path / "r")).round == 1
+    assert [f["client"] for f in records(tmp_path / "r", "failure")] == [0, 1, 2]  # logged with their reasons
+    assert run(cfg, resume=True).rounds_done == 3

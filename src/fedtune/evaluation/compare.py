@@ -30,7 +30,7 @@ from fedtune.evaluation import harness
 from fedtune.evaluation.evaluate import build_eval_set, evaluate_model, judge_answers, require_sft
 from fedtune.evaluation.grading import Question
 from fedtune.federation import baselines, setup
-from fedtune.federation.inprocess import run
+from fedtune.federation.engine import run
 from fedtune.federation.rundir import (
     COMPARISON_FILE, CONFIG_FILE, FINAL_ADAPTER, METRICS_FILE, PARTITION_FILE, RunResult, finished_adapter, lock_run_dir,
 )
@@ -203,6 +203,7 @@ def assemble(cfg: RunConfig, root: Path, names: list[str], results: dict, evalse
         "judge_note": judge and judge_note(judge, cfg.eval.judge.reference),
         "judge_reference_ratings": judge and judge["reference_ratings"],
         "budget": budget,
+        "engines": {n: load_config(root / n / CONFIG_FILE).federation.engine for n in names if n != BASE},
         "curves": curves,
         "participation": [(r["round"], r["clients"]) for r in records.get("federated", []) if r["type"] == "round"],
         "partition": {"method": partition["method"], "num_clients": partition["num_clients"], "categories": partition["categories"],
@@ -237,6 +238,10 @@ def budget_note(cfg: RunConfig, budget: dict) -> str:
     if any(n.startswith("local-") for n in steps):
         parts.append(f"local-<id>: that client alone on its own shard, all {cfg.federation.rounds} rounds, "
                      f"{per_round} per round as when sampled in the federation.")
+    if cfg.federation.engine == "flower":
+        parts.append("engine: the federated and local-only runs ran on Flower's simulation"
+                     + ("; centralized ran in-process, since pooling every client's data in one place is what a "
+                        "federation on Flower never does." if "centralized" in steps else "."))
     parts.append("base: the base model with LoRA disabled (no training). All models are evaluated on the same held-out rows.")
     return " ".join(parts)
 

@@ -20,6 +20,13 @@ the clients' data differ (``federation.mode``):
   and far less data than the federation sees: the FedIT local baseline (one client's data).
   Several clients (``local.clients``, or ``local.count`` random ones) each get their own run
   directory ``<output.dir>/local-<id>``; one run directory holds one local client.
+
+Engines: federated and local runs honour ``federation.engine`` (a local run on Flower is a
+federation whose schedule is its one client). Centralized training pools every client's
+data in one process, which is exactly what a federation forbids, so it has no Flower form:
+the config refuses ``federation.mode=centralized`` with ``federation.engine=flower``, and
+``fedtune compare`` runs its centralized baseline in-process (:func:`with_mode`) and says so
+in its budget note.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 
 from fedtune.config import AttackConfig, CompareConfig, LocalConfig, PrivacyConfig, RunConfig, StrategyConfig
 from fedtune.errors import ConfigError
-from fedtune.federation.clients import LocalClients
+from fedtune.federation.clients import Clients, LocalClients
 from fedtune.seeding import generator
 
 POOLED_CLIENT = 0  # the id of the one client of a centralized run
@@ -42,11 +49,14 @@ def with_mode(cfg: RunConfig, mode: str, out_dir: Path | str, local_client: int 
     privacy.* and attack.*: the baselines are the non-private, honest references) go back to their defaults, so the same sub-run gets the
     same config (and can be reused) whatever the comparison around it."""
     local = LocalConfig(clients=[local_client]) if mode == "local" else LocalConfig()
+    if mode == "federated":
+        federation = dataclasses.replace(cfg.federation, mode=mode)
+    else:  # centralized pools the clients' data, which no federation does: always in-process (module doc)
+        engine = "inprocess" if mode == "centralized" else cfg.federation.engine
+        federation = dataclasses.replace(cfg.federation, mode=mode, min_clients=1, engine=engine)
     return dataclasses.replace(
         cfg,
-        federation=dataclasses.replace(cfg.federation, mode=mode)
-        if mode == "federated"
-        else dataclasses.replace(cfg.federation, mode=mode, min_clients=1),
+        federation=federation,
         strategy=cfg.strategy if mode == "federated" else StrategyConfig(),
         privacy=cfg.privacy if mode == "federated" else PrivacyConfig(),  # baselines are the non-private references
         attack=cfg.attack if mode == "federated" else AttackConfig(),
@@ -85,7 +95,7 @@ def fixed_schedule(cfg: RunConfig) -> list[int]:
     return [POOLED_CLIENT] if cfg.federation.mode == "centralized" else [cfg.local.clients[0]]
 
 
-def centralized_budget(federated_schedule, federated_clients: LocalClients, rounds: int) -> dict[int, int]:
+def centralized_budget(federated_schedule, federated_clients: Clients, rounds: int) -> dict[int, int]:
     """``{r: B_r}``: the optimizer steps the federated schedule gives round r (module doc)."""
     return {r: sum(federated_clients.steps(c, r) for c in federated_schedule(r)) for r in range(1, rounds + 1)}
 
@@ -95,6 +105,7 @@ def pooled_clients(federated_schedule, clients: LocalClients, rounds: int) -> Lo
 
     ``federated_schedule(round) -> [client ids]`` is the schedule the federated run with this
     config would follow, and ``clients`` its per-client shards."""
+    assert isinstance(clients, LocalClients), "centralized runs in-process (refused on Flower by config validation)"
     budget = centralized_budget(federated_schedule, clients, rounds)
     pooled = [example for shard in clients.data for example in shard]
     return LocalClients(clients.trainer, [pooled], clients.progress, round_steps=budget)

@@ -17,8 +17,25 @@ def records(run_dir, kind):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
-def test_simulation_ends_with_the_in_process_adapter_and_metrics(tiny_overrides, tmp_path):
-    common = tiny_overrides + ["federation.rounds=2", "flower.client_cpus=1"]
+# The same config on both engines, settings combined into few runs (each simulation start costs
+# ~10-20 s): every strategy family, a robust aggregator, compression with error feedback,
+# HetLoRA ranks, DPO, local DP and an attack. All four clients train every round where client
+# state (SCAFFOLD's c_i, residuals) must carry over from round 1 to round 2.
+PARITY = {
+    "fedavg": [],
+    "scaffold-int4-ef-attack": ["strategy.name=scaffold", "compression.method=int4", "compression.error_feedback=true",
+                                "attack.fraction=0.25", "attack.kind=sign_flip", "federation.clients_per_round=4"],
+    "fedprox-median-localdp": ["strategy.name=fedprox", "strategy.mu=0.1", "strategy.aggregator=median",
+                               "privacy.dp=local", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.5",
+                               "federation.clients_per_round=3"],
+    "fedadam-hetlora": ["strategy.name=fedadam", "lora.r=4", "lora.client_ranks=[1, 4]", "federation.clients_per_round=4"],
+    "dpo": ["task=dpo", "dpo.beta=0.5"],
+}
+
+
+@pytest.mark.parametrize("setting", list(PARITY))
+def test_simulation_ends_with_the_in_process_adapter_and_metrics(setting, tiny_overrides, tmp_path):
+    common = tiny_overrides + ["federation.rounds=2", "flower.client_cpus=1"] + PARITY[setting]
     straight = run(load_config(None, common + [f"output.dir={tmp_path / 'inprocess'}"]))
     cfg = load_config(None, common + ["federation.engine=flower", f"output.dir={tmp_path / 'flower'}"])
 
@@ -30,6 +47,8 @@ def test_simulation_ends_with_the_in_process_adapter_and_metrics(tiny_overrides,
     assert a.keys() == b.keys() and adapters_close(a, b)
     for kind, fields in (("round", ("round", "clients")), ("fit", ("round", "client", "examples", "steps", "tokens"))):
         assert [[r[f] for f in fields] for r in records(straight.run_dir, kind)] == [[r[f] for f in fields] for r in records(flower.run_dir, kind)]
+    fit_keys = lambda d: [sorted(set(r) - {"seconds", "setup_seconds"}) for r in records(d, "fit")]  # noqa: E731
+    assert fit_keys(flower.run_dir) == fit_keys(straight.run_dir)  # the same metrics on both engines
     losses = lambda d, kind: [r["loss"] for r in records(d, kind)]  # noqa: E731
     assert losses(flower.run_dir, "fit") == pytest.approx(losses(straight.run_dir, "fit"), rel=1e-5)
     assert [r["round"] for r in records(flower.run_dir, "eval")] == [0, 1, 2]
@@ -37,6 +56,26 @@ def test_simulation_ends_with_the_in_process_adapter_and_metrics(tiny_overrides,
     (nodes,) = records(flower.run_dir, "nodes")
     assert nodes["missing"] == [] and sorted(nodes["clients"]) == ["0", "1", "2", "3"]
     assert (flower.run_dir / "partition.json").read_text() == (straight.run_dir / "partition.json").read_text()
+
+
+def test_a_resumed_flower_run_ends_with_the_uninterrupted_adapter(tiny_overrides, tmp_path):
+    """SCAFFOLD variates and error-feedback residuals live on the nodes' disk: a Flower run
+    stopped after round 1 and resumed ends where the uninterrupted run does (which the parity
+    test above shows is the in-process run's adapter)."""
+    common = tiny_overrides + ["flower.client_cpus=1"] + PARITY["scaffold-int4-ef-attack"]
+    straight = run(load_config(None, common + ["federation.rounds=2", f"output.dir={tmp_path / 'straight'}"]))
+    first = load_config(None, common + ["federation.rounds=1", "federation.engine=flower", f"output.dir={tmp_path / 'cut'}"])
+    assert simulation.run(first).rounds_done == 1
+    (state,) = (tmp_path / "cut" / "node_state").iterdir()  # <state-dir>/<run key>/client_*/round_00001.safetensors
+    assert sorted(p.name for p in state.glob("client_*/*.safetensors")) == ["round_00001.safetensors"] * 4
+
+    resumed = simulation.run(load_config(None, common + ["federation.rounds=2", "federation.engine=flower",
+                                                        f"output.dir={tmp_path / 'cut'}"]), resume=True)
+
+    assert resumed.finished and resumed.rounds_done == 2
+    a, _ = load_adapter(straight.run_dir / "adapter")
+    b, _ = load_adapter(resumed.run_dir / "adapter")
+    assert adapters_close(a, b)
 
 
 def test_backend_config_gives_each_client_its_cores_and_gpu_share(tiny_overrides):
