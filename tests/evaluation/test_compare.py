@@ -115,3 +115,17 @@ def test_ordering_checks_the_fedit_relations():
     loss.update(federated=2.5)
     assert ordering(loss)["federated < local (median)"] is False
     assert ordering({"base": 1.0, "federated": 0.5}) == {}
+
+
+def test_compare_on_flower_runs_the_federation_and_local_runs_there_and_says_centralized_did_not(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + [
+        "federation.engine=flower", "flower.client_cpus=1", "federation.rounds=1", "local.clients=[1]",
+        "compare.models=[local, federated, centralized]", "eval.generation_examples=2", f"output.dir={tmp_path / 'cmp'}",
+    ])
+
+    comp = compare(cfg).comparison
+
+    assert comp["engines"] == {"local-1": "flower", "federated": "flower", "centralized": "inprocess"}
+    assert records(tmp_path / "cmp" / "federated", "nodes") and records(tmp_path / "cmp" / "local-1", "nodes")  # Flower's
+    assert not records(tmp_path / "cmp" / "centralized", "nodes")
+    assert "centralized ran in-process" in comp["budget_note"]
