@@ -343,3 +343,8 @@ def test_chat_prints_a_reply_as_it_is_generated_and_ctrl_c_stops_only_the_reply(
     screen.truncate(0), screen.seek(0)
     assert cli._stream_reply(Model(), [{"role": "user", "content": "hi"}], 1) == "Hello"  # the partial reply is kept
     assert screen.getvalue() == "model> Hello [stopped]\n"
+
+
+def test_centralized_on_flower_is_refused_before_anything_starts(tiny_overrides):
+    proc = fedtune("run", *tiny_overrides, "federation.engine=flower", "federation.mode=centralized")
+    assert_one_line_error(proc, 2, "federation.mode: centralized pools every client's data", "federation.engine=inprocess")

@@ -1,5 +1,5 @@
-"""The fedtune ClientApp: a Flower message in, one ``LocalTrainer.fit`` on this node's data,
-the update out. No math here: the fit is the in-process engine's.
+"""The fedtune ClientApp: a Flower message in, one client-pipeline fit on this node's data,
+the update out. No math here: the fit is the in-process engine's (federation/client_fit.py).
 
 Which data a node trains on comes from its ``--node-config``:
 
