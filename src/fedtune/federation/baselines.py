@@ -97,4 +97,4 @@ def pooled_clients(federated_schedule, clients: LocalClients, rounds: int) -> Lo
     config would follow, and ``clients`` its per-client shards."""
     budget = centralized_budget(federated_schedule, clients, rounds)
     pooled = [example for shard in clients.data for example in shard]
-    return LocalClients(clients.trainer, [pooled], clients.progress, round_steps=budget)
+    return LocalClients(clients.trainer, [pooled], clients.progress, round_steps=budget, holdout=clients.holdout)

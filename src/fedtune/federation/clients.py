@@ -19,6 +19,7 @@ from fedtune.client.sft import LocalTrainer
 from fedtune.data.prompts import Encoded
 from fedtune.errors import CheckpointError
 from fedtune.federation.attacks import ClientSide
+from fedtune.federation.client_eval import ClientHoldout
 from fedtune.federation.client_state import ClientStateStore
 from fedtune.federation.compression import Compression, encode_upload
 from fedtune.reporting.progress import Progress
@@ -39,6 +40,7 @@ class LocalClients:
     centralized baseline uses it (federation/baselines.py).
     ``client_side``: what a client does to its update before sending it (simulated attacks,
     local DP; federation/attacks.py).
+    ``holdout``: the clients' own held-out rows, for federated evaluation (``evaluate``).
     """
 
     def __init__(
@@ -55,12 +57,14 @@ class LocalClients:
         ranks: Optional[Sequence[int]] = None,
         compression: Compression = Compression(),
         client_side: Optional[ClientSide] = None,
+        holdout: Optional[ClientHoldout] = None,
     ):
         self.trainer, self.data, self.progress = trainer, data, progress
         self.seed, self.dropout, self.local_steps, self.state = seed, dropout, local_steps, state
         self.round_steps = round_steps or {}
         self.ranks, self.compression = ranks, compression
         self.client_side = client_side
+        self.holdout = holdout  # eval.federated: every client's own held-out rows (client_eval.py)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -146,6 +150,12 @@ class LocalClients:
             return None
         assert self.state is not None, "SCAFFOLD clients need a ClientStateStore"
         return stored if stored is not None else {k: torch.zeros_like(v) for k, v in server_control.items()}
+
+    def evaluate(self, round: int, clients: Sequence[int], adapter: Adapter) -> tuple[dict[int, dict], list[ClientFailure]]:
+        """Federated evaluation: each of ``clients`` scores ``adapter`` on its own held-out rows;
+        returns ({client: sums}, failures) (federation/client_eval.py, evaluation/federated.py)."""
+        assert self.holdout is not None, "federated evaluation needs the clients' held-out rows (eval.federated)"
+        return self.holdout.evaluate(round, clients, adapter)
 
     def rollback(self, round: int) -> None:
         """Forget client state written in ``round`` or later (resume, or a skipped round)."""
