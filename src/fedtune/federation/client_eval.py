@@ -46,6 +46,8 @@ def split_rows(cfg: RunConfig, client: int, rows: Sequence) -> tuple[list, list]
 def score(model, params, adapter: Adapter, evaluator, rows: Sequence, categories: Sequence[str], task: str,
           progress: Progress) -> Sums:
     """One client's sums: ``evaluator`` (built on its held-out ``rows``) run with ``adapter`` loaded."""
+    if not rows:  # a client with fewer than two rows holds none out
+        return {}
     set_adapter(params, adapter)
     result = evaluator.evaluate(model, progress)
     return client_sums(result, task, tokens_by_category(rows, categories) if task == "sft" else None)

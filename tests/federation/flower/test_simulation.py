@@ -10,7 +10,7 @@ from fedtune.federation.flower.simulation import backend_config
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
-from tests.tolerance import adapters_close
+from tests.tolerance import FORWARD, TRAINED, adapters_close, numbers_close
 
 
 def records(run_dir, kind):
@@ -18,7 +18,7 @@ def records(run_dir, kind):
 
 
 def test_simulation_ends_with_the_in_process_adapter_and_metrics(tiny_overrides, tmp_path):
-    common = tiny_overrides + ["federation.rounds=2", "flower.client_cpus=1"]
+    common = tiny_overrides + ["federation.rounds=2", "flower.client_cpus=1", "eval.federated=true", "eval.federated_clients=3"]
     straight = run(load_config(None, common + [f"output.dir={tmp_path / 'inprocess'}"]))
     cfg = load_config(None, common + ["federation.engine=flower", f"output.dir={tmp_path / 'flower'}"])
 
@@ -37,6 +37,12 @@ def test_simulation_ends_with_the_in_process_adapter_and_metrics(tiny_overrides,
     (nodes,) = records(flower.run_dir, "nodes")
     assert nodes["missing"] == [] and sorted(nodes["clients"]) == ["0", "1", "2", "3"]
     assert (flower.run_dir / "partition.json").read_text() == (straight.run_dir / "partition.json").read_text()
+    # federated evaluation (eval.federated): the nodes score each round's adapter on their own held-out rows
+    fed_in, fed_fl = records(straight.run_dir, "federated_eval"), records(flower.run_dir, "federated_eval")
+    assert [(r["round"], r["clients"], r["examples"], r["tokens"]) for r in fed_fl] == [(r["round"], r["clients"], r["examples"], r["tokens"]) for r in fed_in]
+    assert [r["round"] for r in fed_fl] == [0, 1, 2] and all(len(r["clients"]) == 3 and not r["failed"] for r in fed_fl)
+    assert all(numbers_close(a["loss"], b["loss"], FORWARD) for a, b in zip(fed_in[:1], fed_fl[:1]))  # round 0: the same adapter
+    assert all(numbers_close(a["loss"], b["loss"], TRAINED) for a, b in zip(fed_in, fed_fl))  # later: adapters equal to TRAINED
 
 
 def test_backend_config_gives_each_client_its_cores_and_gpu_share(tiny_overrides):
