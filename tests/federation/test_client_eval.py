@@ -7,7 +7,6 @@ import pytest
 
 from fedtune.config import load_config
 from fedtune.data.partition import client_holdout
-from fedtune.evaluation.federated import combine
 from fedtune.federation import setup
 from fedtune.federation.client_eval import split_rows
 from fedtune.federation.inprocess import run

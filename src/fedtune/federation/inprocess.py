@@ -21,6 +21,9 @@ With client-level DP (privacy.dp, privacy/dpfedavg.py) the server's private aggr
 what the strategy sees (central), or clients noise their own updates (local); epsilon is
 logged with every eval and round line, and ``privacy.target_epsilon`` ends the run, final
 adapter saved, before the round that would exceed it.
+
+With ``eval.federated`` on, each evaluation is followed by a federated one: the clients score
+the adapter on their own held-out rows (``clients.evaluate``; federation/client_eval.py).
 """
 
 from __future__ import annotations
