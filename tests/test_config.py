@@ -310,3 +310,27 @@ def test_empty_paths_are_refused(key):
         load_config(None, [f"{key}="])
     with pytest.raises(ConfigError, match=f"{key}: must not be empty"):
         load_config(None, [f"{key}=  "])
+
+
+def test_federated_eval_fields_are_validated_and_auto_resolves_by_engine():
+    from fedtune.config import federated_eval
+
+    cfg = load_config(None, [])
+    assert cfg.eval.federated == "auto" and not federated_eval(cfg) and not federated_eval(cfg, deployment=True)
+    flower = load_config(None, ["federation.engine=flower"])
+    assert not federated_eval(flower) and federated_eval(flower, deployment=True)  # a deployment's server holds no data
+    assert not federated_eval(load_config(None, ["federation.engine=flower", "flower.heldout_path=h.jsonl"]), deployment=True)
+    assert federated_eval(load_config(None, ["eval.federated=true"])) and not federated_eval(load_config(None, ["eval.federated=false"]), True)
+    assert "eval.federated: 'sometimes' is not one of auto" in one_line_error(["eval.federated=sometimes"])
+    assert "eval.client_holdout: must be < 1" in one_line_error(["eval.client_holdout=1"])
+    assert "eval.client_holdout: must be > 0" in one_line_error(["eval.client_holdout=0"])
+    assert "eval.federated_clients: 11 is more than partition.num_clients=10" in one_line_error(["eval.federated_clients=11"])
+    assert "eval.federated_clients: must be >= 1" in one_line_error(["eval.federated_clients=0"])
+
+
+def test_federated_eval_and_client_holdout_cannot_change_on_resume():
+    base = load_config(None, [])
+    for override in ("eval.federated=true", "eval.client_holdout=0.2"):
+        changed = load_config(None, [override])
+        assert config_hash(changed) != config_hash(base) and resume_differences(base, changed)[0].startswith(override.split("=")[0])
+    assert config_hash(load_config(None, ["eval.federated_clients=2", "eval.every=2"])) == config_hash(base)  # these may change

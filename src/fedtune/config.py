@@ -308,6 +308,19 @@ class EvalConfig:
     )
     harness_limit: Optional[int] = _f(None, "examples per harness task (null: all)", ge=1)
     harness_include_path: Optional[str] = _f(None, "a folder of extra lm-eval task YAMLs (local tasks) for harness_tasks")
+    federated: Union[bool, str] = _f(
+        "auto", "federated evaluation: every eval.every rounds (and the last) clients score the global adapter on their own "
+        "held-out rows (eval.client_holdout of each client's data, kept out of its training in every mode) and the "
+        "server logs the weighted mean (federated_eval lines); auto: true in a Flower deployment (`fedtune flower run/app`) "
+        "without flower.heldout_path, false elsewhere", choices=("auto",),
+    )
+    client_holdout: float = _f(
+        0.1, "with federated evaluation on: fraction of each client's rows it holds out (drawn from seed and client id; "
+        "at least one row of a client with two or more)", gt=0, lt=1,
+    )
+    federated_clients: Optional[int] = _f(
+        None, "clients that score each federated evaluation, drawn per round from (seed, round) (null: all)", ge=1
+    )
 
 
 @dataclass
@@ -368,6 +381,7 @@ class RunConfig:
 RESUMABLE_CHANGES = (  # evaluation never feeds back into training, so every eval.* setting may change
     "federation.rounds", "output.", "eval.", "compare.", "federation.engine", "flower.", "privacy.target_epsilon",
 )
+FIXED_ON_RESUME = ("eval.federated", "eval.client_holdout")  # except these: they decide which rows clients train on
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -638,6 +652,8 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"compare.models: {unknown} unknown; choose from {', '.join(COMPARE_MODELS)}")
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
+    if cfg.eval.federated_clients is not None and cfg.eval.federated_clients > part.num_clients:
+        problems.append(f"eval.federated_clients: {cfg.eval.federated_clients} is more than partition.num_clients={part.num_clients}")
     if any(s < 1 for s in cfg.train.local_steps_per_client):
         problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
     return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg)
@@ -647,6 +663,15 @@ def per_round(cfg: RunConfig) -> int:
     """Clients sampled per round."""
     fed = cfg.federation
     return clients_per_round(cfg.partition.num_clients, fed.clients_per_round, fed.fraction)
+
+
+def federated_eval(cfg: RunConfig, deployment: bool = False) -> bool:
+    """Whether clients score the global adapter on their own held-out rows (eval.federated;
+    ``auto`` is true only in a Flower ``deployment`` whose server has no flower.heldout_path).
+    A deployment writes the resolved value into the config it sends, so every node agrees."""
+    if isinstance(cfg.eval.federated, bool):
+        return cfg.eval.federated
+    return deployment and cfg.federation.engine == "flower" and cfg.flower.heldout_path is None
 
 
 def participation_checks(cfg: RunConfig) -> list[str]:
@@ -793,6 +818,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _resumable(key: str) -> bool:
+    if key in FIXED_ON_RESUME:
+        return False
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES)
 
 

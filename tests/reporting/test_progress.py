@@ -117,3 +117,13 @@ def test_the_base_progress_times_phases_and_ignores_events():
             shown.advance()
             raise ValueError
     assert seen == [("x", True)]  # finished even when the body raises
+
+
+def test_federated_line_names_loss_examples_clients_and_failures():
+    from fedtune.reporting.progress import federated_line
+
+    sft = {"loss": 2.5, "ppl": 12.18, "examples": 7, "clients": [0, 3], "failed": [{"client": 1, "reason": "x"}]}
+    assert federated_line(sft) == "federated evaluation: loss 2.5000, perplexity 12.18 on 7 examples of 2 clients, 1 failed"
+    dpo = {"loss": 0.5, "reward_accuracy": 0.75, "margin": 0.125, "examples": 4, "clients": [1], "failed": []}
+    assert "reward accuracy 0.750, margin 0.1250 on 4 examples of 1 clients" in federated_line(dpo)
+    assert "no held-out rows scored" in federated_line({"examples": 0, "clients": [], "failed": []})

@@ -77,3 +77,19 @@ def test_comparison_report_from_a_comparison_record(tmp_path):
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="holds neither metrics.jsonl nor comparison.json"):
         write_report(tmp_path)
+
+
+def test_a_run_with_federated_evaluation_reports_it(finished_run, tmp_path):
+    import json
+
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        for rnd, loss in ((0, 3.25), (1, 2.125)):
+            line = {"type": "federated_eval", "round": rnd, **heldout(loss), "tokens": 40, "clients": [0, 2], "failed": [], "per_client": {}}
+            f.write(json.dumps(line) + "\n")
+        f.write(json.dumps({"type": "federated_eval", "round": 2, "examples": 0, "clients": [], "failed": [{"client": 1, "reason": "x"}]}) + "\n")
+
+    html = write_report(run).read_text()
+
+    section = html[html.index("<h2>federated evaluation</h2>"):]
+    assert "3.2500" in section and "2.1250" in section and "round 0" in section and "round 1" in section

@@ -116,3 +116,12 @@ def _need(have: int, need: int, what: str) -> None:
 def category_table(parts: Sequence[Sequence[int]], categories: Sequence[str]) -> dict[int, dict[str, int]]:
     """Examples per category for each client: {client: {category: count}}."""
     return {c: dict(sorted(Counter(categories[i] for i in part).items())) for c, part in enumerate(parts)}
+
+
+def client_holdout(num_rows: int, fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Split one client's ``num_rows`` rows (positions 0..n-1) into (train, held out) for
+    federated evaluation: ``round(fraction * n)`` random rows held out, at least one and at
+    most n - 1 when n >= 2, none when n < 2 (a client's only row trains). Both lists ascending."""
+    k = 0 if num_rows < 2 else min(num_rows - 1, max(1, int(round(fraction * num_rows))))
+    held = set(rng.choice(num_rows, size=k, replace=False).tolist()) if k else set()
+    return [i for i in range(num_rows) if i not in held], sorted(held)

@@ -108,4 +108,4 @@ def pooled_clients(federated_schedule, clients: LocalClients, rounds: int) -> Lo
     assert isinstance(clients, LocalClients), "centralized runs in-process (refused on Flower by config validation)"
     budget = centralized_budget(federated_schedule, clients, rounds)
     pooled = [example for shard in clients.data for example in shard]
-    return LocalClients(clients.trainer, [pooled], clients.progress, round_steps=budget)
+    return LocalClients(clients.trainer, [pooled], clients.progress, round_steps=budget, holdout=clients.holdout)

@@ -18,6 +18,7 @@ from typing import Optional, Protocol, Sequence
 from fedtune.client.sft import LocalTrainer
 from fedtune.data.prompts import Encoded
 from fedtune.federation.attacks import ClientSide
+from fedtune.federation.client_eval import ClientHoldout
 from fedtune.federation.client_fit import ClientPipeline
 from fedtune.federation.client_state import ClientStateStore
 from fedtune.federation.compression import Compression
@@ -43,6 +44,8 @@ class Clients(Protocol):
         self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float
     ) -> tuple[list[ClientUpdate], list[ClientFailure]]: ...
 
+    def evaluate(self, round: int, clients: Sequence[int], adapter: Adapter) -> tuple[dict[int, dict], list[ClientFailure]]: ...
+
     def rollback(self, round: int) -> None: ...
 
 
@@ -59,6 +62,7 @@ class LocalClients:
     centralized baseline uses it (federation/baselines.py).
     ``client_side``: what a client does to its update before sending it (simulated attacks,
     local DP; federation/attacks.py).
+    ``holdout``: the clients' own held-out rows, for federated evaluation (``evaluate``).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class LocalClients:
         ranks: Optional[Sequence[int]] = None,
         compression: Compression = Compression(),
         client_side: Optional[ClientSide] = None,
+        holdout: Optional[ClientHoldout] = None,
     ):
         self.trainer, self.data, self.progress = trainer, data, progress
         self.seed, self.dropout, self.local_steps, self.state = seed, dropout, local_steps, state
@@ -82,6 +87,7 @@ class LocalClients:
         self.ranks, self.compression = ranks, compression
         self.client_side = client_side
         self.pipeline = ClientPipeline(trainer, client_side, compression, state)
+        self.holdout = holdout  # eval.federated: every client's own held-out rows (client_eval.py)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -124,6 +130,12 @@ class LocalClients:
             self.progress.client_finished(round, cid, update.metrics)
             updates.append(update)
         return updates, failures
+
+    def evaluate(self, round: int, clients: Sequence[int], adapter: Adapter) -> tuple[dict[int, dict], list[ClientFailure]]:
+        """Federated evaluation: each of ``clients`` scores ``adapter`` on its own held-out rows;
+        returns ({client: sums}, failures) (federation/client_eval.py, evaluation/federated.py)."""
+        assert self.holdout is not None, "federated evaluation needs the clients' held-out rows (eval.federated)"
+        return self.holdout.evaluate(round, clients, adapter)
 
     def rollback(self, round: int) -> None:
         """Forget client state written in ``round`` or later (resume, or a skipped round)."""

@@ -28,6 +28,9 @@ With client-level DP (privacy.dp, privacy/dpfedavg.py) the server's private aggr
 what the strategy sees (central), or clients noise their own updates (local); epsilon is
 logged with every eval and round line, and ``privacy.target_epsilon`` ends the run, final
 adapter saved, before the round that would exceed it.
+
+With ``eval.federated`` on, each evaluation is followed by a federated one: the clients score
+the adapter on their own held-out rows (``clients.evaluate``; federation/client_eval.py).
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fedtune.client.schedule import round_lr
-from fedtune.config import RunConfig, config_hash, to_dict
+from fedtune.config import RunConfig, config_hash, federated_eval, to_dict
 from fedtune.data.sources import LoadReport
 from fedtune.errors import AggregationError
 from fedtune.evaluation.heldout import HeldoutEvaluator
-from fedtune.federation import baselines, setup
+from fedtune.federation import baselines, client_eval, setup
 from fedtune.federation.clients import Clients, LocalClients
 from fedtune.federation.checkpoint import Checkpoint, save_checkpoint
 from fedtune.federation.rundir import (
@@ -147,6 +150,8 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
             last_eval = fed.evaluate(global_adapter)
             fed.metrics.log({"type": "eval", "round": rnd, **last_eval, **privacy})
             fed.progress.evaluated(rnd, {**last_eval, **privacy})
+            if federated_eval(cfg):  # the clients score it on their own held-out rows (client_eval.py)
+                client_eval.evaluate_round(cfg, fed.clients, fed.metrics, fed.progress, rnd, global_adapter)
 
         seconds = time.perf_counter() - started
         fed.metrics.log({"type": "round", "round": rnd, "clients": clients, "failed": [f.client_id for f in failures],
@@ -231,11 +236,13 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
         history=list(read_metrics(run_dir / METRICS_FILE))[:ckpt.metrics_lines] if ckpt and cfg.output.trackers else [],
     )))  # every logged record also goes to the output.trackers, closed when the run returns
     shards = setup.client_shards(cfg, bundle.tokenizer, examples, encoded, partition.shards)
+    if connect is None:  # in-process: the clients' own held-out rows are here too (federated evaluation)
+        connect = functools.partial(local_clients, holdout=local_holdout(cfg, bundle, encoded, categories, partition, progress))
     fed = Federation(
         cfg=cfg,
         run_dir=run_dir,
         bundle=bundle,
-        clients=(connect or local_clients)(cfg, bundle, shards, progress, metrics),
+        clients=connect(cfg, bundle, shards, progress, metrics),
         strategy=setup.build_strategy(cfg),
         evaluator=setup.build_evaluator(cfg, bundle, [encoded[i] for i in partition.holdout], [categories[i] for i in partition.holdout]),
         metrics=metrics,
@@ -259,6 +266,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
         result.initial_eval = fed.evaluate(global_adapter)
         fed.metrics.log({"type": "eval", "round": 0, **result.initial_eval, **epsilon_fields(fed.privacy, 0)})
         progress.evaluated(0, result.initial_eval)
+        if federated_eval(cfg):
+            client_eval.evaluate_round(cfg, fed.clients, fed.metrics, progress, 0, global_adapter)
         result.samples_before = answer(fed, prompts, global_adapter)
         fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
         fed.checkpoint(0, global_adapter, state)
@@ -300,9 +309,22 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     return result
 
 
-def local_clients(cfg: RunConfig, bundle: setup.ModelBundle, shards: list, progress: Progress, metrics: MetricsLog) -> LocalClients:
+def local_clients(cfg: RunConfig, bundle: setup.ModelBundle, shards: list, progress: Progress, metrics: MetricsLog,
+                  holdout: Optional[client_eval.ClientHoldout] = None) -> LocalClients:
     """The in-process transport: every client's fit runs here, on the one shared model."""
-    return setup.build_clients(cfg, setup.build_trainer(cfg, bundle), shards, progress, Path(cfg.output.dir))
+    return setup.build_clients(cfg, setup.build_trainer(cfg, bundle), shards, progress, Path(cfg.output.dir), holdout)
+
+
+def local_holdout(cfg: RunConfig, bundle: setup.ModelBundle, encoded: list, categories: list[str], partition: setup.Partition,
+                  progress: Progress) -> Optional[client_eval.ClientHoldout]:
+    """The clients' own held-out rows (``partition.client_holdout``) for federated evaluation, or None when it is off."""
+    if not federated_eval(cfg):
+        return None
+    held = partition.client_holdout
+    return client_eval.ClientHoldout(
+        bundle.model, bundle.params, [[encoded[i] for i in ids] for ids in held], [[categories[i] for i in ids] for ids in held],
+        cfg.task, lambda rows, cats: setup.build_evaluator(cfg, bundle, rows, cats), progress,
+    )
 
 
 def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]:

@@ -18,7 +18,9 @@ import torch
 
 from fedtune.client.dpo import PreferenceTrainer
 from fedtune.client.sft import LocalTrainer
-from fedtune.config import ATTACK_SCALES, DEMO_DATA, NORM_BOUND_FACTOR, STRATEGY_PARAMS, RunConfig, per_round, small_round_warnings
+from fedtune.config import (
+    ATTACK_SCALES, DEMO_DATA, NORM_BOUND_FACTOR, STRATEGY_PARAMS, RunConfig, federated_eval, per_round, small_round_warnings,
+)
 from fedtune.data import partition as part
 from fedtune.data.demo import demo_examples
 from fedtune.data.demo_preferences import demo_preferences
@@ -29,6 +31,7 @@ from fedtune.errors import CheckpointError, ConfigError, ModelError
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.preferences import PreferenceEvaluator
 from fedtune.federation.attacks import ClientSide, malicious_clients
+from fedtune.federation.client_eval import ClientHoldout, split_rows
 from fedtune.federation.client_state import ClientStateStore
 from fedtune.federation.clients import LocalClients
 from fedtune.federation.compression import Compression
@@ -59,6 +62,7 @@ class Partition:
     holdout: list[int]
     method: str
     fingerprint: str  # of the examples, to detect changed data on resume
+    client_holdout: list[list[int]] = field(default_factory=list)  # eval.federated: each client's own held-out rows
 
     def to_json(self, categories: list[str]) -> dict:
         return {
@@ -68,6 +72,7 @@ class Partition:
             "holdout": self.holdout,
             "clients": {str(c): ids for c, ids in enumerate(self.shards)},
             "categories": {str(c): t for c, t in part.category_table(self.shards, categories).items()},
+            **({"client_holdout": {str(c): ids for c, ids in enumerate(self.client_holdout)}} if self.client_holdout else {}),
         }
 
 
@@ -83,7 +88,7 @@ def check_partition(run_dir: Path, partition: Partition, categories: list[str]) 
             f"{path} is unreadable ({err}); delete it and resume: it is rewritten from data.path and the config"
         ) from None
     record = partition.to_json(categories)
-    if not isinstance(saved, dict) or saved.get("data_fingerprint") != record["data_fingerprint"] or saved.get("clients") != record["clients"]:
+    if not isinstance(saved, dict) or any(saved.get(k) != record.get(k) for k in ("data_fingerprint", "clients", "client_holdout")):
         raise CheckpointError(f"{path}: the data or its split changed since the run started; restore data.path or start a new run")
 
 
@@ -127,7 +132,10 @@ def make_partition(cfg: RunConfig, examples: list[Example]) -> Partition:
         shards = part.shards(train, categories, p.num_clients, p.shards_per_client, rng)
     else:
         shards = part.dirichlet(train, categories, p.num_clients, p.alpha, p.min_per_client, rng)
-    return Partition(shards, holdout, p.method, fingerprint(examples))
+    if not federated_eval(cfg):
+        return Partition(shards, holdout, p.method, fingerprint(examples))
+    split = [split_rows(cfg, c, shard) for c, shard in enumerate(shards)]  # each client's own held-out rows
+    return Partition([t for t, _ in split], holdout, p.method, fingerprint(examples), [h for _, h in split])
 
 
 def load_and_split(cfg: RunConfig) -> tuple[list[Record], LoadReport, Partition]:
@@ -254,9 +262,10 @@ def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, Pr
     return LocalTrainer(bundle.model, bundle.params, **common)
 
 
-def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer], data: list[list[Encoded]], progress: Progress, run_dir: Path) -> LocalClients:
+def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer], data: list[list[Encoded]], progress: Progress, run_dir: Path,
+                  holdout: Optional[ClientHoldout] = None) -> LocalClients:
     return LocalClients(
-        trainer, data, progress,
+        trainer, data, progress, holdout=holdout,
         seed=cfg.seed, dropout=cfg.federation.dropout,
         local_steps=local_steps_per_client(cfg.train.local_steps_per_client, len(data), cfg.seed),
         state=ClientStateStore(run_dir / CLIENT_STATE, keep=cfg.output.keep_checkpoints),

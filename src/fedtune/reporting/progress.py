@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 LOADING = "loading model"
 TOKENISING = "tokenising"
 EVALUATION = "evaluation"  # a run's held-out evaluation (round 0, every eval.every rounds, the last)
+FEDERATED_EVALUATION = "federated evaluation"  # clients scoring the adapter on their own held-out rows
 SAMPLES = "sample answers"  # a run's answers to its sample prompts (before and after training)
 HELDOUT = "held-out loss"
 GENERATION = "generating answers"
@@ -46,6 +47,7 @@ class Progress:
     def step(self, step: int, steps: int, loss: float) -> None: ...
     def client_finished(self, round: int, client: int, metrics: dict) -> None: ...
     def evaluated(self, round: int, result: dict) -> None: ...
+    def federated_evaluated(self, round: int, result: dict) -> None: ...
     def round_finished(self, round: int, seconds: float) -> None: ...
     def message(self, text: str) -> None: ...
     def run_finished(self) -> None: ...
@@ -179,6 +181,9 @@ class RichProgress(Progress):
             extra += f", epsilon {result['epsilon']:.3g} (delta {result['delta']:g})"
         self.console.log(f"round {round} held-out: loss {result['loss']:.4f}, {extra}")
 
+    def federated_evaluated(self, round: int, result: dict) -> None:
+        self.console.log(f"round {round} {federated_line(result)}")
+
     def round_finished(self, round: int, seconds: float) -> None:
         if self.rounds_task is not None:
             self.bars.update(self.rounds_task, advance=1)
@@ -219,3 +224,14 @@ class RichProgress(Progress):
             self._show_eta()
         if not self.live and not self.phases:
             self.console.log(f"{name} done in {seconds:.1f}s")
+
+
+def federated_line(result: dict) -> str:
+    """A federated evaluation (evaluation/federated.py) in one line."""
+    failed = f", {len(result['failed'])} failed" if result.get("failed") else ""
+    if result.get("loss") is None:
+        return f"federated evaluation: no held-out rows scored ({len(result['clients'])} clients{failed})"
+    extra = (f"reward accuracy {result['reward_accuracy']:.3f}, margin {result['margin']:.4f}" if "reward_accuracy" in result
+             else f"perplexity {result['ppl']:.2f}")
+    return (f"federated evaluation: loss {result['loss']:.4f}, {extra} on {result['examples']} examples "
+            f"of {len(result['clients'])} clients{failed}")

@@ -58,6 +58,9 @@ def run_report(run_dir: Path) -> Path:
             h.figure("loss_per_category.png", "held-out loss per category, before and after training (the axis does not start at 0)"),
             _category_table({"before": first, "after": last}),
         ))
+    federated = [r for r in records if r["type"] == "federated_eval" and r.get("loss") is not None]
+    if federated:
+        sections.append(_federated_section(federated))
     if evals and "epsilon" in evals[-1]:
         sections.append(_privacy_section(run_dir, evals, cfg))
     if rounds and partition:
@@ -91,6 +94,18 @@ def _run_summary(evals: list, fits: list, rounds: list, mode: str) -> list[tuple
         if "ppl" in evals[-1]:  # SFT (a DPO evaluation has a loss but no perplexity)
             rows.append((f"held-out perplexity, round {evals[-1]['round']}", evals[-1]["ppl"]))
     return rows
+
+
+def _federated_section(lines: list) -> str:
+    """Federated evaluation (eval.federated): the clients' own held-out rows, weighted over clients."""
+    rows = [(r["round"], r["loss"], r.get("ppl", r.get("reward_accuracy")), r["examples"], len(r["clients"]), len(r.get("failed", [])))
+            for r in lines]
+    second = "perplexity" if "ppl" in lines[-1] else "reward accuracy"
+    note = ("each evaluating client scores the global adapter on its own held-out rows (eval.client_holdout of its data, never "
+            "trained on); the loss is weighted over all their rows (tokens for SFT, pairs for DPO)")
+    return h.section("federated evaluation", h.note(note),
+                     h.table(["round", "loss", second, "examples", "clients", "failed"], rows),
+                     _category_table({f"round {lines[0]['round']}": lines[0], f"round {lines[-1]['round']}": lines[-1]}))
 
 
 def _privacy_section(run_dir: Path, evals: list, cfg) -> str:

@@ -125,3 +125,23 @@ def test_a_malicious_node_sends_its_attack(tiny_overrides, monkeypatch):
 
     assert update.metrics["malicious"] == 1  # Flower metric records carry the flag as 1
     assert all(torch.equal(update.delta[k], -honest.delta[k]) for k in honest.delta)
+
+
+def test_with_federated_eval_a_node_holds_out_its_own_rows_like_the_in_process_split(tiny_config, tmp_path):
+    from fedtune.federation.client_eval import split_rows
+
+    cfg = load_config(None, [*_overrides(tiny_config), "eval.federated=true"])
+    own = {"data-path": str(rows_file(tmp_path / "mine.jsonl", 10)), "client-id": 3}
+    _, train = client_app.node_examples(cfg, own)
+    _, held = client_app.node_examples(cfg, own, held_out=True)
+    everything = client_app.node_examples(tiny_config, own)[1]
+    assert (train, held) == split_rows(cfg, 3, everything) and len(held) == 1 and len(train) == 9
+    examples, _, partition = setup.load_and_split(cfg)
+    assert client_app.node_examples(cfg, {"partition-id": 2})[1] == [examples[i] for i in partition.shards[2]]
+    assert client_app.node_examples(cfg, {"partition-id": 2}, held_out=True)[1] == [examples[i] for i in partition.client_holdout[2]]
+    assert client_app.node_examples(tiny_config, own, held_out=True)[1] == []  # off: nothing held out, every row trains
+
+
+def _overrides(cfg):
+    return [f"model.name={cfg.model.name}", f"data.demo_per_category={cfg.data.demo_per_category}", "partition.method=shards",
+            f"partition.num_clients={cfg.partition.num_clients}", f"partition.holdout_per_category={cfg.partition.holdout_per_category}"]

@@ -1,3 +1,4 @@
+import dataclasses
 import tomli as tomllib
 import zipfile
 from io import BytesIO
@@ -21,7 +22,9 @@ def test_the_app_is_a_valid_flower_app_that_carries_the_config(tiny_overrides, t
     valid, errors, _ = validate_config(pyproject, check_module=True, project_dir=app)  # the components import
     assert valid, errors
     run_config = pyproject["tool"]["flwr"]["app"]["config"]
-    assert config_from_run_config(run_config) == cfg and run_config["resume"] is True
+    # eval.federated=auto is resolved here, so the server and every node agree: on, as the server holds no heldout_path
+    assert config_from_run_config(run_config) == dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, federated=True))
+    assert run_config["resume"] is True
     fab = zipfile.ZipFile(BytesIO(build_fab_from_disk(app)))
     assert sorted(fab.namelist()) == [".info/CONTENT", "pyproject.toml"]  # no code, no data
 
@@ -42,3 +45,10 @@ def test_the_connection_is_insecure_only_when_asked(tmp_path):
 
     with pytest.raises(ConfigError, match="--root-certificates ca.crt"):
         write_connection(tmp_path / "c", "link:9092", insecure=False, root_certificates=None)
+
+
+def test_a_server_with_its_own_heldout_file_keeps_federated_eval_off_by_default(tiny_overrides, tmp_path):
+    for extra, expected in (([f"flower.heldout_path={tmp_path / 'h.jsonl'}"], False), (["eval.federated=false"], False)):
+        cfg = load_config(None, tiny_overrides + ["federation.engine=flower", *extra])
+        pyproject = tomllib.loads((write_app(cfg, tmp_path / "app") / "pyproject.toml").read_text())
+        assert config_from_run_config(pyproject["tool"]["flwr"]["app"]["config"]).eval.federated is expected

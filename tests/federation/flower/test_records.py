@@ -69,3 +69,25 @@ def test_node_answer_round_trip_and_validation():
         records.read_node(RecordDict({"node": ConfigRecord({"client": -1, "num_examples": 3, "steps": 1})}))
     with pytest.raises(records.ReplyError):
         records.read_node(RecordDict({}))
+
+
+def test_evaluate_message_and_score_round_trip():
+    adapter, client, rnd = records.read_evaluate(records.evaluate_content(ADAPTER, 3, 7))
+    assert (client, rnd) == (3, 7) and all(torch.equal(adapter[k], v) for k, v in ADAPTER.items())
+    sums = {"math / algebra": {"examples": 2, "tokens": 11, "loss": 20.5}, "code": {"examples": 1, "tokens": 4, "loss": 3.25}}
+    assert records.read_score(records.score_content(3, sums), 3) == sums
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (RecordDict({}), "lacks the 'score' or 'sums' record"),
+        (records.score_content(4, {"a": {"examples": 1, "loss": 1.0}}), "says it is client 4"),
+        (records.score_content(3, {"a": {"examples": -1, "loss": 1.0}}), "sum 0.examples=-1"),
+        (records.score_content(3, {"a": {"examples": 1, "loss": float("nan")}}), "is not a finite number"),
+        (records.score_content(3, {"a": {"loss": 1.0}}), "no example count"),
+    ],
+)
+def test_malformed_scores_raise_a_reason(content, reason):
+    with pytest.raises(records.ReplyError, match=reason):
+        records.read_score(content, 3)

@@ -10,7 +10,7 @@ from fedtune.federation.flower.simulation import backend_config
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
-from tests.tolerance import TRAINED, adapters_close
+from tests.tolerance import FORWARD, TRAINED, adapters_close, numbers_close
 
 
 def records(run_dir, kind):
@@ -22,7 +22,7 @@ def records(run_dir, kind):
 # HetLoRA ranks, DPO, local DP and an attack. All four clients train every round where client
 # state (SCAFFOLD's c_i, residuals) must carry over from round 1 to round 2.
 PARITY = {
-    "fedavg": [],
+    "fedavg-federated-eval": ["eval.federated=true", "eval.federated_clients=3"],
     "scaffold-int4-ef-attack": ["strategy.name=scaffold", "compression.method=int4", "compression.error_feedback=true",
                                 "attack.fraction=0.25", "attack.kind=sign_flip", "federation.clients_per_round=4"],
     "fedprox-median-localdp": ["strategy.name=fedprox", "strategy.mu=0.1", "strategy.aggregator=median",
@@ -60,6 +60,14 @@ def test_simulation_ends_with_the_in_process_adapter_and_metrics(setting, tiny_o
     (nodes,) = records(flower.run_dir, "nodes")
     assert nodes["missing"] == [] and sorted(nodes["clients"]) == ["0", "1", "2", "3"]
     assert (flower.run_dir / "partition.json").read_text() == (straight.run_dir / "partition.json").read_text()
+    if "eval.federated=true" not in PARITY[setting]:
+        return
+    # federated evaluation (eval.federated): the nodes score each round's adapter on their own held-out rows
+    fed_in, fed_fl = records(straight.run_dir, "federated_eval"), records(flower.run_dir, "federated_eval")
+    assert [(r["round"], r["clients"], r["examples"], r["tokens"]) for r in fed_fl] == [(r["round"], r["clients"], r["examples"], r["tokens"]) for r in fed_in]
+    assert [r["round"] for r in fed_fl] == [0, 1, 2] and all(len(r["clients"]) == 3 and not r["failed"] for r in fed_fl)
+    assert all(numbers_close(a["loss"], b["loss"], FORWARD) for a, b in zip(fed_in[:1], fed_fl[:1]))  # round 0: the same adapter
+    assert all(numbers_close(a["loss"], b["loss"], TRAINED) for a, b in zip(fed_in, fed_fl))  # later: adapters equal to TRAINED
 
 
 def test_a_resumed_flower_run_ends_with_the_uninterrupted_adapter(tiny_overrides, tmp_path):

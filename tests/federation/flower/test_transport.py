@@ -240,3 +240,26 @@ def test_compressed_uploads_are_decoded_and_a_bad_payload_rejected(tmp_path):
     (u,) = updates
     assert u.rank == 1 and all(torch.allclose(u.delta[k], delta(0.5)[k], atol=0.5 / 127) for k in GLOBAL)
     assert [f.client_id for f in failures] == [1] and "int8 payload does not decode" in failures[0].reason
+
+
+def scores(loss_sum: float):
+    def handler(m):
+        _, client, _ = records.read_evaluate(m.content)
+        return records.score_content(client, {"c": {"examples": client + 1, "tokens": 10, "loss": loss_sum}})
+
+    return handler
+
+
+def test_evaluate_returns_the_sums_and_reports_failures_like_fit(tmp_path):
+    unavailable = lambda m: Error(code=5, reason="Error: Node Unavailable")  # noqa: E731
+    clients, _ = make(tmp_path, {901: (0, scores(4.0)), 902: (1, unavailable), 903: (2, lambda m: None), 904: (3, scores(float("inf")))},
+                      num_clients=5, round_timeout=0.5)
+
+    got, failures = clients.evaluate(2, [0, 1, 2, 3, 4], GLOBAL)
+
+    assert got == {0: {"c": {"examples": 1, "tokens": 10, "loss": 4.0}}}
+    failed = {f.client_id: f.reason for f in failures}
+    assert "Node Unavailable (Flower error code 5)" in failed[1] and "no reply within flower.round_timeout=0.5s" in failed[2]
+    assert "evaluation rejected" in failed[3] and "no SuperNode holding this client is connected" in failed[4]
+    sent = [m for m in clients.grid.sent if m.metadata.message_type == "evaluate"]
+    assert [records.read_evaluate(m.content)[1:] for m in sent] == [(0, 2), (1, 2), (2, 2), (3, 2)]

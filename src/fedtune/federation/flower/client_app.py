@@ -34,14 +34,16 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.client.sft import LocalTrainer
-from fedtune.config import RunConfig, to_dict
+from fedtune.config import RunConfig, federated_eval, to_dict
 from fedtune.data.batching import plan_steps
 from fedtune.errors import ConfigError
-from fedtune.federation import setup
+from fedtune.federation import client_eval, setup
+from fedtune.federation.client_eval import split_rows
 from fedtune.federation.client_fit import ClientPipeline
 from fedtune.federation.flower import records
 from fedtune.federation.flower.node_state import apply_rollbacks, node_store
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
+from fedtune.reporting.progress import Progress
 from fedtune.server.sampling import local_steps_per_client
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,9 @@ def _key(*parts) -> str:
     return json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
 
 
-def node_examples(cfg: RunConfig, node_config: dict) -> tuple[int, list]:
-    """(client id, examples) this node trains on, from its ``--node-config``."""
+def node_examples(cfg: RunConfig, node_config: dict, held_out: bool = False) -> tuple[int, list]:
+    """(client id, examples) this node trains on, from its ``--node-config``; with ``held_out``,
+    the rows it keeps out of training for federated evaluation instead (eval.federated)."""
     if DATA_PATH in node_config:
         client = node_config.get(CLIENT_ID)
         if not isinstance(client, int) or isinstance(client, bool) or client < 0:
@@ -99,13 +102,15 @@ def node_examples(cfg: RunConfig, node_config: dict) -> tuple[int, list]:
         own = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(node_config[DATA_PATH])))
         examples, report = setup.load_data(own)
         log.info("client %d: %d examples from %s (%d skipped)", client, len(examples), report.source, report.skipped)
-        return client, examples
+        train, held = split_rows(cfg, client, examples) if federated_eval(cfg) else (examples, [])
+        return client, held if held_out else train
     if PARTITION_ID in node_config:
         client = int(node_config[PARTITION_ID])
         examples, _, partition = setup.load_and_split(cfg)
         if client >= len(partition.shards):
             raise ConfigError(f"SuperNode --node-config: {PARTITION_ID}={client}, but partition.num_clients={len(partition.shards)}")
-        return client, [examples[i] for i in partition.shards[client]]
+        ids = (partition.client_holdout[client] if partition.client_holdout else []) if held_out else partition.shards[client]
+        return client, [examples[i] for i in ids]
     raise ConfigError(
         f"SuperNode --node-config names no data: start it with --node-config '{DATA_PATH}=\"/path/data.jsonl\" {CLIENT_ID}=0'"
     )
@@ -158,6 +163,24 @@ def answer_train(cfg: RunConfig, message: Message, context: Context, state_dir: 
     return Message(records.update_content(update, upload.payload), reply_to=message)
 
 
+def answer_evaluate(cfg: RunConfig, message: Message, context: Context) -> Message:
+    """Federated evaluation: the adapter in ``message`` scored on this node's own held-out rows
+    (sums and counts, not means, so the server weights exactly; federation/client_eval.py).
+    The rows are read and encoded per message (a few per client, once every eval.every rounds)."""
+    adapter, client, round = records.read_evaluate(message.content)
+    CACHE.get_trainer(cfg)  # the node's model
+    bundle = CACHE.bundle
+    holds, examples = node_examples(cfg, dict(context.node_config), held_out=True)
+    if holds != client:
+        raise ConfigError(f"a message for client {client} reached the SuperNode holding client {holds}")
+    rows = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
+    categories = [e.category for e in examples]
+    evaluator = setup.build_evaluator(cfg, bundle, rows, categories)
+    sums = client_eval.score(bundle.model, bundle.params, adapter, evaluator, rows, categories, cfg.task, Progress())
+    log.info("round %d client %d: scored %d held-out rows", round, client, len(rows))
+    return Message(records.score_content(client, sums), reply_to=message)
+
+
 def make_client_app(config_yaml: Optional[str] = None, state_dir: Optional[str] = None) -> ClientApp:
     """The ClientApp. Deployment reads the run's config from the run config (``flwr run``);
     the simulation passes it here, and the folder of the nodes' client state (``state_dir``;
@@ -179,6 +202,10 @@ def make_client_app(config_yaml: Optional[str] = None, state_dir: Optional[str] 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         return answer_train(config(context), message, context, state_dir)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return answer_evaluate(config(context), message, context)
 
     return app
 

@@ -9,6 +9,7 @@ only content is the resolved run config, validated here before anything is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 import tomli_w
 
 from fedtune import __version__
-from fedtune.config import RunConfig
+from fedtune.config import RunConfig, federated_eval
 from fedtune.errors import ConfigError, FederationError
 from fedtune.federation.flower.runconfig import run_config_of
 
@@ -48,6 +49,7 @@ def write_app(cfg: RunConfig, directory: Path, resume: bool = False) -> Path:
         "license": "Apache-2.0",
         "dependencies": [FLWR_REQUIREMENT],
     }
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, federated=federated_eval(cfg, deployment=True)))  # auto, resolved
     flwr_app = {"publisher": PUBLISHER, "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP}, "config": run_config_of(cfg, resume)}
     (directory / "pyproject.toml").write_text(tomli_w.dumps({"project": project, "tool": {"flwr": {"app": flwr_app}}}))
     return directory

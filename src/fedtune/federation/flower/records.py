@@ -176,3 +176,54 @@ def read_update(content: RecordDict, expected_client: int) -> ClientUpdate:
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ReplyError(f"{RANK} must be a positive integer (got {rank!r})")
     return ClientUpdate(client, n, from_record(content[DELTA]), metrics, control, rank)
+
+
+# ----------------------------------------------------------------------------- federated evaluation
+#
+#   evaluate  server -> node   EVALUATE   ADAPTER: ArrayRecord  global adapter
+#                                         EVALUATION: ConfigRecord {client, round}
+#             node -> server              SCORE: ConfigRecord {client, categories: [names]}
+#                                         SUMS: MetricRecord {"<i>.<field>": sum or count of category i}
+
+EVALUATION = "evaluation"
+SCORE = "score"
+SUMS = "sums"
+CATEGORIES = "categories"
+
+
+def evaluate_content(global_adapter: Adapter, client: int, round: int) -> RecordDict:
+    """The EVALUATE message for one client: the adapter to score on its own held-out rows."""
+    return RecordDict({ADAPTER: to_record(global_adapter), EVALUATION: ConfigRecord({CLIENT: client, ROUND: round})})
+
+
+def read_evaluate(content: RecordDict) -> tuple[Adapter, int, int]:
+    """(adapter, client, round) of an EVALUATE message."""
+    head = content[EVALUATION]
+    return from_record(content[ADAPTER]), int(head[CLIENT]), int(head[ROUND])
+
+
+def score_content(client: int, sums: dict[str, dict[str, float]]) -> RecordDict:
+    """A client's federated-evaluation sums (evaluation/federated.py) as a reply."""
+    names = sorted(sums)
+    flat = {f"{i}.{field}": value for i, name in enumerate(names) for field, value in sums[name].items()}
+    return RecordDict({SCORE: ConfigRecord({CLIENT: client, CATEGORIES: names}), SUMS: MetricRecord(flat)})
+
+
+def read_score(content: RecordDict, expected_client: int) -> dict[str, dict[str, float]]:
+    """The sums in a reply ({category: {field: value}}); ReplyError naming what is wrong."""
+    head, flat = content.config_records.get(SCORE), content.metric_records.get(SUMS)
+    if head is None or flat is None:
+        raise ReplyError(f"the reply lacks the '{SCORE}' or '{SUMS}' record")
+    if head.get(CLIENT) != expected_client:
+        raise ReplyError(f"the reply says it is client {head.get(CLIENT)!r}, but the message went to client {expected_client}")
+    names = list(head.get(CATEGORIES) or [])
+    sums: dict[str, dict[str, float]] = {name: {} for name in names}
+    for key, value in flat.items():
+        index, _, field = key.partition(".")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+        if not index.isdigit() or int(index) >= len(names) or not number or (field in ("examples", "tokens") and value < 0):
+            raise ReplyError(f"sum {key}={value!r} is not a finite number of a named category")
+        sums[names[int(index)]][field] = value
+    if any("examples" not in s for s in sums.values()):
+        raise ReplyError("a category of the reply has no example count")
+    return sums

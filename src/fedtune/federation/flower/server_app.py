@@ -24,7 +24,7 @@ from fedtune.federation import inprocess, setup
 from fedtune.federation.flower.runconfig import RESUME_KEY, config_from_run_config
 from fedtune.federation.flower.transport import FlowerClients
 from fedtune.federation.rundir import RunLock, RunResult
-from fedtune.reporting.progress import Progress
+from fedtune.reporting.progress import Progress, federated_line
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ class LogProgress(Progress):
     def evaluated(self, round: int, result: dict) -> None:
         privacy = f", epsilon {result['epsilon']:.3g} (delta {result['delta']:g})" if "epsilon" in result else ""
         log.info("round %d held-out: loss %.4f, perplexity %.2f%s", round, result["loss"], result["ppl"], privacy)
+
+    def federated_evaluated(self, round: int, result: dict) -> None:
+        log.info("round %d %s", round, federated_line(result))
 
     def round_finished(self, round: int, seconds: float) -> None:
         log.info("round %d done in %.1fs", round, seconds)

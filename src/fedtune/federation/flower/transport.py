@@ -131,6 +131,38 @@ class FlowerClients:
                 updates.append(update)
         return updates, failures  # updates in client order (``clients`` is sorted): the in-process sums, the same floats
 
+    def evaluate(self, round: int, clients: Sequence[int], adapter: Adapter) -> tuple[dict[int, dict], list[ClientFailure]]:
+        """Federated evaluation: send ``adapter`` to ``clients``; return ({client: sums} of those
+        that scored it on their own held-out rows, failures with the reason, as ``fit`` reports them).
+        A failed evaluation never fails the round."""
+        self.connect()
+        self.discover(self.round_timeout)
+        messages, failures = {}, []
+        for cid in clients:
+            if cid not in self.node_of:
+                failures.append(ClientFailure(cid, "no SuperNode holding this client is connected"))
+                continue
+            content = records.evaluate_content(adapter, cid, round)
+            messages[cid] = Message(content, dst_node_id=self.node_of[cid], message_type=MessageType.EVALUATE, group_id=str(round))
+        scores = {}
+        replies = exchange(self.grid, messages, self.round_timeout)
+        for cid in messages:
+            reply = replies.get(cid)
+            if reply is None or reply.has_error():
+                failures.append(ClientFailure(cid, self.no_reply(reply)))
+                continue
+            try:
+                scores[cid] = records.read_score(reply.content, cid)
+            except records.ReplyError as err:
+                failures.append(ClientFailure(cid, f"evaluation rejected: {err}"))
+        return scores, failures
+
+    def no_reply(self, reply) -> str:
+        """Why a message got no usable reply: none in time, or the error the node (or SuperLink) sent."""
+        if reply is None:
+            return f"no reply within flower.round_timeout={self.round_timeout:g}s" if self.round_timeout else "no reply (it could not be sent)"
+        return f"{reply.error.reason} (Flower error code {reply.error.code})"
+
     # ------------------------------------------------------------------ which node holds which client
 
     def connect(self) -> None:
