@@ -111,7 +111,13 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
         lr = round_lr(rnd, total, cfg.train.lr, cfg.train.lr_schedule, cfg.train.min_lr)
 
         updates, failures = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
-        accepted, rejected, norms = validate_updates(global_adapter, updates, fed.norm_bound_factor)
+        if cfg.privacy.secure_aggregation:  # SecAgg+ (federation/flower/secagg.py): one pre-summed update; the sum is checked
+            from fedtune.federation.flower import secagg  # only a Flower run gets here: the in-process engine does not import flwr
+
+            accepted, rejected, norms = validate_updates(global_adapter, updates, None)
+            updates = secagg.members(updates[0])  # the clients in the sum (fit lines, the min_clients count)
+        else:
+            accepted, rejected, norms = validate_updates(global_adapter, updates, fed.norm_bound_factor)
         log_fits(fed.metrics, rnd, updates, norms, failures, rejected)
 
         skipped = None

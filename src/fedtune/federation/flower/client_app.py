@@ -39,7 +39,7 @@ from fedtune.data.batching import plan_steps
 from fedtune.errors import ConfigError
 from fedtune.federation import setup
 from fedtune.federation.compression import encode_upload
-from fedtune.federation.flower import records
+from fedtune.federation.flower import records, secagg
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
 from fedtune.server.sampling import local_steps_per_client
 from fedtune.types import SERVER_CONTROL
@@ -183,7 +183,7 @@ def make_client_app(config_yaml: Optional[str] = None) -> ClientApp:
     and a module-level function travels by reference, so :data:`CACHE` is the actor's own
     (a closure over it would carry a fresh copy each time).
     """
-    app = ClientApp()
+    app = ClientApp(mods=[secagg.mod])  # SecAgg+ for the TRAIN messages that carry its configs
 
     def config(context: Context) -> RunConfig:
         return parse_config(config_yaml) if config_yaml is not None else config_from_run_config(context.run_config)
