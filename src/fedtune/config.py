@@ -216,6 +216,15 @@ class PrivacyConfig:
         f"(null: {NORM_BOUND_FACTOR:g} with dp=off, none with dp, where clipping bounds every update)",
         gt=1,
     )
+    secure_aggregation: bool = _f(
+        False, "Flower engine: SecAgg+ masks every update so the server learns only the example-weighted mean of a "
+        "round's deltas, not one client's (SECURITY.md); refuses what needs individual updates"
+    )
+    secagg_clip: float = _f(1.0, "secure aggregation: C, each example-weighted delta value is clipped to [-C, C] before it is quantised (the fit lines' secagg_clipped count them)", gt=0)
+    secagg_threshold: float = _f(
+        0.67, "secure aggregation: share of a round's clients whose key shares rebuild a dropped client's mask; a round "
+        "survives dropouts while every client keeps this many live peers (higher: more private, less dropout-tolerant)", gt=0, le=1,
+    )
 
 
 @dataclass
@@ -656,7 +665,7 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"eval.federated_clients: {cfg.eval.federated_clients} is more than partition.num_clients={part.num_clients}")
     if any(s < 1 for s in cfg.train.local_steps_per_client):
         problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
-    return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg)
+    return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg) + secagg_checks(cfg)
 
 
 def per_round(cfg: RunConfig) -> int:
@@ -771,6 +780,33 @@ def privacy_checks(cfg: RunConfig) -> list[str]:
         problems.append("privacy.target_epsilon: with privacy.noise_multiplier=0 epsilon is infinite; raise the noise multiplier")
     if p.dp == "central" and cfg.lora.client_ranks:
         problems.append("lora.client_ranks: dp=central releases one noisy mean, not the rank-aware mean heterogeneous ranks need; drop one of them")
+    return problems
+
+
+def secagg_checks(cfg: RunConfig) -> list[str]:
+    """Secure aggregation gives the server one sum per round: refuse what needs the individual updates."""
+    p, s, fed = cfg.privacy, cfg.strategy, cfg.federation
+    if not p.secure_aggregation:
+        return []
+    key, problems = "privacy.secure_aggregation", []
+    if fed.engine != "flower":
+        problems.append(f"{key}: needs federation.engine=flower (the in-process engine has no transport to protect); set the engine or turn it off")
+    if fed.mode != "federated":
+        problems.append(f"{key}: masks the sum of several clients' updates, not federation.mode={fed.mode}; use mode=federated")
+    if per_round(cfg) < 2:
+        problems.append(f"{key}: a sum of one update is that update; sample at least 2 clients per round (federation.clients_per_round)")
+    if s.aggregator != "mean":
+        problems.append(f"strategy.aggregator: {s.aggregator} needs the individual updates, which secure aggregation hides; use mean")
+    if p.norm_bound_factor is not None:
+        problems.append("privacy.norm_bound_factor: the server cannot measure individual norms under secure aggregation; remove it")
+    if p.dp == "central":
+        problems.append("privacy.dp: central DP clips each update on the server, which secure aggregation hides; use dp=local (clients clip and noise)")
+    if s.name == "scaffold":
+        problems.append("strategy.name: scaffold's control variates are not part of the secure sum; use fedavg, fedavgm, fedprox or fedadam")
+    if cfg.compression.method != "none":
+        problems.append(f"compression.method: {cfg.compression.method} payloads are decoded per client and cannot be summed masked; set it to none")
+    if cfg.lora.client_ranks:
+        problems.append("lora.client_ranks: the rank-aware mean needs each client's rank-sliced update; drop lora.client_ranks")
     return problems
 
 

@@ -122,6 +122,10 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
 
         updates, failures = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
         accepted, rejected, norms = validate_updates(global_adapter, updates, fed.norm_bound_factor)
+        if cfg.privacy.secure_aggregation:  # SecAgg+: one pre-summed update (no norm bound: config refuses it)
+            from fedtune.federation.flower import secagg  # only a Flower run gets here: the in-process engine does not import flwr
+
+            updates = secagg.members(updates[0])  # the clients in the sum (fit lines, the min_clients count)
         log_fits(fed.metrics, rnd, updates, norms, failures, rejected)
 
         skipped = None

@@ -293,6 +293,8 @@ def build_privacy(cfg: RunConfig) -> Union[DPFedAvg, None]:
 
 def norm_bound_factor(cfg: RunConfig) -> Union[float, None]:
     """Validation's relative norm bound: privacy.norm_bound_factor, else the default without DP, else none."""
+    if cfg.privacy.secure_aggregation:  # the server sees only the sum (secagg.py); config refuses a set factor
+        return None
     if cfg.privacy.norm_bound_factor is not None:
         return cfg.privacy.norm_bound_factor
     return NORM_BOUND_FACTOR if cfg.privacy.dp == "off" else None

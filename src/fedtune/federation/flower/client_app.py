@@ -40,7 +40,7 @@ from fedtune.errors import ConfigError
 from fedtune.federation import client_eval, setup
 from fedtune.federation.client_eval import split_rows
 from fedtune.federation.client_fit import ClientPipeline
-from fedtune.federation.flower import records
+from fedtune.federation.flower import records, secagg
 from fedtune.federation.flower.node_state import apply_rollbacks, node_store
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
 from fedtune.reporting.progress import Progress
@@ -190,7 +190,7 @@ def make_client_app(config_yaml: Optional[str] = None, state_dir: Optional[str] 
     and a module-level function travels by reference, so :data:`CACHE` is the actor's own
     (a closure over it would carry a fresh copy each time).
     """
-    app = ClientApp()
+    app = ClientApp(mods=[secagg.mod])  # SecAgg+ for the TRAIN messages that carry its configs
 
     def config(context: Context) -> RunConfig:
         return parse_config(config_yaml) if config_yaml is not None else config_from_run_config(context.run_config)

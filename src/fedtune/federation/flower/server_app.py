@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import RunConfig
 from fedtune.errors import DataError
 from fedtune.federation import inprocess, setup
+from fedtune.federation.flower import secagg
 from fedtune.federation.flower.runconfig import RESUME_KEY, config_from_run_config
 from fedtune.federation.flower.transport import FlowerClients
 from fedtune.federation.rundir import RunLock, RunResult
@@ -56,7 +57,7 @@ def serve(grid: Grid, cfg: RunConfig, *, resume: bool, progress: Progress, stop:
         return FlowerClients(
             grid, num_clients=cfg.partition.num_clients, min_clients=cfg.federation.min_clients, progress=progress,
             metrics=metrics, connect_timeout=cfg.flower.connect_timeout, round_timeout=cfg.flower.round_timeout,
-            compression=setup.compression_of(cfg),
+            compression=setup.compression_of(cfg), secure=secagg.settings(cfg),
         )
 
     return inprocess.run(cfg, resume=resume, from_round=from_round, progress=progress, stop=stop, data=server_data,

@@ -29,7 +29,7 @@ from flwr.app import Message, MessageType
 
 from fedtune.errors import FederationError
 from fedtune.federation.compression import Compression
-from fedtune.federation.flower import records
+from fedtune.federation.flower import records, secagg
 from fedtune.reporting.metrics import MetricsLog
 from fedtune.reporting.progress import Progress
 from fedtune.types import Adapter, ClientFailure, ClientUpdate
@@ -54,8 +54,10 @@ class FlowerClients:
         connect_timeout: float,
         round_timeout: Optional[float] = None,
         compression: Compression = Compression(),
+        secure=None,
     ):
         self.compression = compression
+        self.secure = secure  # secagg.SecAgg: fit returns one pre-summed update (federation/flower/secagg.py)
         self.grid, self.num_clients, self.min_clients = grid, num_clients, min_clients
         self.progress, self.metrics = progress, metrics
         self.connect_timeout, self.round_timeout = connect_timeout, round_timeout
@@ -99,7 +101,9 @@ class FlowerClients:
         self, round: int, clients: Sequence[int], global_adapter: Adapter, client_config: dict, lr: float
     ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
         """Send the global adapter to ``clients``; return their decoded updates in client
-        order, and the clients that failed with the reason."""
+        order, and the clients that failed with the reason (with SecAgg+: one pre-summed update)."""
+        if self.secure is not None:
+            return secagg.secure_fit(self, self.secure, round, clients, global_adapter, client_config, lr)
         self.connect()
         self.discover(self.round_timeout)  # nodes that (re)joined since the last round
         messages, failures = {}, []
