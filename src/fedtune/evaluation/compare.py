@@ -113,7 +113,7 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
     bench = harness_tasks(cfg)  # lm-eval installed and the tasks known: checked before any training
     for name, sub in runs:
         status = run_or_reuse(sub, reuse=cfg.compare.reuse, progress=progress, stop=stop)
-        progress.message(f"compare: {name} {status} ({sub.output.dir}, engine {sub.federation.engine})")
+        progress.message(f"compare: {name} {status} ({sub.output.dir})")
         if status == "stopped":
             return CompareResult(root, None)
 
