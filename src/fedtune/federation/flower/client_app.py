@@ -70,9 +70,11 @@ class NodeCache:
         self.disk: Optional[node_cache.ShardCache] = None
         self.watch = node_cache.Stopwatch()
         self.threads = 0
+        self.age: Optional[float] = None
 
     def get_trainer(self, cfg: RunConfig, node_config: Optional[dict] = None) -> LocalTrainer:
         self.watch = node_cache.Stopwatch()  # one handler call's timings
+        self.age = node_cache.process_age()  # at handler entry: the process's start-up so far
         self.threads = node_cache.set_threads(node_cache.client_threads(node_config or {}, cfg.flower.client_cpus))
         key = _key(cfg.seed, cfg.model, cfg.lora, cfg.train)
         if key != self.trainer_key:
@@ -105,9 +107,8 @@ class NodeCache:
     def report(self) -> dict:
         """This call's load seconds and this process's counts (fit metrics, for benchmarks)."""
         out = {f"{k}_seconds": v for k, v in self.watch.seconds.items()}
-        age = node_cache.process_age()
-        if age is not None:
-            out["process_age_seconds"] = age
+        if self.age is not None:
+            out["process_age_seconds"] = self.age
         out.update(model_loads=self.model_loads, torch_threads=self.threads,
                    shard_disk_hits=self.disk.hits if self.disk else 0, shard_builds=self.disk.builds if self.disk else 0)
         return out
