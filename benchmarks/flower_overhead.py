@@ -18,6 +18,13 @@ ClientApp's model + data loading (``setup_seconds``, 0 when its process already 
 and the whole run's wall time (start-up included). Ratios are per-round wall time against in-process
 (round 1 apart: it carries Ray's actor start-up). Results go to
 benchmarks/results/flower_overhead.json (or ``--out``).
+
+``breakdown`` per engine says where the time goes (see :func:`breakdown`): the ClientApp's
+process start-up before its handler ran, model load, data load, tokenisation (or a read of
+the node's tokenised-shard cache), training, its torch threads; and per round the slowest
+node's share against the rest (messages, polling, aggregation, evaluation, checkpoint).
+``machine.cpu`` has the CPU model, its flags and the load average when the run started: on
+a shared machine the wall times are noisy, and only ratios measured within one run compare.
 """
 
 from __future__ import annotations
