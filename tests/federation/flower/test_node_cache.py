@@ -116,3 +116,14 @@ def test_the_client_app_sets_its_threads_and_reads_its_shard_from_disk_in_a_new_
     assert (first["shard_builds"], first["shard_disk_hits"], second["shard_builds"], second["shard_disk_hits"]) == (1, 0, 0, 1)
     assert first["model_loads"] == second["model_loads"] == 1 and first["model_load_seconds"] > 0
     assert all(torch.equal(replies[0].delta[k], replies[1].delta[k]) for k in replies[0].delta)
+
+
+def test_a_changed_tokenizer_file_changes_the_shard_key(tokenizer, tmp_path):
+    from fedtune.model.base import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    before = node_cache.tokenizer_fingerprint(load_tokenizer(str(tmp_path)))
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"model_max_length"', '"unused_key": 1, "model_max_length"', 1))
+
+    assert node_cache.tokenizer_fingerprint(load_tokenizer(str(tmp_path))) != before
