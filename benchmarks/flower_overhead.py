@@ -18,6 +18,13 @@ ClientApp's model + data loading (``setup_seconds``, 0 when its process already 
 and the whole run's wall time (start-up included). Ratios are per-round wall time against in-process
 (round 1 apart: it carries Ray's actor start-up). Results go to
 benchmarks/results/flower_overhead.json (or ``--out``).
+
+``breakdown`` per engine says where the time goes (see :func:`breakdown`): the ClientApp's
+process start-up before its handler ran, model load, data load, tokenisation (or a read of
+the node's tokenised-shard cache), training, its torch threads; and per round the slowest
+node's share against the rest (messages, polling, aggregation, evaluation, checkpoint).
+``machine.cpu`` has the CPU model, its flags and the load average when the run started: on
+a shared machine the wall times are noisy, and only ratios measured within one run compare.
 """
 
 from __future__ import annotations
@@ -66,27 +73,81 @@ def run_engine(engine: str, args_: list[str], workdir: Path) -> float:
     return time.perf_counter() - started
 
 
+NODE_PARTS = ("process_age", "model_load", "data_load", "tokenise")  # <part>_seconds in a Flower fit's metrics
+
+
 def summarize(run_dir: Path, wall: float) -> dict:
     from fedtune.reporting.metrics import read_metrics
 
     lines = list(read_metrics(run_dir / "metrics.jsonl"))
     rounds = [r["seconds"] for r in lines if r["type"] == "round"]
-    fits: dict[int, list[float]] = {}
-    setups: dict[int, list[float]] = {}
+    fits: dict[int, list[dict]] = {}
     for r in lines:
         if r["type"] == "fit":
-            fits.setdefault(r["round"], []).append(r["seconds"])
-            setups.setdefault(r["round"], []).append(r.get("setup_seconds", 0.0))
+            fits.setdefault(r["round"], []).append(r)
+    order = sorted(fits)
     return {
         "run_seconds": wall,
         "round_seconds": rounds,
-        "fit_seconds_sum": [sum(fits[r]) for r in sorted(fits)],
-        "fit_seconds_max": [max(fits[r]) for r in sorted(fits)],
-        "node_setup_seconds_max": [max(setups[r]) for r in sorted(setups)],  # model + data load in the ClientApp
+        "fit_seconds_sum": [sum(f["seconds"] for f in fits[r]) for r in order],
+        "fit_seconds_max": [max(f["seconds"] for f in fits[r]) for r in order],
+        "node_setup_seconds_max": [max(f.get("setup_seconds", 0.0) for f in fits[r]) for r in order],  # model + data load in the ClientApp
         "round1_seconds": rounds[0],
         "later_round_seconds_mean": statistics.mean(rounds[1:]) if len(rounds) > 1 else None,
         "failures": sum(1 for r in lines if r["type"] == "failure"),
+        "breakdown": breakdown(fits, rounds),
     }
+
+
+def breakdown(fits: dict[int, list[dict]], rounds: list[float]) -> dict:
+    """Where a round's time goes. Per fit (means over every client fit): ``train`` (inside
+    LocalTrainer.fit), and on Flower the ClientApp's ``process_age`` (the process's life before
+    the handler ran: Python start, imports, Flower's start-up; counted as start-up only in a
+    call that also loaded the model, i.e. a fresh process), ``model_load``, ``data_load``, ``tokenise`` (0 where cached). Per round:
+    ``node_critical`` (in-process: the clients' fits one after another; Flower: the slowest
+    client's process start-up + setup + train, when they run in parallel) and ``outside_nodes``
+    (the rest of the round: messages, polling, serialisation, aggregation, evaluation, checkpoint)."""
+    all_fits = [f for r in sorted(fits) for f in fits[r]]
+    first = fits[min(fits)] if fits else []
+
+    def mean(key: str, among=all_fits) -> float:
+        return statistics.mean(f.get(key, 0.0) for f in among) if among else 0.0
+
+    flower = any("process_age_seconds" in f for f in all_fits)
+
+    def node_seconds(f: dict) -> float:  # a fresh process (it loaded the model in this call) also paid its start-up
+        return f.get("setup_seconds", 0.0) + f["seconds"] + (f.get("process_age_seconds", 0.0) if f.get("model_load_seconds") else 0.0)
+
+    critical = [max(map(node_seconds, fits[r])) if flower else sum(f["seconds"] for f in fits[r]) for r in sorted(fits)]
+    return {
+        "first_fit_setup_seconds": max((f.get("setup_seconds", 0.0) for f in first), default=0.0),
+        "train_seconds_per_fit": mean("seconds"),
+        **{f"{part}_seconds_per_fit": mean(f"{part}_seconds") for part in NODE_PARTS},
+        "setup_seconds_per_fit": mean("setup_seconds"),
+        "model_loads": sum(1 for f in all_fits if f.get("model_load_seconds")),
+        "shard_tokenised": sum(1 for f in all_fits if "tokenise_seconds" in f and f.get("shard_disk_hits", 0) == 0),
+        "shard_from_disk": sum(1 for f in all_fits if "tokenise_seconds" in f and f.get("shard_disk_hits", 0) > 0),
+        "torch_threads": sorted({int(f["torch_threads"]) for f in all_fits if "torch_threads" in f}),
+        "node_critical_seconds": critical,
+        "outside_nodes_seconds": [r - c for r, c in zip(rounds, critical)],
+    }
+
+
+def cpu_info() -> dict:
+    """CPU model and flags (what decides the matmul kernels), and the load when measured."""
+    info = {"model": platform.processor() or None, "flags": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and info["model"] in (None, "", "x86_64"):
+                info["model"] = value.strip()
+            elif key.strip() == "flags" and not info["flags"]:
+                info["flags"] = value.split()
+    except OSError:
+        pass
+    info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in info["flags"]]
+    info["loadavg_1_5_15"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return info
 
 
 def main(argv=None) -> None:
@@ -101,6 +162,7 @@ def main(argv=None) -> None:
                        ("FLWR_DISABLE_UPDATE_CHECK", "1")):
         os.environ.setdefault(key, value)
 
+    cpu_before = cpu_info()
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
         tmp = Path(tmp)
         model = {"bundled": "smollm2-135m-instruct", "tiny": str(tmp / "tiny")}.get(args.model, args.model)
@@ -130,7 +192,8 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "flower_overhead",
         "command": " ".join(["python -m benchmarks.flower_overhead", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "cpu": cpu_before, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "flwr": __import__("flwr").__version__,
         "model": args.model, "clients": 2, "clients_per_round": 2, "rounds": args.rounds, "local_steps": args.steps,
         "engines": results, "ratio_to_inprocess": ratios,

@@ -155,7 +155,7 @@ class LocalConfig:
 
 @dataclass
 class FlowerConfig:
-    client_cpus: float = _f(1.0, "simulation: CPU cores per ClientApp (Ray actor); clients train in parallel up to cores / client_cpus", gt=0)
+    client_cpus: float = _f(1.0, "CPU cores per ClientApp: in simulation its Ray actor's share (clients train in parallel up to cores / client_cpus); its torch threads unless the node sets them (--node-config threads=N, or OMP_NUM_THREADS)", gt=0)
     client_gpus: float = _f(0.0, "simulation: GPUs per ClientApp (0.25 = four clients share one GPU)", ge=0)
     client_logs: bool = _f(False, "simulation: show the ClientApps' own output (Ray actor logs); their errors are logged either way")
     heldout_path: Optional[str] = _f(

@@ -73,7 +73,8 @@ def test_the_client_app_fit_is_the_in_process_fit_and_the_model_loads_once(tiny_
     expected = setup.build_trainer(tiny_config, bundle).fit(1, encoded, bundle.initial_adapter, round=1, lr=tiny_config.train.lr)
     # Ray pickles the app for every message: the handlers must still reach this process's cache.
     app = cloudpickle.loads(cloudpickle.dumps(client_app.make_client_app(dump_yaml(tiny_config))))
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={})
+    threads = torch.get_num_threads()  # the ClientApp sets its threads; the same ones give the same floats
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4, "threads": threads}, state=RecordDict(), run_config={})
 
     replies = [app(train_message(tiny_config, 1, bundle.initial_adapter), context) for _ in range(2)]
 
@@ -119,7 +120,7 @@ def test_a_malicious_node_sends_its_attack(tiny_overrides, monkeypatch):
     encoded = setup.encode_examples(bundle.tokenizer, [examples[i] for i in partition.shards[2]], "chat", cfg.data.max_length)
     honest = setup.build_trainer(cfg, bundle).fit(2, encoded, bundle.initial_adapter, round=1, lr=cfg.train.lr)
     app = client_app.make_client_app(dump_yaml(cfg))
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "threads": torch.get_num_threads()}, state=RecordDict(), run_config={})
 
     update = records.read_update(app(train_message(cfg, 2, bundle.initial_adapter), context).content, expected_client=2)
 

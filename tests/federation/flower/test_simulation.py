@@ -51,7 +51,9 @@ def test_simulation_ends_with_the_in_process_adapter_and_metrics(setting, tiny_o
     assert a.keys() == b.keys() and adapters_close(a, b, rel=3e-2 if setting == "dpo" else TRAINED)
     for kind, fields in (("round", ("round", "clients")), ("fit", ("round", "client", "examples", "steps", "tokens"))):
         assert [[r[f] for f in fields] for r in records(straight.run_dir, kind)] == [[r[f] for f in fields] for r in records(flower.run_dir, kind)]
-    fit_keys = lambda d: [sorted(set(r) - {"seconds", "setup_seconds"}) for r in records(d, "fit")]  # noqa: E731
+    # timings, and a Flower node's own load counts (client_app.NodeCache.report), differ by engine
+    node_only = lambda k: k.endswith("seconds") or k in ("model_loads", "torch_threads", "shard_disk_hits", "shard_builds")  # noqa: E731
+    fit_keys = lambda d: [sorted(k for k in r if not node_only(k)) for r in records(d, "fit")]  # noqa: E731
     assert fit_keys(flower.run_dir) == fit_keys(straight.run_dir)  # the same metrics on both engines
     losses = lambda d, kind: [r["loss"] for r in records(d, kind)]  # noqa: E731
     assert losses(flower.run_dir, "fit") == pytest.approx(losses(straight.run_dir, "fit"), rel=1e-5)

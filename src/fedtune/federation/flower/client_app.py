@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -40,9 +41,10 @@ from fedtune.errors import ConfigError
 from fedtune.federation import client_eval, setup
 from fedtune.federation.client_eval import split_rows
 from fedtune.federation.client_fit import ClientPipeline
-from fedtune.federation.flower import records, secagg
+from fedtune.federation.flower import node_cache, records, secagg
 from fedtune.federation.flower.node_state import apply_rollbacks, node_store
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
+from fedtune.model.base import cache_root
 from fedtune.reporting.progress import Progress
 from fedtune.server.sampling import local_steps_per_client
 
@@ -55,7 +57,9 @@ PARTITION_ID = "partition-id"  # Flower's simulation sets this one
 
 class NodeCache:
     """This process's base model + trainer, and tokenised shards, keyed by the settings that
-    built them (a new run with other settings rebuilds them)."""
+    built them (a new run with other settings rebuilds them). Shards are also kept on the
+    node's disk (node_cache.py): Flower starts a process per message in a deployment. The
+    counts and seconds in :meth:`report` go into each fit's metrics (for benchmarks)."""
 
     def __init__(self):
         self.trainer_key: Optional[str] = None
@@ -63,13 +67,20 @@ class NodeCache:
         self.trainer: Optional[LocalTrainer] = None
         self.shards: dict[str, tuple[int, list]] = {}
         self.model_loads = 0  # how often this process built the base model (for benchmarks)
+        self.disk: Optional[node_cache.ShardCache] = None
+        self.watch = node_cache.Stopwatch()
+        self.threads = 0
+        self.age: Optional[float] = None
 
-    def get_trainer(self, cfg: RunConfig) -> LocalTrainer:
+    def get_trainer(self, cfg: RunConfig, node_config: Optional[dict] = None) -> LocalTrainer:
+        self.watch = node_cache.Stopwatch()  # one handler call's timings
+        self.age = node_cache.process_age()  # at handler entry: the process's start-up so far
+        self.threads = node_cache.set_threads(node_cache.client_threads(node_config or {}, cfg.flower.client_cpus))
         key = _key(cfg.seed, cfg.model, cfg.lora, cfg.train)
         if key != self.trainer_key:
             self.bundle = self.trainer = None  # free the old model before loading another
             node_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_adapter=None))
-            self.bundle = setup.build_model(node_cfg)  # the server sends the starting adapter
+            self.bundle = self.watch.time("model_load", lambda: setup.build_model(node_cfg))  # the server sends the starting adapter
             self.trainer = setup.build_trainer(node_cfg, self.bundle)
             self.trainer_key, self.model_loads = key, self.model_loads + 1
         return self.trainer
@@ -78,11 +89,29 @@ class NodeCache:
         """(client id, examples) of this node; encoded once the model's tokenizer is loaded."""
         key = _key(cfg.seed, cfg.data, cfg.partition, sorted(node_config.items()), self.trainer_key)
         if key not in self.shards:
-            client, examples = node_examples(cfg, node_config)
+            client, examples = self.watch.time("data_load", lambda: node_examples(cfg, node_config))
             examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
-            encoded = setup.encode_examples(self.bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
-            self.shards[key] = (client, encoded)
+            self.shards[key] = (client, self.watch.time("tokenise", lambda: self.encode(cfg, node_config, examples)))
         return self.shards[key]
+
+    def encode(self, cfg: RunConfig, node_config: dict, examples: list) -> list:
+        """``examples`` tokenised, from the node's disk cache when the same text, tokenizer,
+        template and max_length were tokenised before."""
+        directory = Path(node_config.get(node_cache.CACHE_DIR) or cache_root() / "shards")
+        if self.disk is None or self.disk.directory != directory:
+            self.disk = node_cache.ShardCache(directory)
+        tok, d = self.bundle.tokenizer, cfg.data
+        key = node_cache.shard_key(examples, node_cache.tokenizer_fingerprint(tok), d.template, d.max_length)
+        return self.disk.get(key, lambda: setup.encode_examples(tok, examples, d.template, d.max_length))
+
+    def report(self) -> dict:
+        """This call's load seconds and this process's counts (fit metrics, for benchmarks)."""
+        out = {f"{k}_seconds": v for k, v in self.watch.seconds.items()}
+        if self.age is not None:
+            out["process_age_seconds"] = self.age
+        out.update(model_loads=self.model_loads, torch_threads=self.threads,
+                   shard_disk_hits=self.disk.hits if self.disk else 0, shard_builds=self.disk.builds if self.disk else 0)
+        return out
 
 
 CACHE = NodeCache()
@@ -147,7 +176,7 @@ def answer_train(cfg: RunConfig, message: Message, context: Context, state_dir: 
     the node's client state lives under ``state_dir`` (node_state.py)."""
     adapter, client, round, lr, client_config = records.read_train(message.content)
     started = time.perf_counter()
-    trainer = CACHE.get_trainer(cfg)
+    trainer = CACHE.get_trainer(cfg, dict(context.node_config))
     holds, examples = CACHE.get_shard(cfg, dict(context.node_config))
     setup_seconds = time.perf_counter() - started  # ~0 when this process already holds them
     if holds != client:
@@ -159,6 +188,7 @@ def answer_train(cfg: RunConfig, message: Message, context: Context, state_dir: 
                           local_steps=client_steps(cfg, client), rank=node_choice(cfg.lora.client_ranks, cfg, client, "ranks"),
                           setup_seconds=setup_seconds)
     update = upload.update
+    update.metrics.update(CACHE.report())  # where this node's time went (node_cache.py; Flower only)
     log.info("round %d client %d: loss %.4f, %d steps", round, client, update.metrics["loss"], update.metrics["steps"])
     return Message(records.update_content(update, upload.payload), reply_to=message)
 
@@ -168,7 +198,7 @@ def answer_evaluate(cfg: RunConfig, message: Message, context: Context) -> Messa
     (sums and counts, not means, so the server weights exactly; federation/client_eval.py).
     The rows are read and encoded per message (a few per client, once every eval.every rounds)."""
     adapter, client, round = records.read_evaluate(message.content)
-    CACHE.get_trainer(cfg)  # the node's model
+    CACHE.get_trainer(cfg, dict(context.node_config))  # the node's model
     bundle = CACHE.bundle
     holds, examples = node_examples(cfg, dict(context.node_config), held_out=True)
     if holds != client:
