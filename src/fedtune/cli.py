@@ -368,6 +368,8 @@ def compare(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
 
 
 def _show_comparison(comp: dict) -> None:
+    from fedtune.evaluation.gaps import answer_note, gap_lines, with_interval
+
     models = comp["models"]
     table = Table(title=f"{comp['name']}: held-out loss per category (lower is better)")
     table.add_column("category")
@@ -390,13 +392,20 @@ def _show_comparison(comp: dict) -> None:
             single, pair = judge.get("single") or {}, judge.get("pairwise") or {}
             rel = single.get("relative")
             extra = [f"{rel:.3f}" if rel is not None else "-", f"{pair.get('win', '-')}/{pair.get('tie', '-')}/{pair.get('loss', '-')}"]
-        summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", f"{gen['rouge_l']:.3f}",
-                        f"{gen['exact_match']:.3f}", str(comp["budget"][m]["optimizer_steps"]), *extra,
+        boot = comp["summary"].get("generation", {}).get(m, {})  # with bootstrap intervals over the answers
+        summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", with_interval(boot.get("rouge_l")) if boot
+                        else f"{gen['rouge_l']:.3f}", with_interval(boot.get("exact_match")) if boot else f"{gen['exact_match']:.3f}",
+                        str(comp["budget"][m]["optimizer_steps"]), *extra,
                         *[_num(comp["harness"][m].get(t, {}).get(k)) for t, k in bench])
     out.print(summary)
     out.print(comp["budget_note"], highlight=False)
     for check, ok in comp["summary"]["ordering"].items():
         out.print(f"  {'[green]yes[/]' if ok else '[red]no[/]'}  {check}")
+    for line in gap_lines(comp["summary"].get("gaps") or {}):
+        out.print(line, highlight=False)
+    if comp["summary"].get("generation"):
+        answered = next(iter(comp["generation"].values()))["examples"]
+        out.print(f"ROUGE-L and exact match on {answered} answers per model, with {answer_note(comp)}", highlight=False)
 
 
 @app.command(name="eval")

@@ -132,7 +132,7 @@ def comparison_report(folder: Path, comp: dict) -> Path:
     models = comp["models"]
     checks = [(name, "yes" if ok else "no") for name, ok in comp.get("summary", {}).get("ordering", {}).items()]
     sections = [h.section("summary", h.note(comp["budget_note"]), summary_table(comp),
-                          h.table(["FedIT ordering on held-out loss", "holds"], checks) if checks else "")]
+                          h.table(["FedIT ordering on held-out loss", "holds"], checks) if checks else "", *gaps_parts(comp))]
     plots.loss_curves({m: comp["curves"][m] for m in models if comp["curves"].get(m)}, folder / "loss_per_round.png", dashed=["base"])
     per_cat = {m: _per_cat(comp["heldout"][m]) for m in models}
     plots.category_bars(per_cat, folder / "loss_per_category.png", ylabel="held-out loss", title="held-out loss per category")
@@ -158,13 +158,31 @@ def comparison_report(folder: Path, comp: dict) -> Path:
 
 def summary_table(comp: dict) -> str:
     rows = []
+    boot = comp.get("summary", {}).get("generation") or {}  # intervals over the answers, when recorded
     for m in comp["models"]:
         gen = comp["generation"].get(m, {})
         budget = comp["budget"].get(m, {})
-        rows.append((m, comp["heldout"][m]["loss"], comp["heldout"][m]["ppl"], gen.get("rouge_l"), gen.get("exact_match"),
+        ci = [_interval(boot[m].get("rouge_l")), _interval(boot[m].get("exact_match"))] if m in boot else []
+        rows.append((m, comp["heldout"][m]["loss"], comp["heldout"][m]["ppl"], gen.get("rouge_l"), gen.get("exact_match"), *ci,
                      budget.get("optimizer_steps", 0), budget.get("tokens", 0)))
-    headers = ["model", "held-out loss", "perplexity", "ROUGE-L", "exact match", "optimizer steps", "tokens trained"]
+    level = f"{100 * comp['summary']['gaps']['level']:g}% " if boot else ""
+    headers = ["model", "held-out loss", "perplexity", "ROUGE-L", "exact match",
+               *([f"ROUGE-L {level}interval", f"exact match {level}interval"] if boot else []), "optimizer steps", "tokens trained"]
     return h.table(headers, rows, best={1: "min", 2: "min", 3: "max", 4: "max"})
+
+
+def gaps_parts(comp: dict) -> list[str]:
+    """The held-out loss gaps with their paired bootstrap intervals (evaluation/gaps.py)."""
+    from fedtune.evaluation.gaps import fraction_text, gap_lines, verdict
+
+    gaps = comp.get("summary", {}).get("gaps") or {}
+    if not gaps.get("gaps"):
+        return []
+    rows = [(g["name"], g["value"], g["low"], g["high"], verdict(g)) for g in gaps["gaps"]]
+    parts = [h.note(gap_lines(gaps)[0]), h.table(["gap in held-out loss (nats)", "value", "low", "high", ""], rows)]
+    if gaps.get("fraction"):
+        parts.append(h.note(gap_lines(gaps)[-1].strip()))
+    return parts
 
 
 def judge_table(comp: dict) -> str:
@@ -184,6 +202,10 @@ def typical_local(values: dict[str, float]) -> float | None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _interval(est: dict | None) -> str:
+    return "-" if not est or est["low"] != est["low"] else f"[{est['low']:.3f}, {est['high']:.3f}]"
 
 
 def _per_cat(ev: dict) -> dict[str, float]:
