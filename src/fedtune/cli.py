@@ -364,6 +364,8 @@ def compare(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     from fedtune.federation.rundir import COMPARISON_FILE, REPORT_FILE
 
     _show_comparison(result.comparison)
+    if result.comparison["judge"]:
+        _show_judge(result.comparison, result.folder)
     out.print(f"comparison: {result.folder / COMPARISON_FILE}\nreport: {result.folder / REPORT_FILE}")
 
 
@@ -406,6 +408,26 @@ def _show_comparison(comp: dict) -> None:
     if comp["summary"].get("generation"):
         answered = next(iter(comp["generation"].values()))["examples"]
         out.print(f"ROUGE-L and exact match on {answered} answers per model, with {answer_note(comp)}", highlight=False)
+
+
+def _show_judge(comp: dict, folder: Path) -> None:
+    """The FedIT judge table: relative score and win/tie/loss against the reference."""
+    from fedtune.evaluation.judge_table import HEADERS, cells, fedit_rows, reference_name, unparsed_note
+    from fedtune.reporting.report import JUDGE_PLOT
+
+    reference = comp.get("judge_reference") or "data"
+    rows = fedit_rows(comp["judge"], comp["judge_reference_ratings"] or [], reference)
+    table = Table(title=f"LLM judge against {reference_name(reference)} (FedIT format)")
+    for col in HEADERS:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    out.print(table)
+    out.print(comp["judge_note"], highlight=False)
+    note = unparsed_note(rows)
+    if note:
+        out.print(note, highlight=False)
+    out.print(f"judge figure: {folder / JUDGE_PLOT}")
 
 
 @app.command(name="eval")

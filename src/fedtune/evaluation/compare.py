@@ -208,6 +208,7 @@ def assemble(cfg: RunConfig, root: Path, names: list[str], results: dict, evalse
         "harness": {n: results[n]["harness"] for n in names} if "harness" in results[names[0]] else None,
         "judge_note": judge and judge_note(judge, cfg.eval.judge.reference),
         "judge_reference_ratings": judge and judge["reference_ratings"],
+        "judge_reference": judge and cfg.eval.judge.reference,
         "budget": budget,
         "curves": curves,
         "participation": [(r["round"], r["clients"]) for r in records.get("federated", []) if r["type"] == "round"],

@@ -18,6 +18,7 @@ from fedtune.reporting import html as h
 from fedtune.reporting import plots
 from fedtune.reporting.metrics import read_metrics
 
+JUDGE_PLOT = "judge.png"
 REPORTED_SAMPLES = 16  # sample answers shown side by side (comparison.json keeps them all)
 
 
@@ -149,7 +150,7 @@ def comparison_report(folder: Path, comp: dict) -> Path:
     plots.partition_histogram(comp["partition"]["categories"], folder / "partition.png")
     sections.append(h.section("partition", h.figure("partition.png", f"{comp['partition']['method']} split, shared by every compared run")))
     if comp.get("judge"):
-        sections.append(h.section("LLM judge", h.note(comp["judge_note"]), judge_table(comp)))
+        sections.append(h.section("LLM judge", h.note(comp["judge_note"]), *judge_parts(comp, folder)))
     if comp["samples"]:
         rows = [(h.pre(_prompt(s)), h.pre(s["reference"]), *[h.pre(s["answers"][m]) for m in models]) for s in comp["samples"][:REPORTED_SAMPLES]]
         sections.append(h.section("sample answers", h.table(["prompt", "reference", *models], rows)))
@@ -185,14 +186,18 @@ def gaps_parts(comp: dict) -> list[str]:
     return parts
 
 
-def judge_table(comp: dict) -> str:
-    rows = []
-    for m, j in comp["judge"].items():
-        single, pair = j.get("single") or {}, j.get("pairwise") or {}
-        rows.append((m, single.get("mean"), single.get("relative"), single.get("unparsed"),
-                     pair.get("win"), pair.get("tie"), pair.get("loss"), pair.get("unparsed")))
-    headers = ["model", "mean score (1-10)", "relative to reference", "unparsed", "wins", "ties", "losses", "unparsed"]
-    return h.table(headers, rows, best={2: "max"})
+def judge_parts(comp: dict, folder: Path) -> list[str]:
+    """The FedIT judge table (relative score, win/tie/loss against the reference) and its
+    figure ``judge.png``, with a note when judgements could not be parsed."""
+    from fedtune.evaluation.judge_table import HEADERS, cells, fedit_rows, reference_name, unparsed_note
+
+    reference = comp.get("judge_reference", "data")
+    rows = fedit_rows(comp["judge"], comp.get("judge_reference_ratings") or [], reference)
+    plots.judge_chart(rows, folder / JUDGE_PLOT, reference=reference_name(reference))
+    note = unparsed_note(rows)
+    return [h.figure(JUDGE_PLOT, "relative score (sum of the model's ratings / the reference's; dashed: 100%) and "
+                     "wins/ties/losses against the reference, as in FedIT"),
+            h.table(list(HEADERS), [cells(r) for r in rows]), h.note(note) if note else ""]
 
 
 def typical_local(values: dict[str, float]) -> float | None:
