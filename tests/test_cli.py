@@ -57,6 +57,9 @@ def test_run_generate_chat_and_resume_codes(tiny_overrides, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss" in proc.stdout and (run_dir / "adapter" / "adapter_config.json").is_file()
     assert "round 1" in proc.stderr  # progress goes to stderr
+    # the before/after samples come from the categories that improved most, and say so
+    assert "samples from the held-out categories whose held-out loss fell most over the run: " in proc.stdout
+    assert proc.stdout.index("samples from the") < proc.stdout.index("before:") < proc.stdout.index("after:")
 
     gen = fedtune("generate", run_dir, "What is 2 plus 2?", "--max-new-tokens", "3")
     assert gen.returncode == 0, gen.stderr

@@ -154,6 +154,11 @@ def _show_result(result) -> None:
         for name, b, a in rows:
             table.add_row(name, _eval_cell(b, dpo), _eval_cell(a, dpo))
         out.print(table)
+    from fedtune.evaluation.samples import samples_headline
+
+    headline = samples_headline(result.samples_before) if result.finished and result.samples_after else None
+    if headline:
+        out.print(headline, highlight=False)
     for b, a in zip(result.samples_before, result.samples_after if result.finished else []):
         prompt = b["prompt"] + (f"\n{b['input']}" if b.get("input") else "")
         out.print(f"[bold]prompt:[/] {prompt}", highlight=False)

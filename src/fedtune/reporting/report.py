@@ -75,7 +75,11 @@ def run_report(run_dir: Path) -> Path:
         before, after = samples[0], samples[-1]
         rows = [(h.pre(_prompt(b)), h.pre(b.get("reference") or ""), h.pre(b["answer"]), h.pre(a["answer"]))
                 for b, a in zip(before["items"], after["items"])]
-        sections.append(h.section("sample answers", h.table(["prompt", "reference", f"round {before['round']}", f"round {after['round']}"], rows)))
+        from fedtune.evaluation.samples import samples_headline
+
+        headline = samples_headline(before["items"])
+        sections.append(h.section("sample answers", h.note(headline) if headline else "",
+                                  h.table(["prompt", "reference", f"round {before['round']}", f"round {after['round']}"], rows)))
     sections.extend(_evaluations(run_dir))
     subtitle = f"{mode} run of {cfg.model.name} on {cfg.data.path}, {cfg.partition.num_clients} clients, {cfg.strategy.name}"
     return _write(run_dir, h.page(f"fedtune run: {run_dir.name}", subtitle, sections))
