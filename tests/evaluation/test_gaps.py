@@ -71,3 +71,16 @@ def test_answer_intervals_per_model():
     b = out["b"]["exact_match"]
     assert b["value"] == 0.25 and 0.0 <= b["low"] <= 0.25 <= b["high"] <= 1.0 and b["low"] < b["high"]
     assert answer_intervals({}, [], np.random.default_rng(0), resamples=5, level=0.9) == {}
+
+
+def test_accuracy_gap_by_hand_and_degenerate_cases():
+    from fedtune.evaluation.gaps import accuracy_gap
+
+    before, after = [0.0, 0.5, 1.0, 0.0], [1.0, 0.5, 1.0, 1.0]  # two pairs flipped to correct: +0.5
+    gap = accuracy_gap(before, after, np.random.default_rng(0), resamples=500, level=0.95)
+    assert gap["value"] == pytest.approx(0.5) and gap["examples"] == 4
+    assert 0.0 <= gap["low"] <= 0.5 <= gap["high"] <= 1.0  # each resample's gap is (flipped pairs drawn) / 4
+    same = accuracy_gap(before, before, np.random.default_rng(0), resamples=50, level=0.95)
+    assert (same["value"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        accuracy_gap([1.0], [1.0, 0.0], np.random.default_rng(0), resamples=5, level=0.9)

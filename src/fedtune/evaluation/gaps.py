@@ -68,6 +68,20 @@ def _fraction(median_local, federated, centralized):
         return np.where(den != 0, (median_local - federated) / np.where(den != 0, den, 1.0), np.nan)
 
 
+def accuracy_gap(before: Sequence[float], after: Sequence[float], rng: np.random.Generator, *, resamples: int,
+                 level: float) -> dict:
+    """DPO: held-out reward accuracy after − before (e.g. final vs starting adapter, or federated
+    vs local-only) from each pair's accuracy (1, ½, 0; PreferenceEvaluator per_example), with a
+    paired bootstrap interval over the pairs. ``{"value", "low", "high", "examples"}``."""
+    n = len(before)
+    if n == 0 or len(after) != n:
+        raise ValueError("before and after must score the same, non-empty set of pairs")  # internal
+    idx = resample_indices(n, resamples, rng)
+    ones = [1.0] * n
+    diff = resampled_ratio(after, ones, idx) - resampled_ratio(before, ones, idx)
+    return {**estimate(float(np.mean(after) - np.mean(before)), diff, level), "examples": n}
+
+
 def answer_intervals(answers: dict[str, Sequence[str]], references: Sequence[str], rng: np.random.Generator, *,
                      resamples: int, level: float) -> dict:
     """``{model: {"rouge_l": estimate, "exact_match": estimate}}`` with intervals over the
