@@ -166,7 +166,7 @@ def test_compare_command_prints_the_table(tiny_overrides, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss per category" in proc.stdout and "federated" in proc.stdout and "ROUGE-L" in proc.stdout
     # the gap, with the held-out set size and its interval
-    assert "held-out loss gaps on 24 held-out examples (95% paired bootstrap interval over examples" in proc.stdout
+    assert "held-out loss gaps on 30 held-out examples (95% paired bootstrap interval over examples" in proc.stdout
     assert "federated - base" in proc.stdout and "ROUGE-L and exact match on 2 answers per model, with 95% bootstrap" in proc.stdout
     assert (tmp_path / "run" / "comparison.json").is_file() and (tmp_path / "run" / "report.html").is_file()
 

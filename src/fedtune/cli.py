@@ -158,7 +158,7 @@ def _show_result(result) -> None:
 
     headline = samples_headline(result.samples_before) if result.finished and result.samples_after else None
     if headline:
-        out.print(headline, highlight=False)
+        out.print(headline, highlight=False, soft_wrap=True)
     for b, a in zip(result.samples_before, result.samples_after if result.finished else []):
         prompt = b["prompt"] + (f"\n{b['input']}" if b.get("input") else "")
         out.print(f"[bold]prompt:[/] {prompt}", highlight=False)
@@ -409,10 +409,11 @@ def _show_comparison(comp: dict) -> None:
     for check, ok in comp["summary"]["ordering"].items():
         out.print(f"  {'[green]yes[/]' if ok else '[red]no[/]'}  {check}")
     for line in gap_lines(comp["summary"].get("gaps") or {}):
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)  # one line per gap, however narrow the terminal
     if comp["summary"].get("generation"):
         answered = next(iter(comp["generation"].values()))["examples"]
-        out.print(f"ROUGE-L and exact match on {answered} answers per model, with {answer_note(comp)}", highlight=False)
+        out.print(f"ROUGE-L and exact match on {answered} answers per model, with {answer_note(comp)}", highlight=False,
+                  soft_wrap=True)
 
 
 def _show_judge(comp: dict, folder: Path) -> None:
@@ -431,8 +432,8 @@ def _show_judge(comp: dict, folder: Path) -> None:
     out.print(comp["judge_note"], highlight=False)
     note = unparsed_note(rows)
     if note:
-        out.print(note, highlight=False)
-    out.print(f"judge figure: {folder / JUDGE_PLOT}")
+        out.print(note, highlight=False, soft_wrap=True)
+    out.print(f"judge figure: {folder / JUDGE_PLOT}", soft_wrap=True)
 
 
 @app.command(name="eval")
