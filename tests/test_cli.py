@@ -57,6 +57,9 @@ def test_run_generate_chat_and_resume_codes(tiny_overrides, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss" in proc.stdout and (run_dir / "adapter" / "adapter_config.json").is_file()
     assert "round 1" in proc.stderr  # progress goes to stderr
+    # the before/after samples come from the categories that improved most, and say so
+    assert "samples from the held-out categories whose held-out loss fell most over the run: " in proc.stdout
+    assert proc.stdout.index("samples from the") < proc.stdout.index("before:") < proc.stdout.index("after:")
 
     gen = fedtune("generate", run_dir, "What is 2 plus 2?", "--max-new-tokens", "3")
     assert gen.returncode == 0, gen.stderr
@@ -162,6 +165,9 @@ def test_compare_command_prints_the_table(tiny_overrides, tmp_path):
     proc = fedtune("compare", *tiny_overrides, "federation.rounds=1", "compare.models=[base, federated]", "eval.generation_examples=2")
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss per category" in proc.stdout and "federated" in proc.stdout and "ROUGE-L" in proc.stdout
+    # the gap, with the held-out set size and its interval
+    assert "held-out loss gaps on 30 held-out examples (95% paired bootstrap interval over examples" in proc.stdout
+    assert "federated - base" in proc.stdout and "ROUGE-L and exact match on 2 answers per model, with 95% bootstrap" in proc.stdout
     assert (tmp_path / "run" / "comparison.json").is_file() and (tmp_path / "run" / "report.html").is_file()
 
 

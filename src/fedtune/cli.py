@@ -154,6 +154,11 @@ def _show_result(result) -> None:
         for name, b, a in rows:
             table.add_row(name, _eval_cell(b, dpo), _eval_cell(a, dpo))
         out.print(table)
+    from fedtune.evaluation.samples import samples_headline
+
+    headline = samples_headline(result.samples_before) if result.finished and result.samples_after else None
+    if headline:
+        out.print(headline, highlight=False, soft_wrap=True)
     for b, a in zip(result.samples_before, result.samples_after if result.finished else []):
         prompt = b["prompt"] + (f"\n{b['input']}" if b.get("input") else "")
         out.print(f"[bold]prompt:[/] {prompt}", highlight=False)
@@ -366,10 +371,14 @@ def compare(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     from fedtune.federation.rundir import COMPARISON_FILE, REPORT_FILE
 
     _show_comparison(result.comparison)
+    if result.comparison["judge"]:
+        _show_judge(result.comparison, result.folder)
     out.print(f"comparison: {result.folder / COMPARISON_FILE}\nreport: {result.folder / REPORT_FILE}")
 
 
 def _show_comparison(comp: dict) -> None:
+    from fedtune.evaluation.gaps import answer_note, gap_lines, with_interval
+
     models = comp["models"]
     table = Table(title=f"{comp['name']}: held-out loss per category (lower is better)")
     table.add_column("category")
@@ -392,13 +401,41 @@ def _show_comparison(comp: dict) -> None:
             single, pair = judge.get("single") or {}, judge.get("pairwise") or {}
             rel = single.get("relative")
             extra = [f"{rel:.3f}" if rel is not None else "-", f"{pair.get('win', '-')}/{pair.get('tie', '-')}/{pair.get('loss', '-')}"]
-        summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", f"{gen['rouge_l']:.3f}",
-                        f"{gen['exact_match']:.3f}", str(comp["budget"][m]["optimizer_steps"]), *extra,
+        boot = comp["summary"].get("generation", {}).get(m, {})  # with bootstrap intervals over the answers
+        summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", with_interval(boot.get("rouge_l")) if boot
+                        else f"{gen['rouge_l']:.3f}", with_interval(boot.get("exact_match")) if boot else f"{gen['exact_match']:.3f}",
+                        str(comp["budget"][m]["optimizer_steps"]), *extra,
                         *[_num(comp["harness"][m].get(t, {}).get(k)) for t, k in bench])
     out.print(summary)
     out.print(comp["budget_note"], highlight=False)
     for check, ok in comp["summary"]["ordering"].items():
         out.print(f"  {'[green]yes[/]' if ok else '[red]no[/]'}  {check}")
+    for line in gap_lines(comp["summary"].get("gaps") or {}):
+        out.print(line, highlight=False, soft_wrap=True)  # one line per gap, however narrow the terminal
+    if comp["summary"].get("generation"):
+        answered = next(iter(comp["generation"].values()))["examples"]
+        out.print(f"ROUGE-L and exact match on {answered} answers per model, with {answer_note(comp)}", highlight=False,
+                  soft_wrap=True)
+
+
+def _show_judge(comp: dict, folder: Path) -> None:
+    """The FedIT judge table: relative score and win/tie/loss against the reference."""
+    from fedtune.evaluation.judge_table import HEADERS, cells, fedit_rows, reference_name, unparsed_note
+    from fedtune.reporting.report import JUDGE_PLOT
+
+    reference = comp.get("judge_reference") or "data"
+    rows = fedit_rows(comp["judge"], comp["judge_reference_ratings"] or [], reference)
+    table = Table(title=f"LLM judge against {reference_name(reference)} (FedIT format)")
+    for col in HEADERS:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    out.print(table)
+    out.print(comp["judge_note"], highlight=False)
+    note = unparsed_note(rows)
+    if note:
+        out.print(note, highlight=False, soft_wrap=True)
+    out.print(f"judge figure: {folder / JUDGE_PLOT}", soft_wrap=True)
 
 
 @app.command(name="eval")

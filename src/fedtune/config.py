@@ -310,6 +310,10 @@ class EvalConfig:
     generation_examples: Optional[int] = _f(
         48, "held-out examples answered for ROUGE-L / exact match in compare and eval (null: all)", ge=0
     )
+    bootstrap_resamples: int = _f(
+        1000, "compare: resamples of the held-out examples for the confidence intervals of the gaps and ROUGE-L/EM", ge=1
+    )
+    confidence: float = _f(0.95, "compare: level of the bootstrap confidence intervals", gt=0, lt=1)
     judge: JudgeConfig = _f(JudgeConfig(), "LLM-as-judge grading (off unless judge.base_url is set)")
     harness_tasks: list[str] = _f(
         [], "lm-evaluation-harness tasks `fedtune compare` also runs on every model (extra columns), e.g. [arc_easy, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STREAMS = {"partition": 0, "sampling": 1, "batches": 2, "torch": 3, "init": 4, "noise": 5, "failures": 6, "attack": 7, "workload": 8, "local": 9, "ranks": 10, "client-holdout": 11, "federated-eval": 12}
+STREAMS = {"partition": 0, "sampling": 1, "batches": 2, "torch": 3, "init": 4, "noise": 5, "failures": 6, "attack": 7, "workload": 8, "local": 9, "ranks": 10, "client-holdout": 11, "federated-eval": 12, "bootstrap": 13}
 
 
 def generator(seed: int, stream: str, *ids: int) -> np.random.Generator:

@@ -71,6 +71,17 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     assert all(g["examples"] == 4 for g in comp["generation"].values())
     assert all(len(s["answers"]) == 4 for s in comp["samples"]) and len(comp["samples"]) == 4
     assert set(comp["summary"]["ordering"]) == {"centralized <= federated", "federated < local (median)", "local (median) < base"}
+    # the gaps, with paired bootstrap intervals over the 30 held-out examples (per-example losses stay out of the file)
+    gaps = comp["summary"]["gaps"]
+    assert gaps["examples"] == 30 and gaps["resamples"] == 1000 and gaps["level"] == 0.95
+    assert [g["name"] for g in gaps["gaps"]] == ["federated - local-1", "federated - centralized", "federated - base"]
+    for g in gaps["gaps"]:
+        other = held[g["name"].split(" - ")[1]]["loss"]
+        assert g["value"] == pytest.approx(held["federated"]["loss"] - other, rel=1e-6, abs=1e-9) and g["low"] <= g["high"]
+    assert gaps["fraction"]["median_local"] == pytest.approx(held["local-1"]["loss"], rel=1e-9)
+    assert all("per_example" not in h for h in held.values())
+    rouge = comp["summary"]["generation"]["federated"]["rouge_l"]
+    assert rouge["value"] == pytest.approx(comp["generation"]["federated"]["rouge_l"]) and rouge["low"] <= rouge["value"] <= rouge["high"]
     # the judge graded every model against the references (2 questions each)
     assert set(comp["judge"]) == set(comp["models"])
     assert all(len(j["single"]["ratings"]) == 2 and len(j["pairwise"]["outcomes"]) == 2 for j in comp["judge"].values())

@@ -23,6 +23,9 @@ from fedtune.evaluation.grading import (
         ("rating: 9", 9.0),
         ("[[10]]", 10.0),
         ("[[1]]", 1.0),
+        ("Rating: [[7/10]]", 7.0),  # chat models add the scale inside the brackets
+        ("**Rating:** 8", 8.0),  # markdown bold
+        ("The rating is **6**/10.", 6.0),
     ],
 )
 def test_parse_rating_well_formed(reply, rating):
@@ -40,6 +43,8 @@ def test_parse_rating_well_formed(reply, rating):
         "Either [[3]] or [[8]]",  # contradictory
         "Rating: [[-4]]",
         "Scores: 7 and 8",
+        "[[7/5]]",  # not the 1-10 scale
+        "**Rating:** [[12]]",
     ],
 )
 def test_parse_rating_malformed_is_none(reply):

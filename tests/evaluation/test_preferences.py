@@ -62,3 +62,25 @@ def test_base_reference_with_a_fresh_adapter_is_also_at_chance(setup):
     result = evaluator(setup, None, loss_type="ipo").evaluate(model)  # LoRA B starts at zero: policy == base
     assert result["reward_accuracy"] == 0.5 and result["margin"] == pytest.approx(0.0, abs=1e-6)
     assert result["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)  # ipo at h = 0: (1/(2 beta))^2
+
+
+def test_per_pair_accuracy_and_margin_in_pair_order(setup):
+    # Arrange: a moved adapter, so pairs differ; batches of 5 are sorted by length (another order than the pairs')
+    model, params, encoded, _, pad = setup
+    initial = get_adapter(params)
+    ev = evaluator(setup, initial)
+    g = torch.Generator().manual_seed(1)
+    set_adapter(params, {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in initial.items()})
+
+    # Act
+    result = ev.evaluate(model, per_example=True)
+
+    # Assert: the per-pair values average to the reported means, and pair i alone gives its own values
+    per = result["per_example"]
+    assert len(per["reward_accuracy"]) == 12 and set(per["reward_accuracy"]) <= {0.0, 0.5, 1.0}
+    assert sum(per["reward_accuracy"]) / 12 == pytest.approx(result["reward_accuracy"], rel=1e-6)
+    for i in (0, 7):
+        alone = PreferenceEvaluator([encoded[i]], ["c"], params=params, reference_adapter=initial, batch_size=1, pad_id=pad,
+                                    beta=0.1)
+        assert alone.evaluate(model)["margin"] == pytest.approx(per["margin"][i], rel=1e-3, abs=1e-6)
+    assert "per_example" not in ev.evaluate(model)

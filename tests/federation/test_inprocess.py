@@ -6,6 +6,7 @@ import torch
 
 from fedtune.config import load_config
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.federation import setup
 from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
@@ -36,6 +37,13 @@ def test_run_writes_a_self_describing_directory(tiny_overrides):
     assert evals[-1]["loss"] < evals[0]["loss"]  # training on the task lowers held-out loss
     samples = records(d, "samples")
     assert [s["round"] for s in samples] == [0, 3] and len(result.samples_after) == 1
+    # the sample is a held-out row of the category whose held-out loss fell most, answered before and after
+    change = {c: evals[-1]["per_category"][c]["loss"] - v["loss"] for c, v in evals[0]["per_category"].items()}
+    most = min(change, key=lambda c: (change[c], c))
+    (before,), (after,) = samples[0]["items"], samples[1]["items"]
+    assert before["category"] == after["category"] == most and after["loss_change"] == pytest.approx(change[most], rel=1e-9)
+    examples = setup.load_data(cfg)[0]
+    assert before["prompt"] == after["prompt"] == next(examples[i].instruction for i in part["holdout"] if examples[i].category == most)
     final, _ = load_adapter(d / "adapter")
     ckpt = load_checkpoint(latest_checkpoint(d))
     assert ckpt.round == 3 and all(torch.equal(final[k], ckpt.adapter[k]) for k in final)
@@ -171,16 +179,17 @@ def test_progress_sees_every_phase_and_each_clients_own_step_count(tiny_override
     # Act
     result = run(cfg, progress=progress)
 
-    # Assert: loading, tokenising, the round-0 and two later evaluations, samples before and after
+    # Assert: loading, tokenising, the round-0 and two later evaluations, then the samples (picked by the loss
+    # change, so after training) answered before and after
     phases = [name for _, name, _ in progress.named("phase")]
-    assert phases == ["loading model", "tokenising", "evaluation", "sample answers", "evaluation", "evaluation", "sample answers"]
+    assert phases == ["loading model", "tokenising", "evaluation", "evaluation", "evaluation", "sample answers", "sample answers"]
     assert len(progress.named("done")) == len(phases)
     batches = progress.named("phase")[2][2]
     assert batches >= 1 and sum(n for _, name, n in progress.named("advance") if name == "evaluation") == 3 * batches
     # the ETA knows the evaluations and final answers to come, and every step
     fits = records(result.run_dir, "fit")
     (started,) = progress.named("run")
-    assert started[1] == sum(f["steps"] for f in fits) and started[2] == {"evaluation": 2, "sample answers": 1}
+    assert started[1] == sum(f["steps"] for f in fits) and started[2] == {"evaluation": 2, "sample answers": 2}
     # each client's bar counts that client's steps
     told = {(r, c): steps for _, r, c, steps in progress.named("client")}
     assert told == {(f["round"], f["client"]): f["steps"] for f in fits} and len(set(told.values())) > 1

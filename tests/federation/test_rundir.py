@@ -108,8 +108,8 @@ def test_resume_refuses_a_metrics_file_shorter_than_its_checkpoint(tiny_override
     first = run(cfg, progress=StopAfter(stop, 1), stop=stop)
     metrics = first.run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
-    metrics.write_text("".join(lines[:4]))  # round 0's checkpoint covers 3 (data, eval, samples)
-    with pytest.raises(CheckpointError, match=r"metrics.jsonl has 4 lines but the checkpoint of round 1 covers 7 .*--from-round 0`"):
+    metrics.write_text("".join(lines[:4]))  # round 0's checkpoint covers 2 (data, eval; the samples come after training)
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl has 4 lines but the checkpoint of round 1 covers 6 .*--from-round 0`"):
         run(cfg, resume=True)
     metrics.unlink()
     with pytest.raises(CheckpointError, match="has 0 lines but the checkpoint of round 1"):
@@ -133,7 +133,7 @@ def test_from_round_equals_an_uninterrupted_run(tiny_overrides, tmp_path):
     assert [(r["round"], r["clients"]) for r in records(done.run_dir, "round")] == [(r["round"], r["clients"]) for r in straight_rounds]
     assert [e["round"] for e in records(done.run_dir, "eval")] == [0, 1, 2, 3]
     assert load_checkpoint(done.run_dir / "checkpoints" / "round_00003").metrics_lines == len(
-        (done.run_dir / "metrics.jsonl").read_text().splitlines()) - 1  # the checkpoint covers all but the final samples
+        (done.run_dir / "metrics.jsonl").read_text().splitlines()) - 2  # all but the samples (before, after), logged at the end
 
 
 def test_missing_latest_points_at_from_round(tiny_overrides):

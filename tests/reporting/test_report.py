@@ -68,10 +68,18 @@ def test_comparison_report_from_a_comparison_record(tmp_path):
 
     # Assert
     assert set(images_of(report)) == {"loss_per_round.png", "loss_per_category.png", "rouge_per_category.png",
-                                      "participation.png", "partition.png"}
+                                      "participation.png", "partition.png", "judge.png"}
     html = report.read_text()
     assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>" not in html  # answers are escaped
-    assert "LLM judge" in html and "0.9000" in html
+    assert "LLM judge" in html and "90.0%" in html  # the FedIT relative score
+    # the gaps with their intervals, and ROUGE-L with its interval, when the record has them
+    comp["summary"] = {"ordering": {}, "gaps": {"examples": 4, "resamples": 10, "level": 0.9, "fraction": None, "gaps": [
+        {"name": "federated - base", "value": -1.0, "low": -1.5, "high": -0.5}]},
+        "generation": {m: {"rouge_l": {"value": 0.5, "low": 0.25, "high": 0.75}, "exact_match": {"value": 0.0, "low": 0.0, "high": 0.0}}
+                       for m in models}}
+    html = comparison_report(tmp_path, comp).read_text()
+    assert "held-out loss gaps on 4 held-out examples (90% paired bootstrap interval over examples" in html
+    assert "federated - base" in html and "[0.250, 0.750]" in html and "ROUGE-L 90% interval" in html
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):

@@ -28,6 +28,7 @@ from fedtune.config import RunConfig, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.evaluation import harness
 from fedtune.evaluation.evaluate import build_eval_set, evaluate_model, judge_answers, require_sft
+from fedtune.evaluation.gaps import answer_intervals, loss_gaps
 from fedtune.evaluation.grading import Question
 from fedtune.federation import baselines, setup
 from fedtune.federation.engine import run
@@ -38,6 +39,7 @@ from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import LOADING, Progress
 from fedtune.reporting.report import typical_local, write_report
+from fedtune.seeding import generator
 
 BASE = "base"
 
@@ -132,13 +134,17 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
         progress.message(f"compare: evaluating {name}")
         adapter = None if name == BASE else load_adapter(root / name / FINAL_ADAPTER)[0]
         results[name] = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress)
+                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress,
+                                       per_example=True)
         if bench is not None:
             progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
             results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,
                                                                 batch_size=cfg.eval.batch_size)["values"]
     judge = _judge(cfg, evalset.questions, {n: r["answers"] for n, r in results.items()}, progress)
+    per_example = {n: results[n]["heldout"].pop("per_example") for n in names}  # kept out of comparison.json
     comparison = assemble(cfg, root, names, results, evalset, shared, judge)
+    comparison["summary"].update(intervals(cfg, per_example, {n: results[n]["answers"] for n in names},
+                                           [evalset.examples[i].output for i in evalset.answered]))
     (root / COMPARISON_FILE).write_text(json.dumps(comparison, indent=1))
     write_report(root)
     return CompareResult(root, comparison)
@@ -202,6 +208,7 @@ def assemble(cfg: RunConfig, root: Path, names: list[str], results: dict, evalse
         "harness": {n: results[n]["harness"] for n in names} if "harness" in results[names[0]] else None,
         "judge_note": judge and judge_note(judge, cfg.eval.judge.reference),
         "judge_reference_ratings": judge and judge["reference_ratings"],
+        "judge_reference": judge and cfg.eval.judge.reference,
         "budget": budget,
         "engines": {n: load_config(root / n / CONFIG_FILE).federation.engine for n in names if n != BASE},
         "curves": curves,
@@ -211,6 +218,18 @@ def assemble(cfg: RunConfig, root: Path, names: list[str], results: dict, evalse
         "samples": [{"prompt": e.instruction, "input": e.input, "reference": e.output, "category": e.category,
                      "answers": {n: results[n]["answers"][k] for n in names}} for k, e in enumerate(answered)],
         "summary": {"typical_local": typical_local(loss), "ordering": ordering(loss), "losses": loss},
+    }
+
+
+def intervals(cfg: RunConfig, per_example: dict[str, dict], answers: dict[str, list[str]], references: list[str]) -> dict:
+    """{"gaps": the held-out loss gaps with paired bootstrap intervals over examples,
+    "generation": ROUGE-L / exact match with intervals over the answers} (evaluation/gaps.py),
+    from generators derived from ``seed``."""
+    e = cfg.eval
+    return {
+        "gaps": loss_gaps(per_example, generator(cfg.seed, "bootstrap", 0), resamples=e.bootstrap_resamples, level=e.confidence),
+        "generation": answer_intervals(answers, references, generator(cfg.seed, "bootstrap", 1),
+                                       resamples=e.bootstrap_resamples, level=e.confidence),
     }
 
 

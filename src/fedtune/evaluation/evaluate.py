@@ -53,16 +53,18 @@ def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence
 
 
 def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optional[Adapter], *, template: str,
-                   max_new_tokens: int, batch_size: int, as_loaded: bool = False, progress: Optional[Progress] = None) -> dict:
+                   max_new_tokens: int, batch_size: int, as_loaded: bool = False, progress: Optional[Progress] = None,
+                   per_example: bool = False) -> dict:
     """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
     (LoRA disabled) when ``adapter`` is None; with ``as_loaded``, the model as it stands (a
     merged model, or an adapter folder's model). Answers are greedy. ``progress`` sees the
-    held-out loss and the generation as phases."""
+    held-out loss and the generation as phases; with ``per_example``, "heldout" holds each
+    example's NLL and token count too (HeldoutEvaluator.evaluate)."""
     if adapter is not None:
         set_adapter(bundle.params, adapter)
     chosen = [evalset.examples[i] for i in evalset.answered]
     with bundle.model.disable_adapter() if adapter is None and not as_loaded else contextlib.nullcontext():
-        heldout = evalset.evaluator.evaluate(bundle.model, progress)
+        heldout = evalset.evaluator.evaluate(bundle.model, progress, per_example=per_example)
         answers = generate(
             bundle.model, bundle.tokenizer, [e.instruction for e in chosen], inputs=[e.input for e in chosen],
             template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,

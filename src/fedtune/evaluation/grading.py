@@ -48,8 +48,9 @@ PAIR_RUBRIC = (
     "[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]"
 )
 
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-_RATING_LOOSE = re.compile(r"\brating\s*(?:is|of|:|=)?\s*\[?\s*(\d+(?:\.\d+)?)\s*\]?\s*(?:/\s*10)?", re.IGNORECASE)
+_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]\]")  # [[7]], [[7/10]]
+# Rating: 7, rating is 7/10, **Rating:** 8, Rating: **8** (markdown bold, as chat models write)
+_RATING_LOOSE = re.compile(r"\brating[\s*]*(?:is|of|:|=)?[\s*]*\[?\s*(\d+(?:\.\d+)?)\s*\]?\**\s*(?:/\s*10)?", re.IGNORECASE)
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 
@@ -64,8 +65,9 @@ def pair_messages(question: str, a: str, b: str) -> list[dict]:
 
 def parse_rating(reply: str) -> Optional[float]:
     """The 1-10 rating in a judge reply, or None when it has none, several different ones,
-    or one outside 1-10. ``[[7]]`` is the format asked for; ``Rating: 7`` and ``rating: 7/10``
-    are accepted when no ``[[...]]`` rating is present."""
+    or one outside 1-10 (the caller counts it as missing). ``[[7]]`` is the format asked for
+    (``[[7/10]]`` too); ``Rating: 7``, ``rating: 7/10`` and ``**Rating:** 7`` are accepted
+    when no ``[[...]]`` rating is present."""
     found = {float(x) for x in _RATING.findall(reply)} or {float(x) for x in _RATING_LOOSE.findall(reply)}
     if len(found) != 1:
         return None

@@ -26,18 +26,23 @@ class HeldoutEvaluator:
             (collate([examples[i] for i in order[s : s + batch_size]], pad_id), [categories[i] for i in order[s : s + batch_size]])
             for s in range(0, len(order), batch_size)
         ]
+        self.order = order  # batch order -> example position (for per-example output)
         self.size = len(examples)
 
     @torch.inference_mode()
-    def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT) -> dict:
+    def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT, per_example: bool = False) -> dict:
         """{"loss", "ppl", "tokens", "examples", "per_category": {cat: {"loss", "ppl", "examples"}}};
-        ``progress`` sees a phase named ``phase`` advanced per batch."""
+        ``progress`` sees a phase named ``phase`` advanced per batch. With ``per_example``, also
+        ``"per_example": {"nll": [...], "tokens": [...]}``: each example's summed response-token
+        NLL and its response-token count, in the order of the examples given (for paired
+        bootstrap intervals, evaluation/bootstrap.py)."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         nll_by: dict[str, float] = defaultdict(float)
         tok_by: dict[str, int] = defaultdict(int)
         n_by: dict[str, int] = defaultdict(int)
+        rows: list[tuple[float, int]] = []  # (nll sum, tokens) per example, in batch order
         with (progress or Progress()).phase(phase, len(self.batches)) as shown:
             for batch, cats in self.batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -46,15 +51,27 @@ class HeldoutEvaluator:
                     nll_by[cat] += n
                     tok_by[cat] += t
                     n_by[cat] += 1
+                    rows.append((n, t))
                 shown.advance()
         model.train(was_training)
         total_nll, total_tok = sum(nll_by.values()), sum(tok_by.values())
-        return {
+        result = {
             **_loss_ppl(total_nll, total_tok),
             "tokens": total_tok,
             "examples": self.size,
             "per_category": {c: {**_loss_ppl(nll_by[c], tok_by[c]), "examples": n_by[c]} for c in sorted(nll_by)},
         }
+        if per_example:
+            result["per_example"] = _in_example_order(rows, self.order)
+        return result
+
+
+def _in_example_order(rows: list[tuple[float, int]], order: list[int]) -> dict[str, list]:
+    """{"nll", "tokens"} lists indexed by example position; ``rows[k]`` is example ``order[k]``."""
+    nll, tokens = [0.0] * len(order), [0] * len(order)
+    for (n, t), i in zip(rows, order):
+        nll[i], tokens[i] = n, t
+    return {"nll": nll, "tokens": tokens}
 
 
 def _loss_ppl(nll: float, tokens: int) -> dict[str, float]:

@@ -39,16 +39,20 @@ class PreferenceEvaluator:
         chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         self.batches = [collate_pairs([pairs[i] for i in c], pad_id) for c in chunks]
         self.categories = [categories[i] for c in chunks for i in c]  # in batch order
+        self.order = [i for c in chunks for i in c]  # batch order -> pair position (for per-example output)
         self.params, self.reference_adapter = params, reference_adapter
         self.loss = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         self.reference: Optional[list[torch.Tensor]] = None
         self.size = len(pairs)
 
     @torch.no_grad()
-    def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT) -> dict:
+    def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT, per_example: bool = False) -> dict:
         """{"loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
         "rejected_logp", "examples", "per_category": {cat: {... "examples"}}}; ``progress`` sees
-        a phase named ``phase`` advanced per batch (after the reference's, on first use)."""
+        a phase named ``phase`` advanced per batch (after the reference's, on first use). With
+        ``per_example``, also ``"per_example": {"reward_accuracy": [...], "margin": [...]}`` per
+        pair (1, ½ or 0; the reward margin), in the order of the pairs given (for paired
+        bootstrap intervals, evaluation/gaps.py accuracy_gap)."""
         progress = progress or Progress()
         if self.reference is None:
             with progress.phase(REFERENCE):
@@ -72,4 +76,15 @@ class PreferenceEvaluator:
         for cat in cats:
             mask = torch.tensor([c == cat for c in self.categories])
             per_category[cat] = {**mean_stats(rows, mask), "examples": int(mask.sum())}
-        return {**mean_stats(rows), "examples": self.size, "per_category": per_category}
+        result = {**mean_stats(rows), "examples": self.size, "per_category": per_category}
+        if per_example:
+            result["per_example"] = {key: _in_pair_order(rows, key, self.order) for key in ("reward_accuracy", "margin")}
+        return result
+
+
+def _in_pair_order(rows: list[dict], key: str, order: list[int]) -> list[float]:
+    values = torch.cat([r[key].float().cpu() for r in rows]).tolist()  # batch order
+    out = [0.0] * len(order)
+    for v, i in zip(values, order):
+        out[i] = v
+    return out

@@ -50,6 +50,7 @@ from fedtune.config import RunConfig, config_hash, federated_eval, to_dict
 from fedtune.data.sources import LoadReport
 from fedtune.errors import AggregationError
 from fedtune.evaluation.heldout import HeldoutEvaluator
+from fedtune.evaluation.samples import loss_changes, pick_samples
 from fedtune.federation import baselines, client_eval, setup
 from fedtune.federation.clients import Clients, LocalClients
 from fedtune.federation.checkpoint import Checkpoint, save_checkpoint
@@ -258,7 +259,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     if cfg.federation.mode == "centralized":  # one client with all training shards, the federated step budget
         federated = dataclasses.replace(fed, cfg=baselines.with_mode(cfg, "federated", run_dir))
         fed.clients = baselines.pooled_clients(federated.schedule, fed.clients, cfg.federation.rounds)
-    prompts = setup.sample_prompts(cfg, examples, partition.holdout)
+    prompts = setup.sample_prompts(cfg, examples, partition.holdout)  # none configured: picked after training
     result = RunResult(run_dir, 0, cfg.federation.rounds, fed.privacy.last_round(cfg.federation.rounds) if fed.privacy else None)
 
     if ckpt is None:  # a new run: log the data, evaluate and sample the starting point, checkpoint round 0
@@ -272,8 +273,9 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
         progress.evaluated(0, result.initial_eval)
         if federated_eval(cfg):
             client_eval.evaluate_round(cfg, fed.clients, fed.metrics, progress, 0, global_adapter)
-        result.samples_before = answer(fed, prompts, global_adapter)
-        fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
+        if prompts:
+            result.samples_before = answer(fed, prompts, global_adapter)
+            fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
         fed.checkpoint(0, global_adapter, state)
         fed.clients.rollback(1)  # client state a former run in this folder left (on a node's disk) is not this run's
         last_eval = None
@@ -293,10 +295,16 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     last = cfg.federation.rounds if result.last_round is None else result.last_round
     remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, last + 1) for c in fed.schedule(r))
     # the ETA counts the evaluations and the final sample answers still to come, timed by those done
-    pending = {EVALUATION: sum(evaluates(cfg, r, last) for r in range(start + 1, last + 1)), SAMPLES: int(bool(prompts))}
+    pending = {EVALUATION: sum(evaluates(cfg, r, last) for r in range(start + 1, last + 1)),
+               SAMPLES: int(bool(prompts)) if prompts else 2 * int(cfg.eval.num_samples > 0)}
     progress.run_started(cfg.federation.rounds, start, remaining, pending)
     try:
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
+        if result.finished and not prompts:  # held-out rows of the categories whose loss fell most, answered before/after
+            prompts = pick_samples(examples, partition.holdout, cfg.eval.num_samples,
+                                   loss_changes(result.initial_eval, result.final_eval or last_eval))
+            result.samples_before = answer(fed, prompts, bundle.initial_adapter)
+            fed.metrics.log({"type": "samples", "round": 0, "items": result.samples_before})
         if result.finished:
             result.samples_after = answer(fed, prompts, global_adapter)
     finally:

