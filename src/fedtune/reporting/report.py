@@ -193,7 +193,7 @@ def summary_table(comp: dict) -> str:
 
 def gaps_parts(comp: dict) -> list[str]:
     """The held-out loss gaps with their paired bootstrap intervals (evaluation/gaps.py)."""
-    from fedtune.evaluation.gaps import fraction_text, gap_lines, verdict
+    from fedtune.evaluation.gaps import gap_lines, verdict
 
     gaps = comp.get("summary", {}).get("gaps") or {}
     if not gaps.get("gaps"):
