@@ -29,7 +29,11 @@ MODULE = "benchmarks.step_memory"
 def child(option: str, steps: int) -> dict:
     import torch
 
+    import os
+
     parts = set(option.split("+"))
+    if "onednn" in parts:  # before torch loads oneDNN
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "8"
     if "malloc" in parts:
         from fedtune.malloc import tune
 
@@ -49,18 +53,23 @@ def child(option: str, steps: int) -> dict:
         trainer.optimizer.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     loaded = peak_rss_mb()
     gen = torch.Generator().manual_seed(0)
-    examples = [Encoded(torch.randint(0, 49000, (256,), generator=gen), 64) for _ in range(4)]
-    batch = trainer.make_batch(examples)
-    tokens = int((batch["labels"][:, 1:] != -100).sum())
+
+    def batch_of(length: int) -> tuple[dict, int]:
+        batch = trainer.make_batch([Encoded(torch.randint(0, 49000, (length,), generator=gen), 64) for _ in range(4)])
+        return batch, int((batch["labels"][:, 1:] != -100).sum())
+
     trainer.model.train()
-    trainer._step([batch], tokens, 1e-4)  # warm-up (first-call allocations, compilation)
-    times = []
-    for _ in range(steps):
+    trainer._step(*batch_of(256), 1e-4)  # warm-up (first-call allocations, compilation)
+    warm = peak_rss_mb()
+    times, tokens = [], 0
+    for s in range(steps):  # packed rows differ in length from step to step, as in a real fit
+        batch, labelled = batch_of(256 - 9 * (s + 1))
         t = time.perf_counter()
-        trainer._step([batch], tokens, 1e-4)
+        trainer._step([batch], labelled, 1e-4)
         times.append(time.perf_counter() - t)
-    return {"option": option, "precision": bundle.precision, "rss_after_load_mb": loaded,
-            "peak_rss_mb": peak_rss_mb(), "step_seconds": sorted(times)[len(times) // 2], "tokens_per_step": 1024}
+        tokens += batch["input_ids"].numel()
+    return {"option": option, "precision": bundle.precision, "rss_after_load_mb": loaded, "peak_rss_after_first_step_mb": warm,
+            "peak_rss_mb": peak_rss_mb(), "step_seconds": sorted(times)[len(times) // 2], "tokens_per_s": tokens / sum(times)}
 
 
 def main() -> None:
@@ -86,6 +95,8 @@ def main() -> None:
     for o, rs in runs.items():
         times = sorted(x["step_seconds"] for x in rs)
         table[o] = {"peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "rss_after_load_mb": rs[0]["rss_after_load_mb"],
+                    "peak_rss_after_first_step_mb": max(x["peak_rss_after_first_step_mb"] for x in rs),
+                    "median_tokens_per_s": sorted(x["tokens_per_s"] for x in rs)[len(rs) // 2],
                     "median_step_seconds": times[len(times) // 2], "precision": rs[0]["precision"]}
     result = {"machine": machine(), "benchmark": "step_memory", "model": "smollm2-135m-instruct",
               "note": "2 shared cores under load from other processes: compare step times within this run only", "options": table}

@@ -251,6 +251,10 @@ class TrainConfig:
     batching: str = _f("length", "batch by similar length (less padding) or at random", choices=("length", "random"))
     precision: str = _f("auto", "compute precision (auto: bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16/AMX), else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+    compile: bool = _f(
+        False, "torch.compile the SFT step's forward (task=sft; dynamic shapes). Off by default: on the CPU throughput "
+        "workload it was not faster than eager (benchmarks/step_memory.py); try it on your machine"
+    )
     packing: bool = _f(
         True, "put each micro-batch's examples (both answers of each preference pair) back to back in one row (no "
         "padding; each sequence attends only to itself). Needs SDPA attention (the default); other implementations pad"
@@ -633,6 +637,8 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(f"compare.models: {unknown} unknown; choose from {', '.join(COMPARE_MODELS)}")
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
+    if cfg.train.compile and cfg.task != "sft":
+        problems.append(f"train.compile: supported for task=sft, not task={cfg.task}; set train.compile=false")
     if any(s < 1 for s in cfg.train.local_steps_per_client):
         problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
     return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg)
