@@ -59,7 +59,8 @@ def child(option: str, steps: int) -> dict:
         return batch, int((batch["labels"][:, 1:] != -100).sum())
 
     trainer.model.train()
-    trainer._step(*batch_of(256), 1e-4)  # warm-up (first-call allocations, compilation)
+    first, labelled = batch_of(256)
+    trainer._step([first], labelled, 1e-4)  # warm-up (first-call allocations, compilation)
     warm = peak_rss_mb()
     times, tokens = [], 0
     for s in range(steps):  # packed rows differ in length from step to step, as in a real fit
