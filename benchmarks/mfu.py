@@ -147,8 +147,11 @@ def main() -> None:
     from fedtune.federation import setup
 
     bundle = setup.build_model(load_config(None, ["model.name=smollm2-135m-instruct"]))
-    result = {"machine": machine(), "benchmark": "gemm_rate", "tokens": args.tokens,
-              "rates": machine_rates(shape_of(bundle.model), args.tokens)}
+    shape = shape_of(bundle.model)
+    example = step_flops(shape, [args.tokens // 4] * 4, labelled=args.tokens * 3 // 4)
+    result = {"machine": machine(), "benchmark": "gemm_rate", "model": "smollm2-135m-instruct", "tokens": args.tokens,
+              "note": "best of 5 timings per shape; taken on 2 cores shared with other processes",
+              "step_flops_4x256_tokens_768_labelled": example, "rates": machine_rates(shape, args.tokens)}
     write_json(args.out or RESULTS / "gemm_rate.json", result)
     print(json.dumps(result, indent=2))
 

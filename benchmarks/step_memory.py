@@ -7,6 +7,8 @@ throughput workload's largest micro-batch), after one warm-up step. Options:
 - ``fp32`` / ``bf16``: train.precision;
 - ``nocache``: bf16 autocast with ``cache_enabled=False``;
 - ``malloc``: glibc tuned (``fedtune.malloc.tune``: one arena, trim freed memory above 64 MiB);
+- ``half``: two 512-token micro-batches per step (train.max_batch_tokens=512);
+- ``onednn``: ONEDNN_PRIMITIVE_CACHE_CAPACITY=8;
 - ``compile``: train.compile=true.
 
     python -m benchmarks.step_memory --options fp32 bf16 bf16+malloc
@@ -54,21 +56,23 @@ def child(option: str, steps: int) -> dict:
     loaded = peak_rss_mb()
     gen = torch.Generator().manual_seed(0)
 
-    def batch_of(length: int) -> tuple[dict, int]:
-        batch = trainer.make_batch([Encoded(torch.randint(0, 49000, (length,), generator=gen), 64) for _ in range(4)])
-        return batch, int((batch["labels"][:, 1:] != -100).sum())
+    per_micro = 2 if "half" in parts else 4  # half: train.max_batch_tokens=512, two micro-batches per step
+
+    def batches_of(length: int) -> tuple[list[dict], int]:
+        items = [Encoded(torch.randint(0, 49000, (length,), generator=gen), 64) for _ in range(4)]
+        batches = [trainer.make_batch(items[i : i + per_micro]) for i in range(0, 4, per_micro)]
+        return batches, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
     trainer.model.train()
-    first, labelled = batch_of(256)
-    trainer._step([first], labelled, 1e-4)  # warm-up (first-call allocations, compilation)
+    trainer._step(*batches_of(256), 1e-4)  # warm-up (first-call allocations, compilation)
     warm = peak_rss_mb()
     times, tokens = [], 0
     for s in range(steps):  # packed rows differ in length from step to step, as in a real fit
-        batch, labelled = batch_of(256 - 9 * (s + 1))
+        batches, labelled = batches_of(256 - 9 * (s + 1))
         t = time.perf_counter()
-        trainer._step([batch], labelled, 1e-4)
+        trainer._step(batches, labelled, 1e-4)
         times.append(time.perf_counter() - t)
-        tokens += batch["input_ids"].numel()
+        tokens += sum(b["input_ids"].numel() for b in batches)
     return {"option": option, "precision": bundle.precision, "rss_after_load_mb": loaded, "peak_rss_after_first_step_mb": warm,
             "peak_rss_mb": peak_rss_mb(), "step_seconds": sorted(times)[len(times) // 2], "tokens_per_s": tokens / sum(times)}
 
