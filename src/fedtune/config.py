@@ -252,8 +252,8 @@ class TrainConfig:
     precision: str = _f("auto", "compute precision (auto: bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16/AMX), else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     compile: bool = _f(
-        False, "torch.compile the SFT step's forward (task=sft; dynamic shapes). Off by default: on the CPU throughput "
-        "workload it was not faster than eager (benchmarks/step_memory.py); try it on your machine"
+        False, "torch.compile the SFT step's forward (task=sft; dynamic shapes). Off by default: not yet shown faster "
+        "than eager, and inductor's first compile takes minutes on a 2-core CPU; try it for long runs"
     )
     packing: bool = _f(
         True, "put each micro-batch's examples (both answers of each preference pair) back to back in one row (no "
