@@ -48,7 +48,32 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **cpu_info(),
     }
+
+
+SIMD = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model name and flags from /proc/cpuinfo (Linux; empty elsewhere), with the SIMD
+    flags that decide fp32/bf16 speed pulled out, and whether oneDNN has native bf16."""
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {}
+    flags = fields.get("flags", "").split()
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return {"cpu_model": fields.get("model name"), "cpu_simd": [f for f in SIMD if f in flags],
+            "onednn_bf16": bf16, "cpu_flags": " ".join(flags)}
 
 
 def write_json(path: Path, data: dict) -> Path:

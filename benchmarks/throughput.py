@@ -13,7 +13,16 @@ checkpointing, its least-memory setting.
 
 Measured in separate processes (so each has its own peak RSS): real (non-padding) tokens
 per second of the whole federated training (everything but held-out evaluation), padding
-share, peak RSS, and held-out loss of the final adapter on the same held-out rows.
+share, peak RSS, and held-out loss of the final adapter on the same held-out rows. Where
+``precision=auto`` picks bf16 (a CPU with AVX512-BF16/AMX), fedtune runs once more in fp32.
+
+MFU: each fedtune run counts the model FLOPs of every micro-batch it trains (benchmarks/
+mfu.py ``step_flops``: frozen-base forward 2*N*T and input-gradient backward 2*N*T, causal
+attention scores/values forward and backward, LoRA A/B forward and both backward terms, the
+LM head's logits and input gradient on labelled positions; no weight gradients of the
+frozen base, no element-wise work), and divides FLOPs per second of its training steps by
+the fp32 and bf16 ``torch.matmul`` rate it measures afterwards at the model's shapes for the
+median micro-batch (``mfu``: against the rate of the precision it trained in).
 
     python -m benchmarks.throughput            # SmolLM2-135M, 800 Dolly-like rows (~15 min on 2 cores)
     python -m benchmarks.throughput --quick    # tiny model, smoke check
@@ -28,8 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import RESULTS, machine, peak_rss_mb, run_child, write_json
 from benchmarks.data import write_dolly_like
+from benchmarks.mfu import machine_rates, shape_of, step_flops
+from fedtune.client.sft import LocalTrainer
 
 MODULE = "benchmarks.throughput"
 LOW_MEMORY = "train.gradient_checkpointing=true"  # fedtune's second operating point: least memory
@@ -73,6 +86,8 @@ def run_fedtune(args) -> dict:
             inside[0], rounds_seconds[0] = False, time.perf_counter() - t
 
     inprocess.Federation.evaluate, inprocess.run_rounds = timed_evaluate, timed_rounds
+    count = StepFlops()
+    LocalTrainer._step = count.wrap(LocalTrainer._step)
     result = inprocess.run(cfg)
     records = list(read_metrics(result.run_dir / "metrics.jsonl"))
     fits = [r for r in records if r["type"] == "fit"]
@@ -87,7 +102,57 @@ def run_fedtune(args) -> dict:
         "heldout_loss": evals[-1]["loss"],
         "heldout_loss_start": evals[0]["loss"],
         "peak_rss_mb": peak_rss_mb(),
+        **count.report(rounds_seconds[0] - eval_seconds[0]),
     }
+
+
+class StepFlops:
+    """Wraps ``LocalTrainer._step``: model FLOPs (benchmarks/mfu.py) and seconds of every step."""
+
+    def __init__(self):
+        self.flops, self.seconds, self.tokens, self.shape, self.precision = 0, 0.0, [], None, None
+
+    def wrap(self, step):
+        def counted(trainer, batches, step_tokens, *a, **k):
+            if self.shape is None:
+                self.shape = shape_of(trainer.model)
+                self.precision = "bf16" if trainer.optimizer.dtype is torch.bfloat16 else "fp32"
+            for b in batches:
+                self.flops += step_flops(self.shape, lengths_of(b), int((b["labels"][:, 1:] != -100).sum()))["total"]
+                self.tokens.append(int(b["input_ids"].numel()))
+            t = time.perf_counter()
+            try:
+                return step(trainer, batches, step_tokens, *a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t
+
+        return counted
+
+    def report(self, train_seconds: float) -> dict:
+        """MFU against the GEMM rate measured now, at the model's shapes and the median micro-batch."""
+        micro = sorted(self.tokens)[len(self.tokens) // 2]
+        rates = machine_rates(self.shape, micro, labelled=micro * 3 // 4)
+        achieved = self.flops / self.seconds
+        return {
+            "precision": self.precision,
+            "model_flops": self.flops,
+            "step_seconds": self.seconds,
+            "model_flops_per_s_steps": achieved,
+            "model_flops_per_s_end_to_end": self.flops / train_seconds,
+            "median_micro_batch_tokens": micro,
+            "gemm_flops_per_s": {k: v["flops_per_s"] for k, v in rates.items()},
+            "gemm_per_shape_flops_per_s": {k: v["per_shape_flops_per_s"] for k, v in rates.items()},
+            "mfu": achieved / rates[self.precision]["flops_per_s"],
+            "mfu_vs_fp32_gemm": achieved / rates["fp32"]["flops_per_s"],
+            "mfu_end_to_end": self.flops / train_seconds / rates[self.precision]["flops_per_s"],
+        }
+
+
+def lengths_of(batch: dict) -> list[int]:
+    """Example lengths of a micro-batch: a packed row's segments, or each padded row's tokens."""
+    if "segments" in batch:
+        return [int(t) for t in batch["segments"]]
+    return [int(t) for t in batch["attention_mask"].sum(1)]
 
 
 # ----------------------------------------------------------------------------- reference side
@@ -188,6 +253,7 @@ def stock_peft_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.lora_variant.clear()
+            module.cast_input_dtype_enabled = True
 
 
 # ----------------------------------------------------------------------------- driver
@@ -204,9 +270,12 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
         ref = run_child(MODULE, ["--system", "reference", *common], work / "ref.json")
         ours = run_child(MODULE, ["--system", "fedtune", *common], work / "fedtune.json")
         low = run_child(MODULE, ["--system", "fedtune", *common, "--override", LOW_MEMORY], work / "low.json")
+        # on a CPU with native bf16, precision=auto trains in bf16: state fp32 as well
+        fp32 = run_child(MODULE, ["--system", "fedtune", *common, "--override", "train.precision=fp32"], work / "fp32.json") \
+            if ours["precision"] != "fp32" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for r in (ref, ours, low):
+    for r in (ref, ours, low) + ((fp32,) if fp32 else ()):
         r["real_tokens_per_s"] = r["real_tokens"] / r["train_seconds"]
         r["padding_share"] = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
     return {
@@ -216,11 +285,17 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
         "reference": ref,
         "fedtune": ours,
         "fedtune_low_memory": low,
+        "fedtune_fp32": fp32,
         "speedup_real_tokens_per_s": ours["real_tokens_per_s"] / ref["real_tokens_per_s"],
+        "fp32_speedup_real_tokens_per_s": fp32["real_tokens_per_s"] / ref["real_tokens_per_s"] if fp32 else None,
+        "mfu": ours["mfu"],
+        "fp32_mfu": (fp32 or ours)["mfu_vs_fp32_gemm"] if (fp32 or ours)["precision"] == "fp32" else None,
         "low_memory_speedup_real_tokens_per_s": low["real_tokens_per_s"] / ref["real_tokens_per_s"],
         "rss_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
         "heldout_loss_delta": ours["heldout_loss"] - ref["heldout_loss"],
-        "targets": {"speedup_real_tokens_per_s": ">= 2.5", "fedtune.peak_rss_mb": "<= 2048", "heldout_loss_delta": "<= 0"},
+        "targets": {"speedup_real_tokens_per_s": ">= 2.5", "fedtune.peak_rss_mb": "<= 2048", "heldout_loss_delta": "<= 0",
+                    "fp32_mfu": ">= 0.5 (AVX2 CPU)"},
+        "note": "speeds are wall-clock on the machine as it was (possibly shared): compare only within one file",
     }
 
 

@@ -260,6 +260,10 @@ class TrainConfig:
     batching: str = _f("length", "batch by similar length (less padding) or at random", choices=("length", "random"))
     precision: str = _f("auto", "compute precision (auto: bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16/AMX), else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+    compile: bool = _f(
+        False, "torch.compile the SFT step's forward (task=sft; dynamic shapes). Off by default: not yet shown faster "
+        "than eager, and inductor's first compile takes minutes on a 2-core CPU; try it for long runs"
+    )
     packing: bool = _f(
         True, "put each micro-batch's examples (both answers of each preference pair) back to back in one row (no "
         "padding; each sequence attends only to itself). Needs SDPA attention (the default); other implementations pad"
@@ -667,6 +671,8 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
     if cfg.eval.federated_clients is not None and cfg.eval.federated_clients > part.num_clients:
         problems.append(f"eval.federated_clients: {cfg.eval.federated_clients} is more than partition.num_clients={part.num_clients}")
+    if cfg.train.compile and cfg.task != "sft":
+        problems.append(f"train.compile: supported for task=sft, not task={cfg.task}; set train.compile=false")
     if any(s < 1 for s in cfg.train.local_steps_per_client):
         problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
     return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg) + secagg_checks(cfg)

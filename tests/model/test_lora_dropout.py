@@ -108,3 +108,30 @@ def test_under_bf16_autocast_the_output_keeps_the_base_dtype_and_gradients_flow(
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and result.grad.dtype == torch.bfloat16
     assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+def test_under_bf16_autocast_a_bf16_input_is_kept_once_not_copied_to_fp32(tiny_model_dir):
+    # Arrange: the tiny model's first down_proj (LoRA with lean dropout) and a bf16 input, as under autocast
+    model = _model(tiny_model_dir, 0.1)
+    layer = next(m for n, m in model.named_modules() if n.endswith("down_proj") and type(m) is Linear)
+    x = torch.randn(1, 6, layer.in_features, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    saved = []
+
+    def run(peft_cast: bool):
+        if peft_cast:
+            layer.cast_input_dtype_enabled = True
+        saved.clear()
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer.train()(x)
+        kept = list(saved)
+        grads = torch.autograd.grad(out.float().square().sum(), (x, layer.lora_A["default"].weight))
+        return kept, grads
+
+    # Act: as installed (no PEFT input cast), and with PEFT's cast to the adapter's fp32 back on
+    kept, grads = run(False)
+    _, peft_grads = run(True)
+    # Assert: no fp32 copy of the (1, 6, in) input is kept for backward; same gradients as with PEFT's cast
+    assert (torch.float32, tuple(x.shape)) not in kept
+    assert all(torch.equal(a, b) for a, b in zip(grads, peft_grads))

@@ -48,6 +48,7 @@ class LocalTrainer:
         packing: bool = False,
         precision: str = "fp32",
         seed: int = 0,
+        compile: bool = False,
     ):
         self.model, self.params, self.max_tokens, self.packing = model, params, max_tokens, packing
         self.pad_id, self.batch_size, self.grad_accum = pad_id, batch_size, grad_accum
@@ -55,6 +56,8 @@ class LocalTrainer:
         self.max_grad_norm, self.by_length, self.seed = max_grad_norm, by_length, seed
         self.device = next(iter(params.values())).device
         self.optimizer = AdapterOptimizer(params, weight_decay=weight_decay, max_grad_norm=max_grad_norm, precision=precision)
+        # torch.compile of the forward (train.compile); dynamic: packed rows differ in length every micro-batch
+        self.nll = torch.compile(sequence_nll, dynamic=True) if compile else sequence_nll
 
     def plan(
         self, client_id: int, round: int, examples: Sequence[Encoded], local_steps: Optional[int] = None
@@ -137,7 +140,7 @@ class LocalTrainer:
         for batch in batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.optimizer.autocast():
-                nll, _ = sequence_nll(self.model, **batch)  # (b,)
+                nll, _ = self.nll(self.model, **batch)  # (b,)
             loss = nll.sum() / max(step_tokens, 1)  # mean over every labelled token of the step
             self.optimizer.backward(loss)
             total += nll.detach().sum()

@@ -259,7 +259,7 @@ def build_trainer(cfg: RunConfig, bundle: ModelBundle) -> Union[LocalTrainer, Pr
             bundle.model, bundle.params, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
             reference=d.reference, initial_adapter=bundle.initial_adapter, **common,
         )
-    return LocalTrainer(bundle.model, bundle.params, **common)
+    return LocalTrainer(bundle.model, bundle.params, compile=t.compile, **common)
 
 
 def build_clients(cfg: RunConfig, trainer: Union[LocalTrainer, PreferenceTrainer], data: list[list[Encoded]], progress: Progress, run_dir: Path,

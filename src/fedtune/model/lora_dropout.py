@@ -10,7 +10,9 @@ plus its mask for every adapted layer, although q/k/v and gate/up share one inpu
 from 16 random bits per element (the generator's raw output, 4x cheaper than ``bernoulli_``;
 ``p`` is rounded to a multiple of 1/65536), and backward keeps only ``x`` (shared with the base
 layer and the other adapters), the boolean mask and the rank-r activation ``x_drop @ A^T``,
-recomputing the dropped-out input where it needs it. The adapter math is unchanged:
+recomputing the dropped-out input where it needs it; ``x`` stays in the dtype it came in (bf16
+under autocast: PEFT's cast to the adapter's fp32 would keep a second, fp32 copy for backward,
+e.g. 6 MB of each down_proj's 1,024 x 1,536 input). The adapter math is unchanged:
 outputs and gradients equal PEFT's for the same mask (tested).
 
 It is installed as a PEFT ``LoraVariant`` on every adapted ``nn.Linear`` whose dropout is
@@ -137,5 +139,8 @@ def use_lean_dropout(peft_model, adapter_name: str = "default") -> int:
         if getattr(module, "fan_in_fan_out", False):
             continue
         variants[adapter_name] = variant()
+        # LoraDelta casts x to the adapter's dtype itself and keeps x as it came: under bf16
+        # autocast PEFT's own cast would keep an fp32 copy of o_proj's and down_proj's inputs
+        module.cast_input_dtype_enabled = False
         changed += 1
     return changed
