@@ -329,13 +329,16 @@ def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categori
     reference: the base model for dpo.reference=base, else the run's initial adapter (a
     moving per-round reference would make rounds incomparable)."""
     pad_id, batch_size = bundle.tokenizer.pad_token_id, cfg.eval.batch_size
+    # batched as training batches: packed (per-example attention) and cut at the same token budget
+    lean = dict(packing=cfg.train.packing and use_packed_attention(bundle.model),
+                max_tokens=batch_token_limit(cfg.train.max_batch_tokens, bundle.device))
     if cfg.task == "dpo":
         d = cfg.dpo
         return PreferenceEvaluator(
             encoded, categories, params=bundle.params, reference_adapter=None if d.reference == "base" else bundle.initial_adapter,
-            batch_size=batch_size, pad_id=pad_id, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+            batch_size=batch_size, pad_id=pad_id, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing, **lean,
         )
-    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id)
+    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id, **lean)
 
 
 def sample_prompts(cfg: RunConfig, examples: list[Record], holdout: list[int]) -> list[dict]:
