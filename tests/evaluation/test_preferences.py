@@ -89,3 +89,12 @@ def test_packed_evaluation_equals_padded(setup, n, max_tokens):
         for key in ("margin", "chosen_reward", "rejected_reward"):
             assert numbers_close(got[key], want[key], FORWARD, scale), key
         assert got["reward_accuracy"] == want["reward_accuracy"]
+
+
+def test_only_a_base_reference_is_cacheable(setup):
+    _, params, _, _, _ = setup
+    initial = get_adapter(params)  # LoRA B = 0: the base model
+    moved = {k: v + 0.1 for k, v in initial.items()}
+    assert evaluator(setup, None).cache_key() == evaluator(setup, initial).cache_key() is not None
+    assert evaluator(setup, moved).cache_key() is None
+    assert evaluator(setup, None, loss_type="ipo").cache_key() != evaluator(setup, None).cache_key()

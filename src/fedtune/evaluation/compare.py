@@ -132,7 +132,7 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
         progress.message(f"compare: evaluating {name}")
         adapter = None if name == BASE else load_adapter(root / name / FINAL_ADAPTER)[0]
         results[name] = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress)
+                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.generation_batch_size, progress=progress)
         if bench is not None:
             progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
             results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,

@@ -19,6 +19,7 @@ import torch
 
 from fedtune.data.batching import split_by_tokens
 from fedtune.data.prompts import Encoded, collate, pack
+from fedtune.evaluation.base_cache import encoded_digest
 from fedtune.model.forward import sequence_nll
 from fedtune.reporting.progress import HELDOUT, Progress
 
@@ -44,7 +45,12 @@ class HeldoutEvaluator:
         make = pack if packing else (lambda items: collate(items, pad_id))
         self.batches = [(make([examples[i] for i in g]), [categories[i] for i in g]) for g in groups]
         self.size = len(examples)
-        self.examples, self.categories = examples, categories  # for the base-evaluation cache key
+        self.examples, self.categories = examples, categories
+        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens}
+
+    def cache_key(self) -> dict:
+        """What this evaluation's result depends on besides the model (evaluation/base_cache.py)."""
+        return {"kind": "held-out", "rows": encoded_digest(self.examples, self.categories), **self.batching}
 
     @torch.inference_mode()
     def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT) -> dict:

@@ -18,6 +18,7 @@ import torch
 
 from fedtune.client.dpo import mean_stats, pair_logps, pair_stats, preference_loss, reference_logps
 from fedtune.data.preferences import EncodedPair, collate_pairs, pack_pairs
+from fedtune.evaluation.base_cache import encoded_digest, is_noop
 from fedtune.evaluation.heldout import eval_groups
 from fedtune.reporting.progress import HELDOUT, REFERENCE, Progress
 from fedtune.types import Adapter
@@ -50,7 +51,16 @@ class PreferenceEvaluator:
         self.loss = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         self.reference: Optional[list[torch.Tensor]] = None
         self.size = len(pairs)
-        self.pairs, self.pair_categories = pairs, categories  # for the base-evaluation cache key
+        self.pairs, self.pair_categories = pairs, categories
+        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens}
+
+    def cache_key(self) -> Optional[dict]:
+        """What this evaluation's result for the base model depends on besides the model
+        (evaluation/base_cache.py); None when the reference is not the base model."""
+        if self.reference_adapter is not None and not is_noop(self.reference_adapter):
+            return None
+        return {"kind": "preference", "rows": encoded_digest(self.pairs, self.pair_categories), "reference": "base",
+                **self.loss, **self.batching}
 
     @torch.no_grad()
     def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT) -> dict:
