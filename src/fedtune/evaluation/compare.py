@@ -136,7 +136,7 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
         if bench is not None:
             progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
             results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,
-                                                                batch_size=cfg.eval.batch_size)["values"]
+                                                                batch_size=cfg.eval.batch_size, progress=progress)["values"]
     judge = _judge(cfg, evalset.questions, {n: r["answers"] for n, r in results.items()}, progress)
     comparison = assemble(cfg, root, names, results, evalset, shared, judge)
     (root / COMPARISON_FILE).write_text(json.dumps(comparison, indent=1))
