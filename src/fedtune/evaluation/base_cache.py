@@ -100,9 +100,10 @@ class BaseEvalCache:
         """``evaluator``'s result for the base model (``compute()`` evaluates it), reused when
         stored; an evaluator whose result is not the base's (``cache_key()`` None) computes."""
         key = evaluator.cache_key() if self.folder is not None else None
-        if key is None:
+        model = self.model_key(bundle) if key is not None else None
+        if model is None:
             return compute()
-        result, hit = self.get_or_compute({**key, **self.model_key(bundle)}, compute)
+        result, hit = self.get_or_compute({**key, **model}, compute)
         if hit and progress is not None:
             progress.message(f"base model {key['kind']} evaluation from the evaluation cache {self.folder}")
         return result
@@ -111,17 +112,21 @@ class BaseEvalCache:
                 compute: Callable[[], list[str]], progress: Optional[Progress] = None) -> list[str]:
         """The base model's greedy answers to the rendered prompts ``texts`` (``compute()``
         generates them), reused when stored."""
-        if not texts or self.folder is None:
+        model = self.model_key(bundle) if texts and self.folder is not None else None
+        if model is None:
             return compute() if texts else []
         key = {"kind": "answers", "texts": digest(list(texts)), "add_special_tokens": add_special_tokens,
-               "max_new_tokens": max_new_tokens, **self.model_key(bundle)}
+               "max_new_tokens": max_new_tokens, **model}
         result, hit = self.get_or_compute(key, compute)
         if hit and progress is not None:
             progress.message(f"base model answers to {len(texts)} prompts from the evaluation cache {self.folder}")
         return result
 
-    def model_key(self, bundle) -> dict:
-        """The model part of a key: its files' fingerprint and the compute precision."""
+    def model_key(self, bundle) -> Optional[dict]:
+        """The model part of a key: its files' fingerprint and the compute precision (None:
+        the model is not a folder of files, so it has no content to key on)."""
+        if not Path(bundle.base_path).is_dir():
+            return None
         weights = next(iter(bundle.model.parameters()))
         memo = (bundle.base_path, str(weights.dtype), weights.device.type)
         if memo not in self.fingerprints:
