@@ -159,15 +159,18 @@ def main() -> None:
     p.add_argument("--before", default=BEFORE, help="git revision measured as 'before'")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-compare", action="store_true")
+    p.add_argument("--skip-heldout", action="store_true")
     p.add_argument("--note", default="", help="measurement conditions (e.g. machine under load)")
     p.add_argument("--out", type=Path, default=RESULTS / "evaluation.json")
     args, rest = p.parse_known_args()
     if args.child is not None:
         compare_child(args.child, rest)
         return
-    result = {"machine": {**machine(), "cpu_info": cpu()}, "note": args.note,
-              "heldout": heldout_throughput(args.repeats)}
-    print(json.dumps(result["heldout"], indent=1))
+    result = {"machine": {**machine(), "cpu_info": cpu()}, "note": args.note}
+    if not args.skip_heldout:
+        result["heldout"] = heldout_throughput(args.repeats)
+        write_json(args.out, result)  # written as each part finishes
+        print(json.dumps(result["heldout"], indent=1))
     if not args.skip_compare:
         result["compare"] = compare_before_after(args.before, args.rounds)
         result["targets"] = {"compare.after.evaluation_share": "<= 0.25"}
