@@ -77,7 +77,7 @@ def heldout_throughput(repeats: int) -> dict:
             loss[name] = ev.evaluate(bundle.model)["loss"]
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
     trainer = setup.build_trainer(cfg, bundle)
-    shard = [encoded[i] for i in partition.clients[0]]
+    shard = [encoded[i] for i in partition.shards[0]]
     trainer.fit(0, shard, bundle.initial_adapter, round=1, lr=cfg.train.lr, local_steps=1)  # warm-up
     fit = trainer.fit(0, shard, bundle.initial_adapter, round=1, lr=cfg.train.lr, local_steps=cfg.train.local_steps)
     padded_tokens = sum(b["input_ids"].numel() for b, _ in evaluators["padded"].batches)
