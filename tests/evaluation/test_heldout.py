@@ -81,3 +81,13 @@ def test_eval_groups_cover_every_position_once_within_the_budget():
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     assert all(len(g) == 1 or sum(sizes[i] for i in g) <= 40 for g in groups)
     assert eval_groups(sizes, batch_size=3, max_tokens=None, packed=False) == [[5, 0, 2], [3, 4, 6], [1]]
+
+
+def test_evaluation_runs_in_the_training_precision(model, tokenizer):
+    examples, categories = encoded(tokenizer, 6, 64)
+    kw = dict(batch_size=4, pad_id=tokenizer.pad_token_id, packing=True, max_tokens=200)
+    fp32 = HeldoutEvaluator(examples, categories, **kw).evaluate(model)
+    bf16 = HeldoutEvaluator(examples, categories, precision="bf16", **kw)
+    assert bf16.cache_key() != HeldoutEvaluator(examples, categories, **kw).cache_key()  # never reused across precisions
+    low = bf16.evaluate(model)
+    assert low["loss"] != fp32["loss"] and numbers_close(low["loss"], fp32["loss"], 0.02)  # bf16 autocast, as training

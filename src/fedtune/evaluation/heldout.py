@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from fedtune.client.optim import AUTOCAST
 from fedtune.data.batching import split_by_tokens
 from fedtune.data.prompts import Encoded, collate, pack
 from fedtune.evaluation.base_cache import encoded_digest
@@ -39,14 +40,15 @@ class HeldoutEvaluator:
     """Evaluates on a fixed set; batches are built once (see the module docstring)."""
 
     def __init__(self, examples: Sequence[Encoded], categories: Sequence[str], *, batch_size: int, pad_id: int,
-                 packing: bool = False, max_tokens: Optional[int] = None):
+                 packing: bool = False, max_tokens: Optional[int] = None, precision: str = "fp32"):
         sizes = [int(e.input_ids.numel()) for e in examples]
         groups = eval_groups(sizes, batch_size, max_tokens, packing)
         make = pack if packing else (lambda items: collate(items, pad_id))
         self.batches = [(make([examples[i] for i in g]), [categories[i] for i in g]) for g in groups]
         self.size = len(examples)
         self.examples, self.categories = examples, categories
-        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens}
+        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens, "precision": precision}
+        self.autocast_dtype = AUTOCAST[precision]  # the forward's precision, as training's (client/optim.py)
 
     def cache_key(self) -> dict:
         """What this evaluation's result depends on besides the model (evaluation/base_cache.py)."""
@@ -65,7 +67,8 @@ class HeldoutEvaluator:
         with (progress or Progress()).phase(phase, len(self.batches)) as shown:
             for batch, cats in self.batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                nll, tokens = sequence_nll(model, **batch)  # (b,), (b,): per example, padded or packed
+                with autocast(device, self.autocast_dtype):
+                    nll, tokens = sequence_nll(model, **batch)  # (b,), (b,): per example, padded or packed
                 for cat, n, t in zip(cats, nll.tolist(), tokens.tolist()):
                     nll_by[cat] += n
                     tok_by[cat] += t
@@ -79,6 +82,11 @@ class HeldoutEvaluator:
             "examples": self.size,
             "per_category": {c: {**_loss_ppl(nll_by[c], tok_by[c]), "examples": n_by[c]} for c in sorted(nll_by)},
         }
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Training's forward precision context (a no-op for fp32, ``dtype`` None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _loss_ppl(nll: float, tokens: int) -> dict[str, float]:

@@ -12,14 +12,16 @@ answers of each pair packed into one row with per-example attention (``packing``
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
 
+from fedtune.client.optim import AUTOCAST
 from fedtune.client.dpo import mean_stats, pair_logps, pair_stats, preference_loss, reference_logps
 from fedtune.data.preferences import EncodedPair, collate_pairs, pack_pairs
 from fedtune.evaluation.base_cache import encoded_digest, is_noop
-from fedtune.evaluation.heldout import eval_groups
+from fedtune.evaluation.heldout import autocast, eval_groups
 from fedtune.reporting.progress import HELDOUT, REFERENCE, Progress
 from fedtune.types import Adapter
 
@@ -41,6 +43,7 @@ class PreferenceEvaluator:
         label_smoothing: float = 0.0,
         packing: bool = False,
         max_tokens: Optional[int] = None,
+        precision: str = "fp32",
     ):
         sizes = [p.length if packing else p.padded_length for p in pairs]
         chunks = eval_groups(sizes, batch_size, max_tokens, packing)
@@ -52,7 +55,8 @@ class PreferenceEvaluator:
         self.reference: Optional[list[torch.Tensor]] = None
         self.size = len(pairs)
         self.pairs, self.pair_categories = pairs, categories
-        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens}
+        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens, "precision": precision}
+        self.autocast = functools.partial(autocast, next(iter(params.values())).device, AUTOCAST[precision])  # as training
 
     def cache_key(self) -> Optional[dict]:
         """What this evaluation's result for the base model depends on besides the model
@@ -70,14 +74,16 @@ class PreferenceEvaluator:
         progress = progress or Progress()
         if self.reference is None:
             with progress.phase(REFERENCE, len(self.batches)) as shown:
-                self.reference = reference_logps(model, self.params, self.batches, self.reference_adapter, on_batch=shown.advance)
+                self.reference = reference_logps(model, self.params, self.batches, self.reference_adapter, self.autocast,
+                                                 on_batch=shown.advance)
         was_training = model.training
         model.eval()
         device = next(iter(self.params.values())).device
         rows = []
         with progress.phase(phase, len(self.batches)) as shown:
             for batch, ref in zip(self.batches, self.reference):
-                chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
+                with self.autocast():
+                    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
                 ref = ref.to(device)  # (b, 2)
                 losses = preference_loss(
                     chosen, rejected, ref[:, 0], ref[:, 1], chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, **self.loss

@@ -330,9 +330,9 @@ def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categori
     reference: the base model for dpo.reference=base, else the run's initial adapter (a
     moving per-round reference would make rounds incomparable)."""
     pad_id, batch_size = bundle.tokenizer.pad_token_id, cfg.eval.batch_size
-    # batched as training batches: packed (per-example attention) and cut at the same token budget
+    # batched as training batches: packed (per-example attention), cut at the same token budget, same autocast
     lean = dict(packing=cfg.train.packing and use_packed_attention(bundle.model),
-                max_tokens=batch_token_limit(cfg.train.max_batch_tokens, bundle.device))
+                max_tokens=batch_token_limit(cfg.train.max_batch_tokens, bundle.device), precision=bundle.precision)
     if cfg.task == "dpo":
         d = cfg.dpo
         return PreferenceEvaluator(
