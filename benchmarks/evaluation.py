@@ -68,7 +68,12 @@ def heldout_throughput(repeats: int) -> dict:
         "padded": HeldoutEvaluator(held, cats, batch_size=cfg.eval.batch_size, pad_id=bundle.tokenizer.pad_token_id),
         "packed": HeldoutEvaluator(held, cats, batch_size=cfg.eval.batch_size, pad_id=bundle.tokenizer.pad_token_id,
                                    packing=True, max_tokens=budget),
-    }
+        f"packed+{bundle.precision}": HeldoutEvaluator(held, cats, batch_size=cfg.eval.batch_size, pad_id=bundle.tokenizer.pad_token_id,
+                                                       packing=True, max_tokens=budget, precision=bundle.precision),
+    }  # padded: the old path (fp32, padded); packed+<precision>: what setup.build_evaluator builds now
+    for ev in evaluators.values():  # warm-up: one-time kernel and allocator costs are not the evaluator's
+        HeldoutEvaluator(held[:4], cats[:4], batch_size=4, pad_id=0, packing=ev.batching["packing"],
+                         precision=ev.batching["precision"]).evaluate(bundle.model)
     real = sum(int(e.input_ids.numel()) for e in held)
     best, loss = {}, {}
     for _ in range(repeats):
@@ -87,6 +92,7 @@ def heldout_throughput(repeats: int) -> dict:
         "eval_real_tokens_per_s": {n: real / s for n, s in best.items()},
         "eval_seconds": best, "heldout_loss": loss,
         "packed_vs_padded": best["padded"] / best["packed"],
+        "now_vs_padded": best["padded"] / best[f"packed+{bundle.precision}"],
         "train_real_tokens_per_s": fit.metrics["real_tokens"] / fit.metrics["seconds"],
         "train_precision": bundle.precision, "train_steps": fit.metrics["steps"],
         "torch_threads": torch.get_num_threads(),
