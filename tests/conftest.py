@@ -79,6 +79,7 @@ def tiny_overrides(tiny_model_dir, tmp_path) -> list[str]:
         # (Flower vs in-process adapters 0.2% apart in bf16, 1e-5 in fp32, measured on a Xeon with AMX);
         # bf16 has its own tests (test_inprocess.py::test_bf16_autocast_run)
         "train.precision=fp32",
+        f"eval.base_cache_dir={tmp_path / 'eval-cache'}",  # a fresh base-evaluation cache per test (not ~/.cache)
         f"output.dir={tmp_path / 'run'}",
     ]
 
@@ -98,7 +99,7 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
         f"model.name={tiny_model_dir}", "data.demo_per_category=20", "data.max_length=64", "partition.method=shards",
         "partition.num_clients=3", "partition.holdout_per_category=2", "federation.rounds=1", "train.local_steps=2",
         "train.precision=fp32",
-        "train.lr=0.002", "eval.num_samples=1", "eval.max_new_tokens=4", "eval.generation_examples=4", f"output.dir={out}",
+        "train.lr=0.002", "eval.num_samples=1", "eval.max_new_tokens=4", "eval.generation_examples=4", "eval.base_cache=false", f"output.dir={out}",
     ]
     run(load_config(None, overrides))
     return out

@@ -50,7 +50,8 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     cfg = load_config(None, overrides)
 
     # Act
-    result = compare(cfg)
+    first = Messages()
+    result = compare(cfg, progress=first)
 
     # Assert: the runs, on one partition
     root, comp = result.folder, result.comparison
@@ -68,6 +69,12 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     assert len({h["examples"] for h in held.values()}) == 1 and held["base"]["examples"] == 30
     assert held["federated"]["loss"] == pytest.approx(records(root / "federated", "eval")[-1]["loss"], rel=1e-5)
     assert held["base"]["loss"] == pytest.approx(records(root / "federated", "eval")[0]["loss"], rel=1e-5)
+    # the base model was evaluated once: the first run's round 0; the other runs' round 0 and the base column reuse it
+    cached = [m for m in first.lines if m.startswith("base model held-out evaluation from the evaluation cache")]
+    assert len(cached) == 3 and [n for n, _ in first.phases].count("evaluation") == 3 + 2 + 2
+    assert records(root / "centralized", "eval")[0] == records(root / "local-1", "eval")[0]
+    round0 = records(root / "federated", "eval")[0]
+    assert held["base"]["loss"] == round0["loss"] and held["base"]["per_category"] == round0["per_category"]  # the same numbers
     assert all(g["examples"] == 4 for g in comp["generation"].values())
     assert all(len(s["answers"]) == 4 for s in comp["samples"]) and len(comp["samples"]) == 4
     assert set(comp["summary"]["ordering"]) == {"centralized <= federated", "federated < local (median)", "local (median) < base"}
@@ -101,11 +108,12 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     ]
     assert again.comparison["heldout"] == comp["heldout"] and judge_server.count == served
     # evaluation shows progress: load, tokenise, then per model held-out batches and answers, then the judge calls
-    names = [n for n, _ in progress.phases]
-    assert names == ["loading model", "tokenising"] + ["held-out loss", "generating answers"] * 4 + ["judge calls"]
+    names = [n for n, _ in progress.phases]  # the base model's held-out loss and answers come from the cache
+    assert names == ["loading model", "tokenising"] + ["held-out loss", "generating answers"] * 3 + ["judge calls"]
+    assert sum("from the evaluation cache" in m for m in progress.lines) == 2
     judge_calls = 2 * (1 + 4 * (1 + 2))  # 2 questions: reference ratings; per model, a rating and two pairwise verdicts
     assert progress.phases[-1] == ("judge calls", judge_calls) and progress.advanced["judge calls"] == judge_calls
-    assert progress.advanced["generating answers"] == 4 * 4
+    assert progress.advanced["generating answers"] == 3 * 4
 
     # a changed training setting is not silently reused
     with pytest.raises(ConfigError, match=r"local-1 holds a run with a different config \(lora.r \(run: 8, now: 4\)\)"):

@@ -76,3 +76,25 @@ def test_eval_on_another_file_with_its_own_columns(run_copy, tmp_path):
 def test_eval_needs_a_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match="is not a fedtune run directory"):
         evaluate_run(tmp_path)
+
+
+def test_eval_of_the_base_model_is_computed_once_and_reused_by_content(run_copy, tmp_path):
+    # Arrange
+    cache = ["eval.base_cache=true", f"eval.base_cache_dir={tmp_path / 'cache'}"]
+    first = evaluate_run(run_copy, base=True, overrides=cache)
+
+    # Act
+    progress = Phases()
+    again = evaluate_run(run_copy, base=True, overrides=cache, progress=progress)
+    longer = evaluate_run(run_copy, base=True, overrides=cache + ["eval.max_new_tokens=5"], progress=(changed := Phases()))
+
+    # Assert: nothing evaluated the second time, the same numbers and answers
+    assert [n for n, _ in progress.started] == ["loading model", "tokenising"]
+    assert again["heldout"] == first["heldout"] and again["samples"] == first["samples"]
+    # other answer settings: the held-out loss is reused, the answers are not
+    assert [n for n, _ in changed.started] == ["loading model", "tokenising", "generating answers"]
+    assert longer["heldout"] == first["heldout"]
+    # a run with its adapter is never served from the base cache
+    trained = Phases()
+    evaluate_run(run_copy, overrides=cache, progress=trained)
+    assert "held-out loss" in [n for n, _ in trained.started]

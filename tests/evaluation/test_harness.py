@@ -81,8 +81,19 @@ def test_metric_names_rows_and_table():
 
 def test_bench_puts_the_adapter_beside_the_base_model(run_copy, tasks_dir):
     # Act
-    record = harness.bench_run(run_copy, ["tiny_qa", "tiny_text"], include_path=tasks_dir, limit=4, batch_size=4)
+    from fedtune.reporting.progress import Progress
+
+    class Phases(Progress):
+        def __init__(self):
+            self.started = []
+
+        def phase_started(self, name, total):
+            self.started.append(name)
+
+    progress = Phases()
+    record = harness.bench_run(run_copy, ["tiny_qa", "tiny_text"], include_path=tasks_dir, limit=4, batch_size=4, progress=progress)
     # Assert
+    assert progress.started == ["harness tasks", "harness tasks"]  # base, then adapter: each evaluation shows progress
     rows = {(r["task"], r["metric"]): r for r in record["rows"]}
     assert set(rows) == {("tiny_qa", "acc"), ("tiny_text", "word_perplexity"), ("tiny_text", "bits_per_byte")}
     ppl = rows[("tiny_text", "word_perplexity")]

@@ -84,3 +84,39 @@ def test_per_pair_accuracy_and_margin_in_pair_order(setup):
                                     beta=0.1)
         assert alone.evaluate(model)["margin"] == pytest.approx(per["margin"][i], rel=1e-3, abs=1e-6)
     assert "per_example" not in ev.evaluate(model)
+
+
+@pytest.mark.parametrize("n, max_tokens", [(12, 300), (1, None), (7, 60)])  # several pairs a row; one pair; pairs over budget
+def test_packed_evaluation_equals_padded(setup, n, max_tokens):
+    from fedtune.model.attention import use_packed_attention
+    from tests.tolerance import margin_scale
+
+    model, params, encoded, categories, pad = setup
+    assert use_packed_attention(model)
+    initial = get_adapter(params)
+    g = torch.Generator().manual_seed(1)
+    set_adapter(params, {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in initial.items()})
+    kw = dict(params=params, reference_adapter=initial, batch_size=5, pad_id=pad, beta=0.1, max_tokens=max_tokens)
+    packed = PreferenceEvaluator(encoded[:n], categories[:n], packing=True, **kw)
+    padded = PreferenceEvaluator(encoded[:n], categories[:n], packing=False, **kw)
+    a, b = packed.evaluate(model), padded.evaluate(model)
+    assert all(batch["input_ids"].shape[0] == 1 for batch in packed.batches)  # one row each, no padding
+    if max_tokens == 60:
+        assert len(packed.batches) == n  # every pair alone
+    assert a["examples"] == b["examples"] == n and set(a["per_category"]) == set(b["per_category"])
+    for got, want in [(a, b), *((a["per_category"][c], b["per_category"][c]) for c in b["per_category"])]:
+        scale = margin_scale(want, 0.1)
+        for key in ("loss", "chosen_logp", "rejected_logp"):
+            assert numbers_close(got[key], want[key], FORWARD), key
+        for key in ("margin", "chosen_reward", "rejected_reward"):
+            assert numbers_close(got[key], want[key], FORWARD, scale), key
+        assert got["reward_accuracy"] == want["reward_accuracy"]
+
+
+def test_only_a_base_reference_is_cacheable(setup):
+    _, params, _, _, _ = setup
+    initial = get_adapter(params)  # LoRA B = 0: the base model
+    moved = {k: v + 0.1 for k, v in initial.items()}
+    assert evaluator(setup, None).cache_key() == evaluator(setup, initial).cache_key() is not None
+    assert evaluator(setup, moved).cache_key() is None
+    assert evaluator(setup, None, loss_type="ipo").cache_key() != evaluator(setup, None).cache_key()

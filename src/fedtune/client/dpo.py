@@ -123,9 +123,11 @@ def reference_policy(model, params: dict[str, torch.nn.Parameter], adapter: Opti
 
 @torch.no_grad()
 def reference_logps(
-    model, params, batches: Sequence[dict[str, torch.Tensor]], adapter: Optional[Adapter], autocast=nullcontext
+    model, params, batches: Sequence[dict[str, torch.Tensor]], adapter: Optional[Adapter], autocast=nullcontext,
+    on_batch: Optional[Callable[[], None]] = None,
 ) -> list[torch.Tensor]:
-    """Reference log-probs of each batch of pairs: one (b, 2) tensor [chosen, rejected] per batch."""
+    """Reference log-probs of each batch of pairs: one (b, 2) tensor [chosen, rejected] per batch;
+    ``on_batch`` is called after each (progress)."""
     was_training = model.training
     model.eval()  # no dropout: the reference is deterministic
     device = next(iter(params.values())).device
@@ -135,6 +137,8 @@ def reference_logps(
             with autocast():
                 chosen, rejected, _, _ = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
             out.append(torch.stack([chosen, rejected], dim=1).float())  # (b, 2)
+            if on_batch is not None:
+                on_batch()
     model.train(was_training)
     return out
 

@@ -134,12 +134,12 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
         progress.message(f"compare: evaluating {name}")
         adapter = None if name == BASE else load_adapter(root / name / FINAL_ADAPTER)[0]
         results[name] = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress,
+                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.generation_batch_size, progress=progress,
                                        per_example=True)
         if bench is not None:
             progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
             results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,
-                                                                batch_size=cfg.eval.batch_size)["values"]
+                                                                batch_size=cfg.eval.batch_size, progress=progress)["values"]
     judge = _judge(cfg, evalset.questions, {n: r["answers"] for n, r in results.items()}, progress)
     per_example = {n: results[n]["heldout"].pop("per_example") for n in names}  # kept out of comparison.json
     comparison = assemble(cfg, root, names, results, evalset, shared, judge)

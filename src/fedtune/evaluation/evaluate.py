@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -18,12 +18,13 @@ from fedtune.config import JudgeConfig, RunConfig, from_dict, parse_overrides, r
 from fedtune.data.prompts import user_message
 from fedtune.data.sources import Example, load_examples
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.evaluation.base_cache import BaseEvalCache
 from fedtune.evaluation.generation import pick_generation_subset, score_answers
 from fedtune.evaluation.grading import Question, grade
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
 from fedtune.federation.loader import RUN, folder_kind, load_any_model
-from fedtune.model.generate import generate
+from fedtune.model.generate import generate, render_prompts
 from fedtune.model.lora import load_adapter, set_adapter
 from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
 from fedtune.reporting.progress import JUDGING, LOADING, TOKENISING, Progress
@@ -32,11 +33,13 @@ from fedtune.types import Adapter
 
 @dataclass
 class EvalSet:
-    """Examples to evaluate on, their batches, and which of them are answered."""
+    """Examples to evaluate on, their batches, which of them are answered, and where base-model
+    results are kept (evaluation/base_cache.py)."""
 
     examples: list[Example]
     evaluator: HeldoutEvaluator
     answered: list[int]  # positions into examples answered for generation metrics
+    cache: BaseEvalCache = field(default_factory=lambda: BaseEvalCache(None))
 
     @property
     def questions(self) -> list[Question]:
@@ -49,7 +52,8 @@ def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence
     with (progress or Progress()).phase(TOKENISING):
         encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
     evaluator = setup.build_evaluator(cfg, bundle, encoded, [e.category for e in examples])
-    return EvalSet(examples, evaluator, pick_generation_subset([e.category for e in examples], cfg.eval.generation_examples))
+    answered = pick_generation_subset([e.category for e in examples], cfg.eval.generation_examples)
+    return EvalSet(examples, evaluator, answered, setup.build_base_cache(cfg))
 
 
 def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optional[Adapter], *, template: str,
@@ -57,18 +61,23 @@ def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optiona
                    per_example: bool = False) -> dict:
     """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
     (LoRA disabled) when ``adapter`` is None; with ``as_loaded``, the model as it stands (a
-    merged model, or an adapter folder's model). Answers are greedy. ``progress`` sees the
-    held-out loss and the generation as phases; with ``per_example``, "heldout" holds each
-    example's NLL and token count too (HeldoutEvaluator.evaluate)."""
+    merged model, or an adapter folder's model). Answers are greedy, ``batch_size`` prompts at
+    a time. The base model's results come from ``evalset.cache`` when stored there. ``progress``
+    sees the held-out loss and the generation as phases; with ``per_example``, "heldout" holds
+    each example's NLL and token count too (HeldoutEvaluator.evaluate)."""
     if adapter is not None:
         set_adapter(bundle.params, adapter)
+    base = adapter is None and not as_loaded
+    cache = evalset.cache if base else BaseEvalCache(None)
     chosen = [evalset.examples[i] for i in evalset.answered]
-    with bundle.model.disable_adapter() if adapter is None and not as_loaded else contextlib.nullcontext():
-        heldout = evalset.evaluator.evaluate(bundle.model, progress, per_example=per_example)
-        answers = generate(
-            bundle.model, bundle.tokenizer, [e.instruction for e in chosen], inputs=[e.input for e in chosen],
-            template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-        ) if chosen else []
+    texts = render_prompts(bundle.tokenizer, [e.instruction for e in chosen], [e.input for e in chosen], template)
+    with bundle.model.disable_adapter() if base else contextlib.nullcontext():
+        heldout = cache.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
+                                 progress, per_example=per_example)
+        answers = cache.answers(bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=max_new_tokens, progress=progress,
+                                compute=lambda: generate(bundle.model, bundle.tokenizer, [e.instruction for e in chosen],
+                                                         inputs=[e.input for e in chosen], template=template, max_new_tokens=max_new_tokens,
+                                                         batch_size=batch_size, progress=progress))
     generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
     return {"heldout": heldout, "generation": generation, "answers": answers}
 
@@ -143,7 +152,7 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
     evalset = build_eval_set(cfg, bundle, examples, progress)
     adapter = None if base else load_adapter(folder)[0]
     result = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=progress)
+                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.generation_batch_size, progress=progress)
     name = ("base-" if base else "") + ("heldout" if data is None else Path(data).stem)
     what = "base model (adapter disabled)" if base else f"adapter {folder}"
     record = make_record(name, f"{what} on {source}", cfg, evalset, result, "base" if base else run_dir.name, progress)
@@ -190,7 +199,7 @@ def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides:
     examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
     evalset = build_eval_set(cfg, loaded.bundle, examples, progress)
     result = evaluate_model(loaded.bundle, evalset, None, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, as_loaded=not base, progress=progress)
+                            batch_size=cfg.eval.generation_batch_size, as_loaded=not base, progress=progress)
     what = f"{'base model of ' if base else ''}{loaded.kind} folder {folder}"
     source = f"{report.source} ({report.rows} rows, {report.skipped} skipped)"
     record = make_record(("base-" if base else "") + Path(data).stem, f"{what} on {source}", cfg, evalset, result, folder.name, progress)

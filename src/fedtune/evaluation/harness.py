@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from fedtune.errors import ConfigError, DataError
 from fedtune.federation.rundir import EVALUATIONS, HARNESS_FILE, HARNESS_TABLE
-from fedtune.reporting.progress import Progress
+from fedtune.reporting.progress import HARNESS, Progress
 from fedtune.types import Adapter
 
 INSTALL_HINT = "pip install 'fedtune[harness]'"
@@ -113,14 +113,14 @@ def evaluate(model, tokenizer, manager, tasks: Sequence[str], *, limit: Optional
 
 
 def evaluate_adapter(bundle, adapter: Optional[Adapter], manager, tasks: Sequence[str], *, limit: Optional[int],
-                     batch_size: int) -> dict:
+                     batch_size: int, progress: Optional[Progress] = None) -> dict:
     """:func:`evaluate` with ``adapter`` loaded into the bundle, or the base model (LoRA
-    disabled) when ``adapter`` is None."""
+    disabled) when ``adapter`` is None; ``progress`` sees it as a phase."""
     from fedtune.model.lora import set_adapter
 
     if adapter is not None:
         set_adapter(bundle.params, adapter)
-    with bundle.model.disable_adapter() if adapter is None else contextlib.nullcontext():
+    with bundle.model.disable_adapter() if adapter is None else contextlib.nullcontext(), (progress or Progress()).phase(HARNESS):
         return evaluate(bundle.model, bundle.tokenizer, manager, tasks, limit=limit, batch_size=batch_size)
 
 
@@ -139,7 +139,7 @@ def bench_run(run_dir: Path, tasks: Sequence[str], *, limit: Optional[int] = Non
     for which in (["base"] if base else []) + ["adapter"]:
         progress.message(f"bench: {which} on {', '.join(names)}" + (f" (limit {limit})" if limit else ""))
         started = time.perf_counter()
-        with bundle.model.disable_adapter() if which == "base" else contextlib.nullcontext():
+        with bundle.model.disable_adapter() if which == "base" else contextlib.nullcontext(), progress.phase(HARNESS):
             runs[which] = evaluate(bundle.model, bundle.tokenizer, manager, names, limit=limit, batch_size=batch_size)
         progress.message(f"bench: {which} done in {time.perf_counter() - started:.1f}s")
     import lm_eval

@@ -2,6 +2,11 @@
 
 Loss is the mean negative log-likelihood per response token (token-weighted, as in
 training); perplexity is its exponential.
+
+Batches are built once, as training builds its micro-batches: examples sorted by length, cut
+into groups of ``batch_size``, each group cut at ``max_tokens`` (data/batching.py), then either
+packed into one row with per-example attention (``packing``, model/attention.py: no padding)
+or right-padded. Both give the same per-example NLL up to float summation order.
 """
 
 from __future__ import annotations
@@ -12,22 +17,43 @@ from typing import Optional, Sequence
 
 import torch
 
-from fedtune.data.prompts import Encoded, collate
+from fedtune.client.optim import AUTOCAST
+from fedtune.data.batching import split_by_tokens
+from fedtune.data.prompts import Encoded, collate, pack
+from fedtune.evaluation.base_cache import encoded_digest
 from fedtune.model.forward import sequence_nll
 from fedtune.reporting.progress import HELDOUT, Progress
 
 
-class HeldoutEvaluator:
-    """Evaluates on a fixed set; batches are built once (sorted by length, little padding)."""
+def eval_groups(sizes: Sequence[int], batch_size: int, max_tokens: Optional[int], packed: bool) -> list[list[int]]:
+    """Positions into ``sizes`` grouped into evaluation batches: sorted by size (little
+    padding), ``batch_size`` per group, each group cut at ``max_tokens`` (None: uncut) as
+    training cuts its micro-batches. Every position appears once. Pure."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        return groups
+    return [piece for g in groups for piece in split_by_tokens(g, sizes, max_tokens, packed)]
 
-    def __init__(self, examples: Sequence[Encoded], categories: Sequence[str], *, batch_size: int, pad_id: int):
-        order = sorted(range(len(examples)), key=lambda i: int(examples[i].input_ids.numel()))
-        self.batches = [
-            (collate([examples[i] for i in order[s : s + batch_size]], pad_id), [categories[i] for i in order[s : s + batch_size]])
-            for s in range(0, len(order), batch_size)
-        ]
-        self.order = order  # batch order -> example position (for per-example output)
+
+class HeldoutEvaluator:
+    """Evaluates on a fixed set; batches are built once (see the module docstring)."""
+
+    def __init__(self, examples: Sequence[Encoded], categories: Sequence[str], *, batch_size: int, pad_id: int,
+                 packing: bool = False, max_tokens: Optional[int] = None, precision: str = "fp32"):
+        sizes = [int(e.input_ids.numel()) for e in examples]
+        groups = eval_groups(sizes, batch_size, max_tokens, packing)
+        make = pack if packing else (lambda items: collate(items, pad_id))
+        self.batches = [(make([examples[i] for i in g]), [categories[i] for i in g]) for g in groups]
+        self.order = [i for g in groups for i in g]  # batch order -> example position (for per-example output)
         self.size = len(examples)
+        self.examples, self.categories = examples, categories
+        self.batching = {"batch_size": batch_size, "packing": packing, "max_tokens": max_tokens, "precision": precision}
+        self.autocast_dtype = AUTOCAST[precision]  # the forward's precision, as training's (client/optim.py)
+
+    def cache_key(self) -> dict:
+        """What this evaluation's result depends on besides the model (evaluation/base_cache.py)."""
+        return {"kind": "held-out", "rows": encoded_digest(self.examples, self.categories), **self.batching}
 
     @torch.inference_mode()
     def evaluate(self, model, progress: Optional[Progress] = None, phase: str = HELDOUT, per_example: bool = False) -> dict:
@@ -46,7 +72,8 @@ class HeldoutEvaluator:
         with (progress or Progress()).phase(phase, len(self.batches)) as shown:
             for batch, cats in self.batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                nll, tokens = sequence_nll(model, **batch)  # (b,), (b,)
+                with autocast(device, self.autocast_dtype):
+                    nll, tokens = sequence_nll(model, **batch)  # (b,), (b,): per example, padded or packed
                 for cat, n, t in zip(cats, nll.tolist(), tokens.tolist()):
                     nll_by[cat] += n
                     tok_by[cat] += t
@@ -72,6 +99,11 @@ def _in_example_order(rows: list[tuple[float, int]], order: list[int]) -> dict[s
     for (n, t), i in zip(rows, order):
         nll[i], tokens[i] = n, t
     return {"nll": nll, "tokens": tokens}
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Training's forward precision context (a no-op for fp32, ``dtype`` None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _loss_ppl(nll: float, tokens: int) -> dict[str, float]:

@@ -49,6 +49,7 @@ from fedtune.client.schedule import round_lr
 from fedtune.config import RunConfig, config_hash, federated_eval, to_dict
 from fedtune.data.sources import LoadReport
 from fedtune.errors import AggregationError
+from fedtune.evaluation.base_cache import BaseEvalCache, is_noop
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.samples import loss_changes, pick_samples
 from fedtune.federation import baselines, client_eval, setup
@@ -58,7 +59,7 @@ from fedtune.federation.rundir import (
     METRICS_FILE, RunLock, RunResult, check_run_dir, lock_run_dir, save_final_adapter, storage_errors, write_run_dir,
 )
 from fedtune.federation.sharing import write_portable_adapter
-from fedtune.model.generate import generate
+from fedtune.model.generate import generate, render_prompts
 from fedtune.model.lora import set_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
@@ -89,6 +90,7 @@ class Federation:
     stop: threading.Event
     privacy: Optional[DPFedAvg] = None
     norm_bound_factor: Optional[float] = None  # validation: reject norms above this x the round's median
+    base_cache: BaseEvalCache = dataclasses.field(default_factory=lambda: BaseEvalCache(None))  # round 0 from a fresh adapter
 
     def schedule(self, round: int) -> list[int]:
         """Clients of ``round``: a pure function of (seed, round), so resume replays it."""
@@ -101,7 +103,12 @@ class Federation:
 
     def evaluate(self, adapter: Adapter) -> dict:
         set_adapter(self.bundle.params, adapter)
-        return self.evaluator.evaluate(self.bundle.model, self.progress, EVALUATION)
+        if is_noop(adapter):  # a fresh adapter adds nothing: the base model's evaluation, computed once (base_cache.py)
+            return self.base_cache.evaluate(self.bundle, self.evaluator, self._evaluate, self.progress)
+        return self._evaluate()
+
+    def _evaluate(self, per_example: bool = False) -> dict:
+        return self.evaluator.evaluate(self.bundle.model, self.progress, EVALUATION, per_example=per_example)
 
     def checkpoint(self, round: int, adapter: Adapter, state: dict) -> None:
         ckpt = Checkpoint(round, adapter, state, self.metrics.lines, config_hash(self.cfg))
@@ -255,6 +262,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
         stop=stop,
         privacy=setup.build_privacy(cfg),
         norm_bound_factor=setup.norm_bound_factor(cfg),
+        base_cache=setup.build_base_cache(cfg),
     )
     if cfg.federation.mode == "centralized":  # one client with all training shards, the federated step budget
         federated = dataclasses.replace(fed, cfg=baselines.with_mode(cfg, "federated", run_dir))
@@ -344,8 +352,13 @@ def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]
     if not prompts:
         return []
     set_adapter(fed.bundle.params, adapter)
-    answers = generate(
-        fed.bundle.model, fed.bundle.tokenizer, [p["prompt"] for p in prompts], inputs=[p["input"] for p in prompts],
-        template=fed.cfg.data.template, max_new_tokens=fed.cfg.eval.max_new_tokens, progress=fed.progress, phase=SAMPLES,
+    e, template = fed.cfg.eval, fed.cfg.data.template
+    compute = functools.partial(
+        generate, fed.bundle.model, fed.bundle.tokenizer, [p["prompt"] for p in prompts], inputs=[p["input"] for p in prompts],
+        template=template, max_new_tokens=e.max_new_tokens, batch_size=e.generation_batch_size, progress=fed.progress, phase=SAMPLES,
     )
+    cache = fed.base_cache if is_noop(adapter) else BaseEvalCache(None)  # a fresh adapter answers as the base model
+    texts = render_prompts(fed.bundle.tokenizer, [p["prompt"] for p in prompts], [p["input"] for p in prompts], template)
+    answers = cache.answers(fed.bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=e.max_new_tokens,
+                            compute=compute, progress=fed.progress)
     return [{**p, "answer": a} for p, a in zip(prompts, answers)]

@@ -28,6 +28,7 @@ from fedtune.data.preferences import EncodedPair, PreferencePair, encode_prefere
 from fedtune.data.prompts import Encoded, encode_pairs, render_example
 from fedtune.data.sources import Example, LoadReport, load_examples
 from fedtune.errors import CheckpointError, ConfigError, ModelError
+from fedtune.evaluation.base_cache import BaseEvalCache
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.evaluation.preferences import PreferenceEvaluator
 from fedtune.federation.attacks import ClientSide, malicious_clients
@@ -37,7 +38,7 @@ from fedtune.federation.clients import LocalClients
 from fedtune.federation.compression import Compression
 from fedtune.federation.rundir import CLIENT_STATE, CONFIG_FILE, PARTITION_FILE, finished_adapter, write_atomic
 from fedtune.model.attention import use_packed_attention
-from fedtune.model.base import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from fedtune.model.base import cache_root, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg
 from fedtune.reporting.progress import Progress
@@ -340,13 +341,23 @@ def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categori
     reference: the base model for dpo.reference=base, else the run's initial adapter (a
     moving per-round reference would make rounds incomparable)."""
     pad_id, batch_size = bundle.tokenizer.pad_token_id, cfg.eval.batch_size
+    # batched as training batches: packed (per-example attention), cut at the same token budget, same autocast
+    lean = dict(packing=cfg.train.packing and use_packed_attention(bundle.model),
+                max_tokens=batch_token_limit(cfg.train.max_batch_tokens, bundle.device), precision=bundle.precision)
     if cfg.task == "dpo":
         d = cfg.dpo
         return PreferenceEvaluator(
             encoded, categories, params=bundle.params, reference_adapter=None if d.reference == "base" else bundle.initial_adapter,
-            batch_size=batch_size, pad_id=pad_id, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+            batch_size=batch_size, pad_id=pad_id, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing, **lean,
         )
-    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id)
+    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id, **lean)
+
+
+def build_base_cache(cfg: RunConfig) -> BaseEvalCache:
+    """The base-model evaluation cache of ``eval.base_cache`` (evaluation/base_cache.py)."""
+    if not cfg.eval.base_cache:
+        return BaseEvalCache(None)
+    return BaseEvalCache(Path(cfg.eval.base_cache_dir).expanduser() if cfg.eval.base_cache_dir else cache_root() / "eval")
 
 
 def sample_prompts(cfg: RunConfig, examples: list[Record], holdout: list[int]) -> list[dict]:

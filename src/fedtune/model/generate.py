@@ -1,4 +1,12 @@
-"""Answer prompts with the model as it stands (base, or with an adapter loaded)."""
+"""Answer prompts with the model as it stands (base, or with an adapter loaded).
+
+Prompts are answered in batches of ``batch_size`` (``eval.generation_batch_size``): sorted by
+length (little padding), left-padded with an attention mask, decoded with transformers'
+``generate`` (a KV cache; positions from the mask, so a padded prompt sees the positions it
+would see alone), each sequence stopping at its own end-of-sequence token or after
+``max_new_tokens``; answers come back in the prompts' order. Greedy answers are the tokens of
+one-prompt-at-a-time greedy decoding (tests/model/test_generate.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,62 @@ import torch
 from fedtune.data.prompts import render_prompt
 from fedtune.reporting.progress import GENERATION, Progress
 
+DEFAULT_BATCH_SIZE = 8
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], inputs: Sequence[str] | None, template: str) -> list[str]:
+    """The prompt texts as training formats them (what the answers cache is keyed on, too)."""
+    inputs = list(inputs) if inputs is not None else [""] * len(prompts)
+    return [render_prompt(tokenizer, template, p, i) for p, i in zip(prompts, inputs)]
+
 
 @torch.inference_mode()
+def generate_ids(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    add_special_tokens: bool,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+    phase: str = GENERATION,
+) -> list[list[int]]:
+    """The new tokens of each rendered prompt in ``texts`` (in their order), up to and not
+    including the first end-of-sequence token; ``progress`` sees ``phase`` advanced per prompt."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right; no gradients, so left padding is safe
+    device = next(model.parameters()).device
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    stop = _eos_ids(model, tokenizer)
+    out: dict[int, list[int]] = {}
+    try:
+        with (progress or Progress()).phase(phase, len(texts)) as shown:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(device)  # (b, t) left-padded
+                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                if temperature > 0:
+                    kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed + start)  # sampling is reproducible and leaves the caller's RNG alone
+                    gen = model.generate(**batch, **kwargs)  # (b, t_prompt + t_new)
+                for i, row in zip(chunk, gen[:, batch["input_ids"].shape[1] :].tolist()):
+                    out[i] = _until_eos(row, stop)
+                shown.advance(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [out[i] for i in range(len(texts))]
+
+
 def generate(
     model,
     tokenizer,
@@ -20,43 +82,28 @@ def generate(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     inputs: Sequence[str] | None = None,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     progress: Optional[Progress] = None,
     phase: str = GENERATION,
 ) -> list[str]:
     """Greedy (temperature 0) or sampled answers, one per prompt, formatted as in training;
     ``progress`` sees a phase named ``phase`` advanced per answered prompt."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right; no gradients, so left padding is safe
-    inputs = list(inputs) if inputs is not None else [""] * len(prompts)
-    texts = [render_prompt(tokenizer, template, p, i) for p, i in zip(prompts, inputs)]
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    try:
-        with (progress or Progress()).phase(phase, len(texts)) as shown:
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(
-                    texts[start : start + batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=(template == "alpaca"),
-                ).to(device)
-                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-                if temperature > 0:
-                    kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
-                else:
-                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(seed + start)  # sampling is reproducible and leaves the caller's RNG alone
-                    out = model.generate(**batch, **kwargs)  # (b, t_prompt + t_new)
-                new = out[:, batch["input_ids"].shape[1] :]
-                answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-                shown.advance(len(new))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return answers
+    texts = render_prompts(tokenizer, prompts, inputs, template)
+    new = generate_ids(model, tokenizer, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=max_new_tokens,
+                       temperature=temperature, batch_size=batch_size, seed=seed, progress=progress, phase=phase)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
 
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """``tokens`` up to the first end-of-sequence token (what follows it is padding)."""
+    for k, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:k]
+    return tokens

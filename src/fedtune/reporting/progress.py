@@ -25,6 +25,7 @@ HELDOUT = "held-out loss"
 GENERATION = "generating answers"
 REFERENCE = "reference log-probs"
 JUDGING = "judge calls"
+HARNESS = "harness tasks"  # lm-evaluation-harness on one model (a spinner: lm-eval runs its own loop)
 
 
 class Phase:

@@ -1,0 +1,180 @@
+"""Evaluations of the base model, computed once and reused, keyed by content.
+
+In a ``fedtune compare`` every run starts from the same base model (LoRA B = 0: the initial
+adapter adds exactly zero, so the model computes what the base computes) and evaluates it on
+the same held-out rows: base, each local-only client, federated and centralized all measured
+the same round-0 loss and answered the same sample prompts. ``fedtune eval --base`` measures
+it once more. A :class:`BaseEvalCache` keeps each such result in a small JSON file named by
+the SHA-256 of everything that determines it:
+
+- the model: the content of every file in the base model's folder (weights, config,
+  tokenizer; a file in the Hugging Face cache is named by its blob's SHA-256, so it is not
+  read), the weights' dtype, the device type, quantisation and compute precision;
+- what is evaluated: the held-out rows' token ids, prompt lengths and categories, or the
+  rendered prompt texts;
+- the settings that shape the result: batching and packing of the held-out loss, the DPO
+  loss settings and reference, ``max_new_tokens`` of the answers.
+
+A changed held-out set, model file, template, ``data.max_length`` or setting gives another key,
+so nothing stale is reused. Only the base (adapter disabled, or a no-op initial adapter)
+is cached, and only greedy answers.
+
+Where: ``eval.base_cache_dir`` (default ``<fedtune cache>/eval``, i.e. ``~/.cache/fedtune/eval``),
+shared by every compare, run and ``fedtune eval --base`` of the user, so a compare re-run in a
+new folder reuses it too. Files are written to a temporary name and renamed (atomic); two
+processes computing the same entry write the same content. A file whose content hash was
+computed once is remembered by (path, size, mtime) under ``files/``, so a large model is read
+once, not once per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from fedtune.reporting.progress import Progress
+from fedtune.types import Adapter
+
+log = logging.getLogger(__name__)
+HASH_CHUNK = 1 << 20
+SKIP_DIRS = frozenset({".git", ".cache", "__pycache__"})
+
+
+def is_noop(adapter: Adapter) -> bool:
+    """True when ``adapter`` adds exactly nothing (every LoRA B is zero, as ``attach_lora``
+    initialises it): with it loaded the model computes what the base model computes."""
+    b = [v for k, v in adapter.items() if "lora_B" in k]
+    return bool(b) and all(not bool(v.any()) for v in b)
+
+
+def digest(value: Any) -> str:
+    """SHA-256 of a JSON-able value (sorted keys)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encoded_digest(items: Sequence, categories: Sequence[str]) -> str:
+    """SHA-256 of encoded held-out rows (``Encoded`` or ``EncodedPair``) and their categories."""
+    h = hashlib.sha256()
+    for item, cat in zip(items, categories):
+        for e in (item.chosen, item.rejected) if hasattr(item, "chosen") else (item,):
+            h.update(e.input_ids.to(torch.int64).numpy().tobytes())
+            h.update(f"|{e.prompt_len}|".encode())
+        h.update(f"{cat}\n".encode())
+    h.update(str(len(items)).encode())
+    return h.hexdigest()
+
+
+class BaseEvalCache:
+    """Base-model results stored under ``folder`` by content key (None: no cache, everything
+    is computed)."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = Path(folder).expanduser() if folder is not None else None
+        self.fingerprints: dict[tuple, str] = {}  # this object's own memo: one model is hashed once per process
+
+    def get_or_compute(self, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """(result, True) when ``key`` is stored, else (``compute()``, False) after storing it."""
+        if self.folder is None:
+            return compute(), False
+        path = self.folder / f"{digest(key)}.json"
+        try:
+            return json.loads(path.read_text())["result"], True
+        except (OSError, ValueError, KeyError):
+            pass  # missing or unreadable (a half-written file cannot exist: writes are renamed)
+        result = compute()
+        try:
+            _write_atomic(path, json.dumps({"key": key, "result": result}))
+        except OSError as err:  # a cache that cannot be written costs time, not the run
+            log.warning("evaluation cache %s not written (%s); set eval.base_cache_dir or eval.base_cache=false", path, err)
+        return result, False
+
+    def evaluate(self, bundle, evaluator, compute: Callable[[bool], dict], progress: Optional[Progress] = None,
+                 per_example: bool = False) -> dict:
+        """``evaluator``'s result for the base model (``compute(per_example)`` evaluates it),
+        reused when stored; an evaluator whose result is not the base's (``cache_key()`` None)
+        computes. The stored result keeps the per-example values (one entry serves a run's
+        round 0 and a compare's paired intervals); they are returned only when asked for."""
+        key = evaluator.cache_key() if self.folder is not None else None
+        model = self.model_key(bundle) if key is not None else None
+        if model is None:
+            return compute(per_example)
+        result, hit = self.get_or_compute({**key, **model}, lambda: compute(True))
+        if hit and progress is not None:
+            progress.message(f"base model {key['kind']} evaluation from the evaluation cache {self.folder}")
+        return result if per_example else {k: v for k, v in result.items() if k != "per_example"}
+
+    def answers(self, bundle, texts: Sequence[str], *, add_special_tokens: bool, max_new_tokens: int,
+                compute: Callable[[], list[str]], progress: Optional[Progress] = None) -> list[str]:
+        """The base model's greedy answers to the rendered prompts ``texts`` (``compute()``
+        generates them), reused when stored."""
+        model = self.model_key(bundle) if texts and self.folder is not None else None
+        if model is None:
+            return compute() if texts else []
+        key = {"kind": "answers", "texts": digest(list(texts)), "add_special_tokens": add_special_tokens,
+               "max_new_tokens": max_new_tokens, **model}
+        result, hit = self.get_or_compute(key, compute)
+        if hit and progress is not None:
+            progress.message(f"base model answers to {len(texts)} prompts from the evaluation cache {self.folder}")
+        return result
+
+    def model_key(self, bundle) -> Optional[dict]:
+        """The model part of a key: its files' fingerprint and the compute precision (None:
+        the model is not a folder of files, so it has no content to key on)."""
+        if not Path(bundle.base_path).is_dir():
+            return None
+        weights = next(iter(bundle.model.parameters()))
+        memo = (bundle.base_path, str(weights.dtype), weights.device.type)
+        if memo not in self.fingerprints:
+            self.fingerprints[memo] = self.model_fingerprint(bundle.base_path, bundle.model)
+        return {"model": self.fingerprints[memo], "precision": bundle.precision}
+
+    def model_fingerprint(self, base_path: str, model) -> str:
+        """SHA-256 over the base model folder's files and how the model was loaded."""
+        root = Path(base_path)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(root).parts))
+        weights = next(iter(model.parameters()))
+        config = getattr(model, "config", None)
+        return digest({
+            "files": [(str(p.relative_to(root)), self.file_hash(p)) for p in files],
+            "dtype": str(weights.dtype), "device": weights.device.type,
+            "quantization": str(getattr(config, "quantization_config", None)),
+        })
+
+    def file_hash(self, path: Path) -> str:
+        """A file's SHA-256: its blob name in the Hugging Face cache, a remembered one for the
+        same (path, size, mtime), else read."""
+        target = path.resolve()
+        if target.parent.name == "blobs" and len(target.name) == 64:  # HF cache: blobs/<sha256> (LFS files)
+            return target.name
+        stat = target.stat()
+        memo = self.folder / "files" / f"{digest([str(target), stat.st_size, stat.st_mtime_ns])}" if self.folder else None
+        if memo is not None and memo.is_file():
+            return memo.read_text().strip()
+        h = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(HASH_CHUNK), b""):
+                h.update(block)
+        if memo is not None:
+            with contextlib.suppress(OSError):
+                _write_atomic(memo, h.hexdigest())
+        return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

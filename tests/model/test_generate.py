@@ -1,0 +1,58 @@
+"""Batched greedy generation answers exactly as one prompt at a time."""
+
+import pytest
+import torch
+
+from fedtune.model.attention import use_packed_attention
+from fedtune.model.base import load_model
+from fedtune.model.generate import generate, generate_ids, render_prompts
+from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+from fedtune.reporting.progress import Progress
+
+PROMPTS = ["Hi", "What sound does a cow make?", "Name three primary colours, and say why they are called primary.",
+           "2+2?", "Write a haiku about the sea and the wind over the harbour at night", "Why?", "Spell 'cat' backwards."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    model = attach_lora(base, r=4, alpha=8, dropout=0.1, target_modules="all-linear", seed=0, base_name=str(tiny_model_dir))
+    params = adapter_parameters(model)
+    g = torch.Generator().manual_seed(3)
+    set_adapter(params, {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in get_adapter(params).items()})
+    assert use_packed_attention(model)  # as a run leaves it: generation must still be plain SDPA
+    return model
+
+
+class Counter(Progress):
+    def __init__(self):
+        self.done = 0
+
+    def phase_advanced(self, name, n):
+        self.done += n
+
+
+def test_batched_greedy_tokens_equal_one_at_a_time(model, tokenizer):
+    texts = render_prompts(tokenizer, PROMPTS, None, "chat")
+    alone = generate_ids(model, tokenizer, texts, add_special_tokens=False, max_new_tokens=12, batch_size=1)
+    # an end-of-sequence token that some answers reach mid-way: each sequence must stop on its own
+    common = [t for row in alone for t in row[2:8]]
+    eos = max(set(common), key=common.count)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        alone = generate_ids(model, tokenizer, texts, add_special_tokens=False, max_new_tokens=12, batch_size=1)
+        counter = Counter()
+        batched = generate_ids(model, tokenizer, texts, add_special_tokens=False, max_new_tokens=12, batch_size=4, progress=counter)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert any(len(r) < 12 for r in alone) and any(len(r) == 12 for r in alone)  # some stopped early, some ran to the limit
+    assert batched == alone
+    assert counter.done == len(PROMPTS)
+    assert model.training and tokenizer.padding_side == "right"  # mode and padding side restored
+
+
+def test_generate_answers_in_prompt_order(model, tokenizer):
+    one = generate(model, tokenizer, PROMPTS, template="chat", max_new_tokens=5, batch_size=1)
+    many = generate(model, tokenizer, PROMPTS, template="chat", max_new_tokens=5, batch_size=3)
+    assert one == many and len(one) == len(PROMPTS)
