@@ -354,3 +354,22 @@ def test_chat_prints_a_reply_as_it_is_generated_and_ctrl_c_stops_only_the_reply(
 def test_centralized_on_flower_is_refused_before_anything_starts(tiny_overrides):
     proc = fedtune("run", *tiny_overrides, "federation.engine=flower", "federation.mode=centralized")
     assert_one_line_error(proc, 2, "federation.mode: centralized pools every client's data", "federation.engine=inprocess")
+
+
+def test_compare_table_shows_no_rouge_or_exact_match_without_answers(monkeypatch):
+    """eval.generation_examples=0: the summary printed ROUGE-L 0.000 and exact match 0.000 on no answers."""
+    import io
+
+    from rich.console import Console
+
+    from fedtune import cli
+
+    monkeypatch.setattr(cli, "out", Console(file=io.StringIO(), width=200))
+    heldout = {"loss": 1.0, "ppl": 2.72, "per_category": {"a": {"loss": 1.0}}}
+    comp = {"name": "c", "models": ["base", "federated"], "heldout": {"base": heldout, "federated": heldout},
+            "generation": {m: {"rouge_l": 0.0, "exact_match": 0.0, "examples": 0, "per_category": {}} for m in ("base", "federated")},
+            "judge": None, "summary": {"ordering": {}}, "budget": {"base": {"optimizer_steps": 0}, "federated": {"optimizer_steps": 4}},
+            "budget_note": "note"}
+    cli._show_comparison(comp)
+    rows = [line for line in cli.out.file.getvalue().splitlines() if "federated" in line and "1.0000" in line]
+    assert rows and "0.000" not in rows[0] and rows[0].count(" - ") >= 2, rows

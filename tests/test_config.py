@@ -321,7 +321,7 @@ def test_federated_eval_fields_are_validated_and_auto_resolves_by_engine():
     assert not federated_eval(flower) and federated_eval(flower, deployment=True)  # a deployment's server holds no data
     assert not federated_eval(load_config(None, ["federation.engine=flower", "flower.heldout_path=h.jsonl"]), deployment=True)
     assert federated_eval(load_config(None, ["eval.federated=true"])) and not federated_eval(load_config(None, ["eval.federated=false"]), True)
-    assert "eval.federated: 'sometimes' is not one of auto" in one_line_error(["eval.federated=sometimes"])
+    assert "eval.federated: 'sometimes' is not one of true, false, auto" in one_line_error(["eval.federated=sometimes"])
     assert "eval.client_holdout: must be < 1" in one_line_error(["eval.client_holdout=1"])
     assert "eval.client_holdout: must be > 0" in one_line_error(["eval.client_holdout=0"])
     assert "eval.federated_clients: 11 is more than partition.num_clients=10" in one_line_error(["eval.federated_clients=11"])
@@ -334,3 +334,15 @@ def test_federated_eval_and_client_holdout_cannot_change_on_resume():
         changed = load_config(None, [override])
         assert config_hash(changed) != config_hash(base) and resume_differences(base, changed)[0].startswith(override.split("=")[0])
     assert config_hash(load_config(None, ["eval.federated_clients=2", "eval.every=2"])) == config_hash(base)  # these may change
+
+
+def test_too_few_bootstrap_resamples_for_the_confidence_are_refused():
+    """1 resample gave 'federated is 7% [8%, 8%]' and called a gap 'lower' on an interval of one draw."""
+    from fedtune.config import min_bootstrap_resamples
+
+    assert (min_bootstrap_resamples(0.95), min_bootstrap_resamples(0.9), min_bootstrap_resamples(0.99)) == (40, 20, 200)
+    message = one_line_error(["eval.bootstrap_resamples=1"])
+    assert message.startswith("eval.bootstrap_resamples: 1 resample(s) leave none") and "use at least 40" in message
+    assert "use at least 200" in one_line_error(["eval.bootstrap_resamples=199", "eval.confidence=0.99"])
+    load_config(None, ["eval.bootstrap_resamples=40"])
+    load_config(None, ["eval.bootstrap_resamples=3", "eval.confidence=0.01"])

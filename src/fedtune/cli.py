@@ -405,7 +405,7 @@ def _show_comparison(comp: dict) -> None:
             extra = [f"{rel:.3f}" if rel is not None else "-", f"{pair.get('win', '-')}/{pair.get('tie', '-')}/{pair.get('loss', '-')}"]
         boot = comp["summary"].get("generation", {}).get(m, {})  # with bootstrap intervals over the answers
         summary.add_row(m, f"{heldout[m]['loss']:.4f}", f"{heldout[m]['ppl']:.2f}", with_interval(boot.get("rouge_l")) if boot
-                        else f"{gen['rouge_l']:.3f}", with_interval(boot.get("exact_match")) if boot else f"{gen['exact_match']:.3f}",
+                        else _answer_cell(gen, "rouge_l"), with_interval(boot.get("exact_match")) if boot else _answer_cell(gen, "exact_match"),
                         str(comp["budget"][m]["optimizer_steps"]), *extra,
                         *[_num(comp["harness"][m].get(t, {}).get(k)) for t, k in bench])
     out.print(summary)
@@ -418,6 +418,11 @@ def _show_comparison(comp: dict) -> None:
         answered = next(iter(comp["generation"].values()))["examples"]
         out.print(f"ROUGE-L and exact match on {answered} answers per model, with {answer_note(comp)}", highlight=False,
                   soft_wrap=True)
+
+
+def _answer_cell(gen: dict, key: str) -> str:
+    """ROUGE-L / exact match of a generation record; "-" when no answer was scored (eval.generation_examples=0)."""
+    return f"{gen[key]:.3f}" if gen.get("examples") else "-"
 
 
 def _show_judge(comp: dict, folder: Path) -> None:
@@ -458,7 +463,8 @@ def eval_(
     for col in ("category", "loss", "perplexity", "ROUGE-L", "exact match"):
         table.add_column(col, justify="left" if col == "category" else "right")
     gen = record["generation"]
-    table.add_row("all", f"{record['heldout']['loss']:.4f}", f"{record['heldout']['ppl']:.2f}", f"{gen['rouge_l']:.3f}", f"{gen['exact_match']:.3f}")
+    table.add_row("all", f"{record['heldout']['loss']:.4f}", f"{record['heldout']['ppl']:.2f}", _answer_cell(gen, "rouge_l"),
+                  _answer_cell(gen, "exact_match"))
     for c, v in record["heldout"]["per_category"].items():
         g = gen["per_category"].get(c)
         table.add_row(c, f"{v['loss']:.4f}", f"{v['ppl']:.2f}", *([f"{g['rouge_l']:.3f}", f"{g['exact_match']:.3f}"] if g else ["-", "-"]))

@@ -35,7 +35,8 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")  # output.trackers (reporting/trac
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A config field with help text and optional checks (choices, ge, gt, le, lt, nonempty)."""
+    """A config field with help text and optional checks (choices, ge, gt, le, lt, nonempty;
+    choice_text: how to name the choices where a bool is accepted too)."""
     meta = {"help": help, **checks}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -319,7 +320,8 @@ class EvalConfig:
         48, "held-out examples answered for ROUGE-L / exact match in compare and eval (null: all)", ge=0
     )
     bootstrap_resamples: int = _f(
-        1000, "compare: resamples of the held-out examples for the confidence intervals of the gaps and ROUGE-L/EM", ge=1
+        1000, "compare: resamples of the held-out examples for the confidence intervals of the gaps and ROUGE-L/EM "
+        "(at least 2 / (1 - confidence), 40 at 0.95, so each tail holds a resample)", ge=1
     )
     confidence: float = _f(0.95, "compare: level of the bootstrap confidence intervals", gt=0, lt=1)
     judge: JudgeConfig = _f(JudgeConfig(), "LLM-as-judge grading (off unless judge.base_url is set)")
@@ -333,7 +335,7 @@ class EvalConfig:
         "auto", "federated evaluation: every eval.every rounds (and the last) clients score the global adapter on their own "
         "held-out rows (eval.client_holdout of each client's data, kept out of its training in every mode) and the "
         "server logs the weighted mean (federated_eval lines); auto: true in a Flower deployment (`fedtune flower run/app`) "
-        "without flower.heldout_path, false elsewhere", choices=("auto",),
+        "without flower.heldout_path, false elsewhere", choices=("auto",), choice_text="true, false, auto",
     )
     client_holdout: float = _f(
         0.1, "with federated evaluation on: fraction of each client's rows it holds out (drawn from seed and client id; "
@@ -474,7 +476,7 @@ def _check_bounds(value: Any, meta: dict, key: str, problems: list[str]) -> None
     if choices is not None and value not in choices:
         hint = difflib.get_close_matches(str(value), choices, n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-        problems.append(f"{key}: '{value}' is not one of {', '.join(choices)}{extra}")
+        problems.append(f"{key}: '{value}' is not one of {meta.get('choice_text') or ', '.join(choices)}{extra}")
     if isinstance(value, (int, float)):
         for op, ok, word in (
             ("ge", lambda v, b: v >= b, ">="),
@@ -675,11 +677,25 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append("lora.target_modules: empty list; use 'all-linear' or name modules such as [q_proj, v_proj]")
     if cfg.eval.federated_clients is not None and cfg.eval.federated_clients > part.num_clients:
         problems.append(f"eval.federated_clients: {cfg.eval.federated_clients} is more than partition.num_clients={part.num_clients}")
+    least = min_bootstrap_resamples(cfg.eval.confidence)
+    if 0 < cfg.eval.confidence < 1 and cfg.eval.bootstrap_resamples < least:
+        problems.append(
+            f"eval.bootstrap_resamples: {cfg.eval.bootstrap_resamples} resample(s) leave none beyond the ends of a "
+            f"{cfg.eval.confidence:g} interval, so it is no interval; use at least {least} (2 / (1 - eval.confidence))"
+        )
     if cfg.train.compile and cfg.task != "sft":
         problems.append(f"train.compile: supported for task=sft, not task={cfg.task}; set train.compile=false")
     if any(s < 1 for s in cfg.train.local_steps_per_client):
         problems.append(f"train.local_steps_per_client: every value must be >= 1, got {cfg.train.local_steps_per_client}")
     return problems + participation_checks(cfg) + strategy_checks(cfg) + privacy_checks(cfg) + attack_checks(cfg) + secagg_checks(cfg)
+
+
+def min_bootstrap_resamples(confidence: float) -> int:
+    """The fewest bootstrap resamples that put at least one resample in each tail outside a
+    ``confidence`` percentile interval (2 / (1 - confidence), e.g. 40 at 0.95)."""
+    if not 0 < confidence < 1:
+        return 1
+    return math.ceil(round(2.0 / (1.0 - confidence), 6))
 
 
 def per_round(cfg: RunConfig) -> int:

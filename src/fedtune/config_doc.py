@@ -54,7 +54,7 @@ def _note(f: dataclasses.Field, value: Any) -> str:
     meta = f.metadata
     parts = [meta.get("help", "")]
     if meta.get("choices"):
-        parts.append("one of: " + ", ".join(map(str, meta["choices"])))
+        parts.append("one of: " + (meta.get("choice_text") or ", ".join(map(str, meta["choices"]))))
     bounds = [f"{word} {_number(meta[op])}" for op, word in _BOUNDS if op in meta]
     if bounds:
         parts.append(", ".join(bounds))

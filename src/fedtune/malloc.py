@@ -14,15 +14,32 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 DEFAULTS = {M_MMAP_THRESHOLD: 4 << 20, M_TRIM_THRESHOLD: 64 << 20, M_ARENA_MAX: 2}
+# a setting the user made in the environment wins over ours (glibc reads these at start-up)
+USER_SETTINGS = {M_MMAP_THRESHOLD: ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+                 M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+                 M_ARENA_MAX: ("MALLOC_ARENA_MAX", "glibc.malloc.arena_max")}
+
+
+def ours(settings: Mapping[int, int], environ: Optional[Mapping[str, str]] = None) -> dict[int, int]:
+    """``settings`` less those the user set in the environment (``MALLOC_ARENA_MAX=...`` or
+    ``GLIBC_TUNABLES=glibc.malloc.arena_max=...``)."""
+    environ = os.environ if environ is None else environ
+    tunables = {t.split("=", 1)[0].strip() for t in environ.get("GLIBC_TUNABLES", "").split(":")}
+    return {k: v for k, v in settings.items()
+            if not (k in USER_SETTINGS and (USER_SETTINGS[k][0] in environ or USER_SETTINGS[k][1] in tunables))}
 
 
 def tune(settings: dict[int, int] = DEFAULTS) -> bool:
-    """Apply ``mallopt`` ``settings`` to this process; False where the C library is not glibc."""
+    """Apply ``mallopt`` ``settings`` to this process, except those the user set in the
+    environment (:func:`ours`); False where the C library is not glibc."""
+    settings = ours(settings)
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -75,3 +75,27 @@ def test_the_model_fingerprint_follows_file_content(tiny_model_dir, tmp_path):
     config.write_text(config.read_text().replace('"rms_norm_eps"', '"rms_norm_eps" ', 1))  # same meaning, other bytes
     assert cache.model_fingerprint(str(folder), model) != first
     assert BaseEvalCache(None).model_fingerprint(str(folder), model) == cache.model_fingerprint(str(folder), model)
+
+
+def test_a_damaged_or_foreign_cache_file_is_recomputed_not_a_crash(tmp_path):
+    cache = BaseEvalCache(tmp_path)
+    key = {"kind": "x", "rows": "r1"}
+    cache.get_or_compute(key, lambda: {"loss": 1.0})
+    (entry,) = tmp_path.glob("*.json")
+    for damaged in ("[1, 2]", "null", '"text"', '{"result": 5}', '{"key": {"kind": "y"}, "result": 5}', "{trunc", "\udcff"):
+        entry.write_bytes(damaged.encode("utf-8", "surrogateescape"))
+        assert cache.get_or_compute(key, lambda: {"loss": 2.0}) == ({"loss": 2.0}, False), damaged
+    entry.write_text('{"key": {"kind": "x", "rows": "r1"}, "result": [1]}')  # this key's, but not the shape asked for
+    assert cache.get_or_compute(key, lambda: {"loss": 3.0}, valid=lambda r: isinstance(r, dict)) == ({"loss": 3.0}, False)
+    assert cache.get_or_compute(key, lambda: {"loss": 4.0}, valid=lambda r: isinstance(r, dict)) == ({"loss": 3.0}, True)
+
+
+def test_a_damaged_file_hash_memo_is_hashed_again(tiny_model_dir, tmp_path):
+    from fedtune.model.base import load_model
+
+    model = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    cache = BaseEvalCache(tmp_path / "cache")
+    first = cache.model_fingerprint(str(tiny_model_dir), model)
+    for memo in (tmp_path / "cache" / "files").iterdir():
+        memo.write_bytes(b"\xff\xfe\x00")
+    assert BaseEvalCache(tmp_path / "cache").model_fingerprint(str(tiny_model_dir), model) == first

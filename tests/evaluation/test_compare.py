@@ -148,3 +148,15 @@ def test_compare_on_flower_runs_the_federation_and_local_runs_there_and_says_cen
     assert records(tmp_path / "cmp" / "federated", "nodes") and records(tmp_path / "cmp" / "local-1", "nodes")  # Flower's
     assert not records(tmp_path / "cmp" / "centralized", "nodes")
     assert "centralized ran in-process" in comp["budget_note"]
+
+
+def test_budget_note_names_only_what_was_compared():
+    """compare.models=[base] printed 'optimizer steps (batch 4 x 1): . base: ...'; [federated] described a base not compared."""
+    from fedtune.config import load_config
+    from fedtune.evaluation.compare import budget_note
+
+    zero = {"optimizer_steps": 0, "tokens": 0, "fits": 0}
+    only_base = budget_note(load_config(None, ["compare.models=[base]"]), {"base": zero})
+    assert "optimizer steps" not in only_base and "): ." not in only_base and only_base.startswith("base: the base model")
+    fed = budget_note(load_config(None, ["compare.models=[federated]"]), {"federated": {**zero, "optimizer_steps": 4}, "base": zero})
+    assert fed.startswith("optimizer steps (batch ") and "federated 4." in fed and "base:" not in fed

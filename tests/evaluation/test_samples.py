@@ -31,7 +31,19 @@ def test_held_out_rows_of_the_most_improved_categories_first_round_robin():
     assert picked[0] == {"prompt": "c question 0", "input": "", "reference": "c answer 0", "category": "c", "loss_change": -0.9}
     assert pick_samples(ROWS, holdout, 4, changes) == picked  # deterministic
     assert samples_headline(picked) == ("samples from the held-out categories whose held-out loss fell most over the run: "
-                                        "c (-0.90 nats), a (-0.50 nats), b (+0.25 nats)")
+                                        "c (-0.90 nats), a (-0.50 nats); then from categories where it did not fall: b (+0.25 nats)")
+
+
+def test_a_category_whose_loss_rose_is_never_said_to_have_fallen():
+    """Before: a run where no loss fell printed 'whose held-out loss fell most over the run: b (+0.25 nats)'."""
+    rose = pick_samples(ROWS, [0, 1, 2, 3, 4], 2, {"a": 0.5, "b": 0.25, "c": 0.0})
+    assert [s["category"] for s in rose] == ["c", "b"]
+    assert samples_headline(rose) == ("held-out loss fell in none of the sampled categories over the run; samples from "
+                                      "those where it rose least: c (+0.00 nats), b (+0.25 nats)")
+    one = pick_samples(ROWS, [0, 1], 1, {"a": -0.25})
+    assert samples_headline(one) == "samples from the held-out categories whose held-out loss fell most over the run: a (-0.25 nats)"
+    diverged = pick_samples(ROWS, [0, 1, 2, 3, 4], 3, {"a": float("nan"), "b": 0.1, "c": -0.2})
+    assert [s["category"] for s in diverged] == ["c", "b", "a"]  # a nan change sorts last
 
 
 def test_without_changes_categories_in_order_of_appearance_and_ties_by_name():

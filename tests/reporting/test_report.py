@@ -80,6 +80,11 @@ def test_comparison_report_from_a_comparison_record(tmp_path):
     html = comparison_report(tmp_path, comp).read_text()
     assert "held-out loss gaps on 4 held-out examples (90% paired bootstrap interval over examples" in html
     assert "federated - base" in html and "[0.250, 0.750]" in html and "ROUGE-L 90% interval" in html
+    # no answers scored (eval.generation_examples=0): the summary shows dashes, not ROUGE-L / exact match 0.000
+    comp["summary"] = {"ordering": {}}
+    comp["generation"] = {m: {"rouge_l": 0.0, "exact_match": 0.0, "examples": 0, "per_category": {}} for m in models}
+    html = comparison_report(tmp_path, comp).read_text()
+    assert "0.000" not in html.split("summary", 1)[-1].split("</table>", 1)[0]
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -80,15 +81,16 @@ class BaseEvalCache:
         self.folder = Path(folder).expanduser() if folder is not None else None
         self.fingerprints: dict[tuple, str] = {}  # this object's own memo: one model is hashed once per process
 
-    def get_or_compute(self, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
-        """(result, True) when ``key`` is stored, else (``compute()``, False) after storing it."""
+    def get_or_compute(self, key: dict, compute: Callable[[], Any],
+                       valid: Optional[Callable[[Any], bool]] = None) -> tuple[Any, bool]:
+        """(result, True) when ``key`` is stored (and its result passes ``valid``), else
+        (``compute()``, False) after storing it; a damaged or foreign file is recomputed over."""
         if self.folder is None:
             return compute(), False
         path = self.folder / f"{digest(key)}.json"
-        try:
-            return json.loads(path.read_text())["result"], True
-        except (OSError, ValueError, KeyError):
-            pass  # missing or unreadable (a half-written file cannot exist: writes are renamed)
+        stored = _read_entry(path, key)
+        if stored is not None and (valid is None or valid(stored["result"])):
+            return stored["result"], True
         result = compute()
         try:
             _write_atomic(path, json.dumps({"key": key, "result": result}))
@@ -106,7 +108,8 @@ class BaseEvalCache:
         model = self.model_key(bundle) if key is not None else None
         if model is None:
             return compute(per_example)
-        result, hit = self.get_or_compute({**key, **model}, lambda: compute(True))
+        result, hit = self.get_or_compute({**key, **model}, lambda: compute(True),
+                                          valid=lambda r: isinstance(r, dict) and isinstance(r.get("per_example"), dict))
         if hit and progress is not None:
             progress.message(f"base model {key['kind']} evaluation from the evaluation cache {self.folder}")
         return result if per_example else {k: v for k, v in result.items() if k != "per_example"}
@@ -120,7 +123,8 @@ class BaseEvalCache:
             return compute() if texts else []
         key = {"kind": "answers", "texts": digest(list(texts)), "add_special_tokens": add_special_tokens,
                "max_new_tokens": max_new_tokens, **model}
-        result, hit = self.get_or_compute(key, compute)
+        result, hit = self.get_or_compute(
+            key, compute, valid=lambda r: isinstance(r, list) and len(r) == len(texts) and all(isinstance(a, str) for a in r))
         if hit and progress is not None:
             progress.message(f"base model answers to {len(texts)} prompts from the evaluation cache {self.folder}")
         return result
@@ -157,7 +161,10 @@ class BaseEvalCache:
         stat = target.stat()
         memo = self.folder / "files" / f"{digest([str(target), stat.st_size, stat.st_mtime_ns])}" if self.folder else None
         if memo is not None and memo.is_file():
-            return memo.read_text().strip()
+            with contextlib.suppress(OSError, ValueError):
+                remembered = memo.read_text().strip()
+                if re.fullmatch(r"[0-9a-f]{64}", remembered):
+                    return remembered  # anything else (a damaged memo) is hashed again and rewritten
         h = hashlib.sha256()
         with open(target, "rb") as f:
             for block in iter(lambda: f.read(HASH_CHUNK), b""):
@@ -166,6 +173,18 @@ class BaseEvalCache:
             with contextlib.suppress(OSError):
                 _write_atomic(memo, h.hexdigest())
         return h.hexdigest()
+
+
+def _read_entry(path: Path, key: dict) -> Optional[dict]:
+    """The stored {"key", "result"} at ``path`` when it is for ``key``; None when missing,
+    unreadable, not JSON or not this key's (a half-written file cannot exist: writes are renamed)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or "result" not in stored or stored.get("key") != json.loads(json.dumps(key, default=str)):
+        return None
+    return stored
 
 
 def _write_atomic(path: Path, text: str) -> None:

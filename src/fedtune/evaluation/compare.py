@@ -249,8 +249,8 @@ def ordering(loss: dict[str, float]) -> dict[str, bool]:
 def budget_note(cfg: RunConfig, budget: dict) -> str:
     steps = {n: b["optimizer_steps"] for n, b in budget.items()}
     per_round = f"train.local_steps={cfg.train.local_steps}" if cfg.train.local_steps else f"train.local_epochs={cfg.train.local_epochs}"
-    parts = [f"optimizer steps (batch {cfg.train.batch_size} x {cfg.train.grad_accum}): "
-             + ", ".join(f"{n} {s}" for n, s in steps.items() if n != BASE) + "."]
+    trained = ", ".join(f"{n} {s}" for n, s in steps.items() if n != BASE)
+    parts = [f"optimizer steps (batch {cfg.train.batch_size} x {cfg.train.grad_accum}): {trained}."] if trained else []
     if "centralized" in steps:
         parts.append("centralized: one client holding every training shard, taking in each round the steps the federated "
                      "schedule gives that round, so its total equals the federated run's.")
@@ -261,7 +261,9 @@ def budget_note(cfg: RunConfig, budget: dict) -> str:
         parts.append("engine: the federated and local-only runs ran on Flower's simulation"
                      + ("; centralized ran in-process, since pooling every client's data in one place is what a "
                         "federation on Flower never does." if "centralized" in steps else "."))
-    parts.append("base: the base model with LoRA disabled (no training). All models are evaluated on the same held-out rows.")
+    if BASE in cfg.compare.models:
+        parts.append("base: the base model with LoRA disabled (no training).")
+    parts.append("All models are evaluated on the same held-out rows.")
     return " ".join(parts)
 
 

@@ -47,7 +47,7 @@ def pick_samples(records: Sequence, holdout: Sequence[int], k: int, changes: Opt
             by_cat[sample["category"]].append(sample)
     cats = list(by_cat)  # first appearance
     if changes:
-        cats.sort(key=lambda c: (changes.get(c, float("inf")), c))
+        cats.sort(key=lambda c: (_or_inf(changes.get(c)), c))
     picked: list[dict] = []
     for depth in range(max((len(v) for v in by_cat.values()), default=0)):
         for c in cats:
@@ -57,14 +57,24 @@ def pick_samples(records: Sequence, holdout: Sequence[int], k: int, changes: Opt
     return picked
 
 
+def _or_inf(change: Optional[float]) -> float:
+    """A category's loss change as a sort key: unknown or nan (a diverged evaluation) last."""
+    return float("inf") if change is None or change != change else change
+
+
 def samples_headline(samples: Sequence[dict]) -> Optional[str]:
-    """"samples from the held-out categories whose held-out loss fell most: arithmetic
-    (-0.90 nats), ..." for samples picked by loss change; None otherwise."""
+    """"samples from the held-out categories whose held-out loss fell most over the run:
+    arithmetic (-0.90 nats), ..." for samples picked by loss change; categories whose loss did
+    not fall are named as such (never under "fell"); None for samples not picked by change."""
     seen: dict[str, float] = {}
     for s in samples:
         if "loss_change" in s:
             seen.setdefault(s["category"], s["loss_change"])
     if not seen:
         return None
-    parts = ", ".join(f"{c} ({v:+.2f} nats)" for c, v in seen.items())
-    return f"samples from the held-out categories whose held-out loss fell most over the run: {parts}"
+    fell = ", ".join(f"{c} ({v:+.2f} nats)" for c, v in seen.items() if v < 0)
+    rest = ", ".join(f"{c} ({v:+.2f} nats)" for c, v in seen.items() if not v < 0)
+    if not fell:
+        return f"held-out loss fell in none of the sampled categories over the run; samples from those where it rose least: {rest}"
+    line = f"samples from the held-out categories whose held-out loss fell most over the run: {fell}"
+    return f"{line}; then from categories where it did not fall: {rest}" if rest else line

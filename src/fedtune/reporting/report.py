@@ -136,7 +136,9 @@ def _evaluations(run_dir: Path) -> list[str]:
             out.append(h.section("standard benchmarks (lm-evaluation-harness)", h.note(ev["description"]),
                                  h.table(["task", "metric", "base", "adapter", "delta"], rows)))
             continue
-        rows = [("all", ev["heldout"]["loss"], ev["heldout"]["ppl"], ev["generation"]["rouge_l"], ev["generation"]["exact_match"])]
+        scored = bool(ev["generation"].get("examples"))  # no answers: a dash, not 0.000
+        rows = [("all", ev["heldout"]["loss"], ev["heldout"]["ppl"], ev["generation"]["rouge_l"] if scored else None,
+                 ev["generation"]["exact_match"] if scored else None)]
         gen = ev["generation"]["per_category"]
         rows += [(c, v["loss"], v["ppl"], gen.get(c, {}).get("rouge_l"), gen.get(c, {}).get("exact_match"))
                  for c, v in ev["heldout"]["per_category"].items()]
@@ -183,7 +185,9 @@ def summary_table(comp: dict) -> str:
         gen = comp["generation"].get(m, {})
         budget = comp["budget"].get(m, {})
         ci = [_interval(boot[m].get("rouge_l")), _interval(boot[m].get("exact_match"))] if m in boot else []
-        rows.append((m, comp["heldout"][m]["loss"], comp["heldout"][m]["ppl"], gen.get("rouge_l"), gen.get("exact_match"), *ci,
+        scored = bool(gen.get("examples"))  # no answers (eval.generation_examples=0): a dash, not 0.000
+        rows.append((m, comp["heldout"][m]["loss"], comp["heldout"][m]["ppl"], gen.get("rouge_l") if scored else None,
+                     gen.get("exact_match") if scored else None, *ci,
                      budget.get("optimizer_steps", 0), budget.get("tokens", 0)))
     level = f"{100 * comp['summary']['gaps']['level']:g}% " if boot else ""
     headers = ["model", "held-out loss", "perplexity", "ROUGE-L", "exact match",
