@@ -2,6 +2,7 @@
 in-process engine on the same config and seed."""
 
 import pytest
+import torch
 
 from fedtune.config import load_config
 from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
@@ -11,6 +12,17 @@ from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
 from fedtune.reporting.metrics import read_metrics
 from tests.tolerance import FORWARD, TRAINED, adapters_close, numbers_close
+
+
+def one_thread_run(cfg):
+    """The in-process run at the one torch thread each Ray actor trains with (flower.client_cpus=1,
+    client_app.NodeCache): the same float sums, so int4 rounding and Adam cannot flip apart."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def records(run_dir, kind):
@@ -36,7 +48,7 @@ PARITY = {
 @pytest.mark.parametrize("setting", list(PARITY))
 def test_simulation_ends_with_the_in_process_adapter_and_metrics(setting, tiny_overrides, tmp_path):
     common = tiny_overrides + ["federation.rounds=2", "flower.client_cpus=1"] + PARITY[setting]
-    straight = run(load_config(None, common + [f"output.dir={tmp_path / 'inprocess'}"]))
+    straight = one_thread_run(load_config(None, common + [f"output.dir={tmp_path / 'inprocess'}"]))
     cfg = load_config(None, common + ["federation.engine=flower", f"output.dir={tmp_path / 'flower'}"])
 
     flower = simulation.run(cfg)
@@ -77,7 +89,7 @@ def test_a_resumed_flower_run_ends_with_the_uninterrupted_adapter(tiny_overrides
     stopped after round 1 and resumed ends where the uninterrupted run does (which the parity
     test above shows is the in-process run's adapter)."""
     common = tiny_overrides + ["flower.client_cpus=1"] + PARITY["scaffold-int4-ef-attack"]
-    straight = run(load_config(None, common + ["federation.rounds=2", f"output.dir={tmp_path / 'straight'}"]))
+    straight = one_thread_run(load_config(None, common + ["federation.rounds=2", f"output.dir={tmp_path / 'straight'}"]))
     first = load_config(None, common + ["federation.rounds=1", "federation.engine=flower", f"output.dir={tmp_path / 'cut'}"])
     assert simulation.run(first).rounds_done == 1
     (state,) = (tmp_path / "cut" / "node_state").iterdir()  # <state-dir>/<run key>/client_*/round_00001.safetensors
