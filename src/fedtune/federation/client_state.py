@@ -72,12 +72,13 @@ class ClientStateStore:
         for v in older[:-1]:
             (folder / f"round_{v:05d}.safetensors").unlink(missing_ok=True)
 
-    def rollback(self, round: int) -> None:
+    def rollback(self, round: int, client: Optional[int] = None) -> None:
         """Forget every version written in ``round`` or later (resume after round - 1, or a
-        skipped round)."""
+        skipped round), of every client or of ``client`` only."""
         if not self.root.is_dir():
             return
-        for folder in self.root.iterdir():
+        folders = self.root.iterdir() if client is None else [self._dir(client)]
+        for folder in folders:
             for v in self._versions(folder):
                 if v >= round:
                     (folder / f"round_{v:05d}.safetensors").unlink()

@@ -28,12 +28,27 @@ def test_rollbacks_drop_stale_versions_once_per_session(tiny_config, tmp_path):
     for r in (1, 2, 3):
         store.save(0, r, {"v": torch.tensor(r)})
     # the run resumes from checkpoint 1 (rollback 2); client 0 is not sampled in round 2, only in 3
-    apply_rollbacks(store, "s1", [2])
+    apply_rollbacks(store, 0, "s1", [2])
     assert version(store, 0, 3) == 1  # not the interrupted run's round-2 (or 3) version
     store.save(0, 3, {"v": torch.tensor(30)})
-    apply_rollbacks(store, "s1", [2])  # the same rollback again, with the next message: nothing to drop
+    apply_rollbacks(store, 0, "s1", [2])  # the same rollback again, with the next message: nothing to drop
     assert version(store, 0, 4) == 30
-    apply_rollbacks(store, "s1", [2, 5])  # a later skipped round 5 in the same session
+    apply_rollbacks(store, 0, "s1", [2, 5])  # a later skipped round 5 in the same session
     assert version(store, 0, 6) == 30
-    apply_rollbacks(store, "s2", [1])  # a new run in the same folder: nothing of the old one survives
+    apply_rollbacks(store, 0, "s2", [1])  # a new run in the same folder: nothing of the old one survives
     assert version(store, 0, 6) is None
+
+
+def test_a_nodes_rollback_drops_only_its_own_clients_versions(tiny_config, tmp_path):
+    """Nodes sharing a state-dir train at once: client 1's node, applying the session's
+    rollback after client 0's node already wrote its fresh round-1 version, must not drop it
+    (and each node's marker is its own: no shared temporary file to race on)."""
+    store = node_store(tiny_config, {STATE_DIR: str(tmp_path)})
+    apply_rollbacks(store, 0, "s1", [1])
+    store.save(0, 1, {"v": torch.tensor(10)})
+
+    apply_rollbacks(store, 1, "s1", [1])
+
+    assert version(store, 0, 2) == 10
+    assert sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("rollbacks.json")) == [
+        "client_00000/rollbacks.json", "client_00001/rollbacks.json"]

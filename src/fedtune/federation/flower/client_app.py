@@ -182,7 +182,7 @@ def answer_train(cfg: RunConfig, message: Message, context: Context, state_dir: 
     if holds != client:
         raise ConfigError(f"a message for client {client} reached the SuperNode holding client {holds}")
     store = node_store(cfg, dict(context.node_config), state_dir)
-    apply_rollbacks(store, *records.read_rollbacks(message.content))
+    apply_rollbacks(store, client, *records.read_rollbacks(message.content))
     pipeline = ClientPipeline(trainer, setup.build_client_side(cfg), setup.compression_of(cfg), store)
     upload = pipeline.fit(client, examples, adapter, round=round, lr=lr, client_config=client_config,
                           local_steps=client_steps(cfg, client), rank=node_choice(cfg.lora.client_ranks, cfg, client, "ranks"),

@@ -3,7 +3,7 @@ error-feedback residual): a :class:`ClientStateStore` on the node's own disk, so
 the Flower run and ``fedtune run --resume`` continues exactly as the in-process engine does.
 
     <state-dir>/<run key>/client_00003/round_00002.safetensors
-    <state-dir>/<run key>/rollbacks.json     the server's rollbacks this store has applied
+    <state-dir>/<run key>/client_00003/rollbacks.json   the server's rollbacks client 3 has applied
 
 ``state-dir`` is the ``--node-config`` key of that name (default ``~/.cache/fedtune/node-state``;
 the simulation puts it in the run directory). The run key is a hash of the server's
@@ -18,7 +18,9 @@ skipped round rolls back itself). A node applies the rollbacks it has not applie
 it loads anything: it wrote nothing since the server's rollbacks it has not seen (it was not
 asked to train), so every version from the smallest of them on is stale, and it drops them.
 A client not sampled in round k + 1 of a resumed run but sampled in k + 2 thus never reads
-the interrupted run's version of k + 1.
+the interrupted run's version of k + 1. Each node applies them to its own client's folder
+only: nodes sharing a state-dir (the simulation's virtual nodes, several SuperNodes on one
+machine) train at the same time, and one node's rollback must not drop another's fresh version.
 """
 
 from __future__ import annotations
@@ -49,19 +51,19 @@ def node_store(cfg: RunConfig, node_config: dict, state_dir: str | None = None) 
     return ClientStateStore(Path(str(parent)).expanduser() / run_key(cfg), keep=cfg.output.keep_checkpoints)
 
 
-def apply_rollbacks(store: ClientStateStore, session: str, rounds: Sequence[int]) -> None:
-    """Drop every version the server's rollbacks in ``session`` made stale (module doc), once."""
-    marker = store.root / ROLLBACKS
+def apply_rollbacks(store: ClientStateStore, client: int, session: str, rounds: Sequence[int]) -> None:
+    """Drop every version of ``client`` the server's rollbacks in ``session`` made stale (module doc), once."""
+    marker = store.root / f"client_{client:05d}" / ROLLBACKS
     try:
         seen = json.loads(marker.read_text())
     except (OSError, ValueError):
         seen = {}
-    applied = set(seen.get("rounds", [])) if seen.get("session") == session else set()
+    applied = set(seen.get("rounds", [])) if isinstance(seen, dict) and seen.get("session") == session else set()
     pending = [r for r in rounds if r not in applied]
     if not pending:
         return
-    store.rollback(min(pending))
-    store.root.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(f".{ROLLBACKS}.tmp")
+    store.rollback(min(pending), client)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(f".{ROLLBACKS}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"session": session, "rounds": sorted(applied | set(pending))}))
     os.replace(tmp, marker)
