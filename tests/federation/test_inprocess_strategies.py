@@ -147,3 +147,41 @@ def test_too_few_updates_after_real_failures_fail_the_run_with_the_checkpoint_in
     assert load_checkpoint(latest_checkpoint(tmp_path / "r")).round == 1
     assert [f["client"] for f in records(tmp_path / "r", "failure")] == [0, 1, 2]  # logged with their reasons
     assert run(cfg, resume=True).rounds_done == 3
+
+
+def test_a_secure_sum_counts_as_its_members_for_federation_min_clients(tiny_overrides, tmp_path):
+    """With privacy.secure_aggregation the transport returns ONE pre-summed update standing for
+    its members (federation/flower/secagg.py); federation.min_clients counts the members, so a
+    sum of 3 clients passes min_clients=2 (it used to count the one sum and fail every round)."""
+    import dataclasses
+
+    from fedtune.federation.flower import secagg
+    from fedtune.federation.inprocess import local_clients
+    from fedtune.types import ClientUpdate
+
+    class SummingTransport:  # what SecAgg+ hands the loop: the example-weighted mean, and who is in it
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getattr__(self, name):  # sizes, steps, rollback
+            return getattr(self.inner, name)
+
+        def fit(self, round, clients, *args):
+            updates, failures = self.inner.fit(round, clients, *args)
+            n = sum(u.num_examples for u in updates)
+            mean = {k: sum(u.delta[k] * u.num_examples for u in updates) / n for k in updates[0].delta}
+            members = [ClientUpdate(u.client_id, u.num_examples, {}, u.metrics) for u in updates]
+            return [ClientUpdate(secagg.SUM_ID, n, mean, {secagg.MEMBERS: members})], failures
+
+    cfg = load_config(None, tiny_overrides + SMALL + ["federation.rounds=2", "federation.min_clients=2", f"output.dir={tmp_path / 'r'}"])
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, secure_aggregation=True))  # the engine check is config's
+
+    result = run(cfg, connect=lambda *a: SummingTransport(local_clients(*a)))
+
+    assert result.rounds_done == 2
+    assert [(f["round"], f["client"]) for f in records(tmp_path / "r", "fit")] == [
+        (r["round"], c) for r in records(tmp_path / "r", "round") for c in r["clients"]]
+    assert not records(tmp_path / "r", "rejected")

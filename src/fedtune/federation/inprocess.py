@@ -130,10 +130,12 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
 
         updates, failures = fed.clients.fit(rnd, clients, global_adapter, client_config, lr)
         accepted, rejected, norms = validate_updates(global_adapter, updates, fed.norm_bound_factor)
+        merged = len(accepted)  # clients whose updates the round may merge
         if cfg.privacy.secure_aggregation:  # SecAgg+: one pre-summed update (no norm bound: config refuses it)
             from fedtune.federation.flower import secagg  # only a Flower run gets here: the in-process engine does not import flwr
 
-            updates = secagg.members(updates[0])  # the clients in the sum (fit lines, the min_clients count)
+            updates = secagg.members(updates[0])  # the clients in the sum (fit lines, the min_clients counts)
+            merged = len(updates) if accepted else 0
         log_fits(fed.metrics, rnd, updates, norms, failures, rejected)
 
         skipped = None
@@ -146,7 +148,7 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
                 )
             fed.clients.rollback(rnd)
             log.warning("round %d skipped: %s", rnd, skipped)
-        elif len(accepted) < cfg.federation.min_clients:
+        elif merged < cfg.federation.min_clients:
             raise AggregationError(
                 f"round {rnd}: validation rejected {len(rejected)} of {len(updates)} updates (clients "
                 f"{[r.client_id for r in rejected]}; reasons in metrics.jsonl), fewer than federation.min_clients="
