@@ -183,8 +183,8 @@ class _Grid:
     """The workflow's ``send_and_receive`` through fedtune's exchange; remembers each node's
     last failure (an error reply, or no reply) with the stage it happened in."""
 
-    def __init__(self, grid, exchange, stage: list):
-        self.grid, self.exchange, self.stage = grid, exchange, stage
+    def __init__(self, grid, exchange, no_reply, stage: list):
+        self.grid, self.exchange, self.no_reply, self.stage = grid, exchange, no_reply, stage
         self.failed: dict[int, str] = {}
 
     def send_and_receive(self, messages, timeout=None):
@@ -192,20 +192,17 @@ class _Grid:
         replies = self.exchange(self.grid, by_node, timeout)
         for node in by_node:
             reply = replies.get(node)
-            if reply is None:
-                waited = f"within flower.round_timeout={timeout:g}s" if timeout else "(it could not be sent)"
-                self.failed[node] = f"no reply {waited} in the SecAgg+ {self.stage[0]} stage"
-            elif reply.has_error():
-                self.failed[node] = f"{reply.error.reason} (Flower error code {reply.error.code}) in the SecAgg+ {self.stage[0]} stage"
+            if reply is None or reply.has_error():
+                self.failed[node] = f"{self.no_reply(reply, timeout)} in the SecAgg+ {self.stage[0]} stage"
         return list(replies.values())
 
 
 def secure_fit(clients, secagg: SecAgg, round: int, ids: Sequence[int], global_adapter: Adapter, client_config: dict,
                lr: float) -> tuple[list[ClientUpdate], list[ClientFailure]]:
     """One round's fits through SecAgg+ (``clients`` is the FlowerClients): ([the pre-summed
-    update], failures). AggregationError when the protocol halts (too many dropped out) or
-    fewer than ``min_clients`` updates are in the sum."""
-    from fedtune.federation.flower.transport import exchange
+    update], failures). AggregationError when the protocol halts (too many dropped out); the
+    round loop decides whether the clients in the sum are enough (federation.min_clients)."""
+    from fedtune.federation.flower.transport import exchange, no_reply  # transport imports this module
 
     clients.connect()
     clients.discover(clients.round_timeout)
@@ -220,7 +217,7 @@ def secure_fit(clients, secagg: SecAgg, round: int, ids: Sequence[int], global_a
         quantization_range=quantization_range(len(present)), modulus_range=MODULUS, timeout=clients.round_timeout,
     )
     rendezvous, stage = _Rendezvous(clients.grid, list(client_of)), [STAGES[0]]
-    grid = _Grid(clients.grid, exchange, stage)
+    grid = _Grid(clients.grid, exchange, no_reply, stage)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: round}), MAIN_PARAMS_RECORD: ArrayRecord()})
     context = LegacyContext(Context(0, 0, {}, state, {}), strategy=rendezvous)
     for c in present:
@@ -255,12 +252,7 @@ def summed(clients, round: int, results: list, client_of: dict, global_adapter: 
     for proxy, fitres in results:
         metrics = {k: v for k, v in fitres.metrics.items() if k != records.CLIENT}
         inside.append(ClientUpdate(client_of[proxy.node_id], int(fitres.num_examples), {}, metrics))
-    inside.sort(key=lambda u: u.client_id)
-    if len(inside) < clients.min_clients:
-        raise AggregationError(
-            f"round {round}: {len(inside)} client update(s) in the secure sum, fewer than federation.min_clients="
-            f"{clients.min_clients} (reasons in metrics.jsonl); the round was not aggregated and the last checkpoint is intact"
-        )
+    inside.sort(key=lambda u: u.client_id)  # too few of them for federation.min_clients: the round loop's call
     for u in inside:
         clients.finished(round, u)
     mean = unflat(parameters_to_ndarrays(results[0][1].parameters), global_adapter)

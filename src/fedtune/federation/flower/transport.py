@@ -119,20 +119,17 @@ class FlowerClients:
         replies = exchange(self.grid, messages, self.round_timeout)
         for cid in messages:
             reply = replies.get(cid)
-            if reply is None:
-                waited = f"within flower.round_timeout={self.round_timeout:g}s" if self.round_timeout else "(it could not be sent)"
-                failures.append(ClientFailure(cid, f"no reply {waited}"))
-            elif reply.has_error():
-                failures.append(ClientFailure(cid, f"{reply.error.reason} (Flower error code {reply.error.code})"))
-            else:
-                try:
-                    update = records.read_update(reply.content, cid)
-                    update.delta = self.decode(update.delta, global_adapter)
-                except records.ReplyError as err:
-                    failures.append(ClientFailure(cid, f"reply does not decode: {err}"))
-                    continue
-                self.finished(round, update)
-                updates.append(update)
+            if reply is None or reply.has_error():
+                failures.append(ClientFailure(cid, no_reply(reply, self.round_timeout)))
+                continue
+            try:
+                update = records.read_update(reply.content, cid)
+                update.delta = self.decode(update.delta, global_adapter)
+            except records.ReplyError as err:
+                failures.append(ClientFailure(cid, f"reply does not decode: {err}"))
+                continue
+            self.finished(round, update)
+            updates.append(update)
         return updates, failures  # updates in client order (``clients`` is sorted): the in-process sums, the same floats
 
     def evaluate(self, round: int, clients: Sequence[int], adapter: Adapter) -> tuple[dict[int, dict], list[ClientFailure]]:
@@ -153,19 +150,13 @@ class FlowerClients:
         for cid in messages:
             reply = replies.get(cid)
             if reply is None or reply.has_error():
-                failures.append(ClientFailure(cid, self.no_reply(reply)))
+                failures.append(ClientFailure(cid, no_reply(reply, self.round_timeout)))
                 continue
             try:
                 scores[cid] = records.read_score(reply.content, cid)
             except records.ReplyError as err:
                 failures.append(ClientFailure(cid, f"evaluation rejected: {err}"))
         return scores, failures
-
-    def no_reply(self, reply) -> str:
-        """Why a message got no usable reply: none in time, or the error the node (or SuperLink) sent."""
-        if reply is None:
-            return f"no reply within flower.round_timeout={self.round_timeout:g}s" if self.round_timeout else "no reply (it could not be sent)"
-        return f"{reply.error.reason} (Flower error code {reply.error.code})"
 
     # ------------------------------------------------------------------ which node holds which client
 
@@ -235,6 +226,14 @@ class FlowerClients:
         for i in range(steps):  # the node trained remotely: advance the step display at once
             self.progress.step(i + 1, steps, float(update.metrics.get("loss", 0.0)))
         self.progress.client_finished(round, update.client_id, update.metrics)
+
+
+def no_reply(reply, timeout: Optional[float]) -> str:
+    """Why a message got no usable reply (``reply`` None or an error): none within ``timeout``,
+    or the error the node (or the SuperLink, for a node that went away) sent."""
+    if reply is None:
+        return f"no reply within flower.round_timeout={timeout:g}s" if timeout else "no reply (it could not be sent)"
+    return f"{reply.error.reason} (Flower error code {reply.error.code})"
 
 
 def exchange(grid, messages: dict, timeout: Optional[float], poll: float = POLL_SECONDS) -> dict:
