@@ -41,7 +41,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from fedtune.reporting.progress import Progress
+from fedtune.model.generate import generate, render_prompts
+from fedtune.reporting.progress import GENERATION, Progress
 from fedtune.types import Adapter
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,16 @@ class BaseEvalCache:
         if hit and progress is not None:
             progress.message(f"base model {key['kind']} evaluation from the evaluation cache {self.folder}")
         return result if per_example else {k: v for k, v in result.items() if k != "per_example"}
+
+    def answer_prompts(self, bundle, prompts: Sequence[str], inputs: Sequence[str], *, template: str, max_new_tokens: int,
+                       batch_size: int, progress: Optional[Progress] = None, phase: str = GENERATION) -> list[str]:
+        """Greedy answers of ``bundle``'s model as it stands (model/generate.py ``generate``),
+        reused when stored: callers pass this cache for the base model and a disabled one
+        (``BaseEvalCache(None)``) for anything else."""
+        texts = render_prompts(bundle.tokenizer, prompts, inputs, template)
+        return self.answers(bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=max_new_tokens, progress=progress,
+                            compute=lambda: generate(bundle.model, bundle.tokenizer, prompts, inputs=inputs, template=template,
+                                                     max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, phase=phase))
 
     def answers(self, bundle, texts: Sequence[str], *, add_special_tokens: bool, max_new_tokens: int,
                 compute: Callable[[], list[str]], progress: Optional[Progress] = None) -> list[str]:

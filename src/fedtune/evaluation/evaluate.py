@@ -24,7 +24,6 @@ from fedtune.evaluation.grading import Question, grade
 from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
 from fedtune.federation.loader import RUN, folder_kind, load_any_model
-from fedtune.model.generate import generate, render_prompts
 from fedtune.model.lora import load_adapter, set_adapter
 from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
 from fedtune.reporting.progress import JUDGING, LOADING, TOKENISING, Progress
@@ -70,14 +69,11 @@ def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optiona
     base = adapter is None and not as_loaded
     cache = evalset.cache if base else BaseEvalCache(None)
     chosen = [evalset.examples[i] for i in evalset.answered]
-    texts = render_prompts(bundle.tokenizer, [e.instruction for e in chosen], [e.input for e in chosen], template)
     with bundle.model.disable_adapter() if base else contextlib.nullcontext():
         heldout = cache.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
                                  progress, per_example=per_example)
-        answers = cache.answers(bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=max_new_tokens, progress=progress,
-                                compute=lambda: generate(bundle.model, bundle.tokenizer, [e.instruction for e in chosen],
-                                                         inputs=[e.input for e in chosen], template=template, max_new_tokens=max_new_tokens,
-                                                         batch_size=batch_size, progress=progress))
+        answers = cache.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
     return {"heldout": heldout, "generation": generation, "answers": answers}
 

@@ -59,7 +59,6 @@ from fedtune.federation.rundir import (
     METRICS_FILE, RunLock, RunResult, check_run_dir, lock_run_dir, save_final_adapter, storage_errors, write_run_dir,
 )
 from fedtune.federation.sharing import write_portable_adapter
-from fedtune.model.generate import generate, render_prompts
 from fedtune.model.lora import set_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
@@ -306,7 +305,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, last + 1) for c in fed.schedule(r))
     # the ETA counts the evaluations and the final sample answers still to come, timed by those done
     pending = {EVALUATION: sum(evaluates(cfg, r, last) for r in range(start + 1, last + 1)),
-               SAMPLES: int(bool(prompts)) if prompts else 2 * int(cfg.eval.num_samples > 0)}
+               SAMPLES: 1 if prompts else 2 * int(cfg.eval.num_samples > 0)}  # configured: the after answers; picked: both
     progress.run_started(cfg.federation.rounds, start, remaining, pending)
     try:
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)
@@ -354,13 +353,8 @@ def answer(fed: Federation, prompts: list[dict], adapter: Adapter) -> list[dict]
     if not prompts:
         return []
     set_adapter(fed.bundle.params, adapter)
-    e, template = fed.cfg.eval, fed.cfg.data.template
-    compute = functools.partial(
-        generate, fed.bundle.model, fed.bundle.tokenizer, [p["prompt"] for p in prompts], inputs=[p["input"] for p in prompts],
-        template=template, max_new_tokens=e.max_new_tokens, batch_size=e.generation_batch_size, progress=fed.progress, phase=SAMPLES,
-    )
     cache = fed.base_cache if is_noop(adapter) else BaseEvalCache(None)  # a fresh adapter answers as the base model
-    texts = render_prompts(fed.bundle.tokenizer, [p["prompt"] for p in prompts], [p["input"] for p in prompts], template)
-    answers = cache.answers(fed.bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=e.max_new_tokens,
-                            compute=compute, progress=fed.progress)
+    answers = cache.answer_prompts(fed.bundle, [p["prompt"] for p in prompts], [p["input"] for p in prompts], template=fed.cfg.data.template,
+                                   max_new_tokens=fed.cfg.eval.max_new_tokens, batch_size=fed.cfg.eval.generation_batch_size,
+                                   progress=fed.progress, phase=SAMPLES)
     return [{**p, "answer": a} for p, a in zip(prompts, answers)]
