@@ -9,20 +9,13 @@ from fedtune.data.prompts import encode_pairs, render_example
 from fedtune.evaluation.heldout import HeldoutEvaluator, eval_groups
 from fedtune.federation import setup
 from fedtune.model.attention import use_packed_attention
-from fedtune.model.base import load_model
-from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+from tests.lora_model import active_lora_model
 from tests.tolerance import FORWARD, numbers_close
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
-    model = attach_lora(base, r=4, alpha=8, dropout=0.1, target_modules="all-linear", seed=0, base_name=str(tiny_model_dir))
-    params = adapter_parameters(model)
-    g = torch.Generator().manual_seed(0)
-    set_adapter(params, {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in get_adapter(params).items()})  # LoRA active
-    assert use_packed_attention(model)
-    return model
+    return active_lora_model(tiny_model_dir, seed=0)
 
 
 def encoded(tokenizer, n: int, max_length: int):

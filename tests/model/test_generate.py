@@ -1,13 +1,10 @@
 """Batched greedy generation answers exactly as one prompt at a time."""
 
 import pytest
-import torch
 
-from fedtune.model.attention import use_packed_attention
-from fedtune.model.base import load_model
 from fedtune.model.generate import generate, generate_ids, render_prompts
-from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
 from fedtune.reporting.progress import Progress
+from tests.lora_model import active_lora_model
 
 PROMPTS = ["Hi", "What sound does a cow make?", "Name three primary colours, and say why they are called primary.",
            "2+2?", "Write a haiku about the sea and the wind over the harbour at night", "Why?", "Spell 'cat' backwards."]
@@ -15,13 +12,7 @@ PROMPTS = ["Hi", "What sound does a cow make?", "Name three primary colours, and
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
-    model = attach_lora(base, r=4, alpha=8, dropout=0.1, target_modules="all-linear", seed=0, base_name=str(tiny_model_dir))
-    params = adapter_parameters(model)
-    g = torch.Generator().manual_seed(3)
-    set_adapter(params, {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in get_adapter(params).items()})
-    assert use_packed_attention(model)  # as a run leaves it: generation must still be plain SDPA
-    return model
+    return active_lora_model(tiny_model_dir, seed=3)  # as a run leaves it: generation must still be plain SDPA
 
 
 class Counter(Progress):
