@@ -33,14 +33,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fedtune.federation.rundir import write_atomic
 from fedtune.model.generate import generate, render_prompts
 from fedtune.reporting.progress import GENERATION, Progress
 from fedtune.types import Adapter
@@ -200,11 +199,4 @@ def _read_entry(path: Path, key: dict) -> Optional[dict]:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)

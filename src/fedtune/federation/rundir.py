@@ -37,6 +37,7 @@ import fcntl
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -257,16 +258,18 @@ def _older_hint(run_dir: Path, newer_than: int, lines: int) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: a crash or full disk leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``text`` to ``path`` through a temporary file of its own (mkstemp, beside ``path``):
+    a crash or full disk leaves the old file, and processes writing the same path at once
+    (a shared cache, nodes sharing a folder) never rename each other's half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_run_dir(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint]) -> None:

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 from fedtune.config import RunConfig, config_hash
 from fedtune.federation.client_state import ClientStateStore
+from fedtune.federation.rundir import write_atomic
 
 STATE_DIR = "state-dir"  # --node-config key
 DEFAULT_STATE_DIR = Path("~/.cache/fedtune/node-state")
@@ -64,6 +64,4 @@ def apply_rollbacks(store: ClientStateStore, client: int, session: str, rounds: 
         return
     store.rollback(min(pending), client)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(f".{ROLLBACKS}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"session": session, "rounds": sorted(applied | set(pending))}))
-    os.replace(tmp, marker)
+    write_atomic(marker, json.dumps({"session": session, "rounds": sorted(applied | set(pending))}))
