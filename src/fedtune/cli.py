@@ -679,6 +679,24 @@ def run_local(
     _flower_finished(status, COMPLETED)
 
 
+@flower.command("worker")
+@handle_errors
+def run_worker(
+    runtime_api: str = typer.Option("127.0.0.1:9094", "--runtime-api", help="the SuperNode's Runtime API, host:port (its --port; Flower's default 9094)"),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of a TLS Runtime API (the SuperNode's --ssl-ca-certfile); none: plain HTTP"),
+) -> None:
+    """Run every ClientApp task of a SuperNode started with `--isolation process` in this one
+    process, which keeps the base model and tokenised data between rounds. Runs until stopped."""
+    from fedtune.federation.flower.node_worker import serve
+
+    _quiet_flower()
+    err.print(f"serving the SuperNode's ClientApp tasks on {runtime_api}", highlight=False)
+    try:
+        serve(runtime_api, insecure=root_certificates is None, root_certificates_path=None if root_certificates is None else str(root_certificates))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
 def _echo_flower(line: str) -> None:
     err.print(line, markup=False, highlight=False)
 

@@ -146,3 +146,46 @@ def test_with_federated_eval_a_node_holds_out_its_own_rows_like_the_in_process_s
 def _overrides(cfg):
     return [f"model.name={cfg.model.name}", f"data.demo_per_category={cfg.data.demo_per_category}", "partition.method=shards",
             f"partition.num_clients={cfg.partition.num_clients}", f"partition.holdout_per_category={cfg.partition.holdout_per_category}"]
+
+
+def test_a_dpo_node_uses_the_runs_initial_adapter_as_its_reference(tiny_overrides, tmp_path, monkeypatch):
+    # Arrange: a saved adapter unlike a fresh LoRA init (its B matrices are not zero)
+    from fedtune.model.lora import save_adapter
+
+    monkeypatch.setattr(client_app, "CACHE", client_app.NodeCache())
+    bundle = setup.build_model(load_config(None, tiny_overrides))
+    start = {k: torch.full_like(v, 0.01) for k, v in bundle.initial_adapter.items()}
+    save_adapter(tmp_path / "sft", start, bundle.peft_config)
+    cfg = load_config(None, tiny_overrides + ["task=dpo", "dpo.reference=initial", f"model.init_adapter={tmp_path / 'sft'}"])
+
+    # Act
+    trainer = client_app.CACHE.get_trainer(cfg)
+
+    # Assert: the reference policy is the run's starting adapter, as in-process
+    assert all(torch.equal(trainer.reference_adapter(bundle.initial_adapter)[k], start[k]) for k in start)
+
+
+def test_a_long_lived_node_reloads_what_changed_and_only_that(tiny_config, tmp_path, monkeypatch):
+    # Arrange: a node process that outlives a run (a SuperNode's worker, a Ray actor)
+    monkeypatch.setattr(client_app, "CACHE", client_app.NodeCache())
+    cache, rows = client_app.CACHE, rows_file(tmp_path / "mine.jsonl", 8)
+    node = {"data-path": str(rows), "client-id": 0, "cache-dir": str(tmp_path / "shards")}
+    cache.get_trainer(tiny_config, node)
+    _, first = cache.get_shard(tiny_config, node)
+
+    # Act: the same run again, then the data owner's file changes, then the model's files do
+    cache.get_trainer(tiny_config, node)
+    _, same = cache.get_shard(tiny_config, node)
+    rows_file(rows, 5)
+    _, changed = cache.get_shard(tiny_config, node)
+    config = tiny_config.model.name + "/config.json"
+    torch.save({}, tmp_path / "x")  # a later mtime than the model's files
+    import os
+
+    os.utime(config, ns=(os.stat(tmp_path / "x").st_mtime_ns + 10**9,) * 2)
+    cache.get_trainer(tiny_config, node)
+
+    # Assert
+    assert same is first and len(first) == 8
+    assert len(changed) == 5
+    assert cache.model_loads == 2

@@ -44,7 +44,7 @@ from fedtune.federation.client_fit import ClientPipeline
 from fedtune.federation.flower import node_cache, records, secagg
 from fedtune.federation.flower.node_state import apply_rollbacks, node_store
 from fedtune.federation.flower.runconfig import config_from_run_config, parse_config
-from fedtune.model.base import cache_root
+from fedtune.model.base import cache_root, resolve_model_path
 from fedtune.reporting.progress import Progress
 from fedtune.server.sampling import local_steps_per_client
 
@@ -56,15 +56,20 @@ PARTITION_ID = "partition-id"  # Flower's simulation sets this one
 
 
 class NodeCache:
-    """This process's base model + trainer, and tokenised shards, keyed by the settings that
-    built them (a new run with other settings rebuilds them). Shards are also kept on the
-    node's disk (node_cache.py): Flower starts a process per message in a deployment. The
-    counts and seconds in :meth:`report` go into each fit's metrics (for benchmarks)."""
+    """This process's base model + trainer, and tokenised shards. The model is keyed by the
+    settings and files that built it, a shard by its content (the rows, the tokenizer, the
+    template, ``data.max_length``), so a process that lives across runs (the simulation's Ray
+    actors, a SuperNode's worker: node_worker.py) never reuses a stale one. Shards are also
+    kept on the node's disk (node_cache.py) for processes that live one message. The counts
+    and seconds in :meth:`report` go into each fit's metrics (for benchmarks)."""
+
+    KEEP_SHARDS = 4  # tokenised shards kept in memory (the latest used)
 
     def __init__(self):
         self.trainer_key: Optional[str] = None
         self.bundle: Optional[setup.ModelBundle] = None
         self.trainer: Optional[LocalTrainer] = None
+        self.tokenizer_hash = ""
         self.shards: dict[str, tuple[int, list]] = {}
         self.model_loads = 0  # how often this process built the base model (for benchmarks)
         self.disk: Optional[node_cache.ShardCache] = None
@@ -76,32 +81,42 @@ class NodeCache:
         self.watch = node_cache.Stopwatch()  # one handler call's timings
         self.age = node_cache.process_age()  # at handler entry: the process's start-up so far
         self.threads = node_cache.set_threads(node_cache.client_threads(node_config or {}, cfg.flower.client_cpus))
-        key = _key(cfg.seed, cfg.model, cfg.lora, cfg.train)
+        node_cfg = node_model_config(cfg)
+        m = node_cfg.model
+        files = [node_cache.files_fingerprint(resolve_model_path(m.name)), node_cache.files_fingerprint(m.init_adapter) if m.init_adapter else []]
+        key = _key(cfg.seed, node_cfg.task, node_cfg.dpo, m, cfg.lora, cfg.train, files)
         if key != self.trainer_key:
             self.bundle = self.trainer = None  # free the old model before loading another
-            node_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_adapter=None))
-            self.bundle = self.watch.time("model_load", lambda: setup.build_model(node_cfg))  # the server sends the starting adapter
+            self.bundle = self.watch.time("model_load", lambda: setup.build_model(node_cfg))
             self.trainer = setup.build_trainer(node_cfg, self.bundle)
+            self.tokenizer_hash = node_cache.tokenizer_fingerprint(self.bundle.tokenizer)
             self.trainer_key, self.model_loads = key, self.model_loads + 1
         return self.trainer
 
     def get_shard(self, cfg: RunConfig, node_config: dict) -> tuple[int, list]:
-        """(client id, examples) of this node; encoded once the model's tokenizer is loaded."""
-        key = _key(cfg.seed, cfg.data, cfg.partition, sorted(node_config.items()), self.trainer_key)
+        """(client id, examples) of this node, tokenised with the loaded model's tokenizer
+        (call :meth:`get_trainer` first). The rows are read each call (cheap), so a changed
+        file is never answered from memory."""
+        client, examples = self.watch.time("data_load", lambda: node_examples(cfg, node_config))
+        examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
+        d = cfg.data
+        key = node_cache.shard_key(examples, self.tokenizer_hash, d.template, d.max_length)
         if key not in self.shards:
-            client, examples = self.watch.time("data_load", lambda: node_examples(cfg, node_config))
-            examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
-            self.shards[key] = (client, self.watch.time("tokenise", lambda: self.encode(cfg, node_config, examples)))
+            encoded = self.watch.time("tokenise", lambda: self.encode(cfg, node_config, key, examples))
+            while len(self.shards) >= self.KEEP_SHARDS:
+                self.shards.pop(next(iter(self.shards)))
+            self.shards[key] = (client, encoded)
+        else:
+            self.shards[key] = self.shards.pop(key)  # the latest used stays
         return self.shards[key]
 
-    def encode(self, cfg: RunConfig, node_config: dict, examples: list) -> list:
+    def encode(self, cfg: RunConfig, node_config: dict, key: str, examples: list) -> list:
         """``examples`` tokenised, from the node's disk cache when the same text, tokenizer,
         template and max_length were tokenised before."""
         directory = Path(node_config.get(node_cache.CACHE_DIR) or cache_root() / "shards")
         if self.disk is None or self.disk.directory != directory:
             self.disk = node_cache.ShardCache(directory)
         tok, d = self.bundle.tokenizer, cfg.data
-        key = node_cache.shard_key(examples, node_cache.tokenizer_fingerprint(tok), d.template, d.max_length)
         return self.disk.get(key, lambda: setup.encode_examples(tok, examples, d.template, d.max_length))
 
     def report(self) -> dict:
@@ -112,6 +127,15 @@ class NodeCache:
         out.update(model_loads=self.model_loads, torch_threads=self.threads,
                    shard_disk_hits=self.disk.hits if self.disk else 0, shard_builds=self.disk.builds if self.disk else 0)
         return out
+
+
+def node_model_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as a node builds its model: the server sends the starting adapter every round,
+    so ``model.init_adapter`` is read only where the node needs it itself, as DPO's reference
+    policy (``dpo.reference=initial``); it must then be on the node's disk too."""
+    if cfg.task == "dpo" and cfg.dpo.reference == "initial":
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_adapter=None))
 
 
 CACHE = NodeCache()

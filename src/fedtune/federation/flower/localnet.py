@@ -3,6 +3,11 @@ data owner, as real processes on 127.0.0.1 (free ports). For trying the deployme
 the integration test and the overhead benchmark; real federations start the same commands
 on their own machines (see the README).
 
+Each SuperNode runs with ``--isolation process`` beside one ``fedtune flower worker`` that
+runs all its ClientApp tasks in one long-lived process (node_worker.py), so the base model
+and tokenised shard are loaded once per node, not once per message. ``warm=False`` starts the
+SuperNodes with Flower's default instead (a new ``flwr-clientapp`` process per message).
+
 Every process is started in its own session and stopped by pid, with the processes it
 started (Flower's SuperExec and App processes), even when the run fails.
 """
@@ -14,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -57,15 +63,17 @@ class LocalDeployment:
         certificates: Optional[Path] = None,
         authenticate: bool = False,
         env: Optional[dict] = None,
+        warm: bool = True,
     ):
         if authenticate and certificates is None:
             raise FederationError("SuperNode authentication needs TLS: pass the certificates folder too")
         self.workdir, self.node_configs, self.certificates = Path(workdir), list(node_configs), certificates
-        self.authenticate = authenticate
+        self.authenticate, self.warm = authenticate, warm
         bin_dir = str(Path(flwr_command()[0]).parent)  # Flower finds its helper commands on PATH
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.workdir / "flwr-home"),
                     "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), **(env or {})}
         self.procs: list[subprocess.Popen] = []
+        self.nodes: list[list[subprocess.Popen]] = []  # per SuperNode: it and its worker
         self.port = free_port()
         self.superlink = f"127.0.0.1:{self.port}"
 
@@ -98,12 +106,18 @@ class LocalDeployment:
         # by default: on a local network every message would wait ~0.5 s more for nothing.
         threads[TASK_POLL_ENV] = self.env.get(TASK_POLL_ENV, TASK_POLL_SECONDS)
         for i, values in enumerate(self.node_configs):
-            node = [str(bin_dir / "flower-supernode"), "--superlink", self.superlink, "--port", str(free_port()),
+            runtime_api = f"127.0.0.1:{free_port()}"
+            node = [str(bin_dir / "flower-supernode"), "--superlink", self.superlink, "--port", runtime_api.rsplit(":", 1)[1],
                     "--node-config", node_config_arg(values), *self.tls_client_args()]
+            if self.warm:
+                node += ["--isolation", "process"]
             if self.authenticate:
                 self.register(i)
                 node += ["--auth-supernode-private-key", str(self.certificates / f"supernode-{i}")]
-            self.spawn(node, f"supernode-{i}", threads)
+            self.nodes.append([self.spawn(node, f"supernode-{i}", threads)])
+            if self.warm:  # the node's ClientApp process (it waits for the Runtime API to answer)
+                worker = [sys.executable, "-m", "fedtune.cli", "flower", "worker", "--runtime-api", runtime_api]
+                self.nodes[-1].append(self.spawn(worker, f"worker-{i}", threads))
 
     def register(self, i: int) -> None:
         """Register SuperNode ``i``'s public key with the SuperLink (``flwr supernode register``)."""
@@ -148,8 +162,9 @@ class LocalDeployment:
         raise FederationError(f"flower-superlink did not answer on {self.superlink} within {timeout:g}s")
 
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Stop SuperNode ``index`` (a data owner going away), with its children."""
-        _signal_tree(self.procs[1 + index].pid, sig)
+        """Stop SuperNode ``index`` (a data owner going away), with its children and worker."""
+        for proc in self.nodes[index]:
+            _signal_tree(proc.pid, sig)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process this deployment started, and their descendants, by pid."""
@@ -167,6 +182,7 @@ class LocalDeployment:
         for proc in self.procs:
             proc.wait()
         self.procs.clear()
+        self.nodes.clear()
 
 
 def _signal_tree(pid: int, sig: int) -> None:

@@ -1,8 +1,9 @@
 """What a SuperNode keeps between messages, and what its ClientApp measures about itself.
 
-Flower 1.41 starts a ``flwr-clientapp`` process for every message on a SuperNode (both
-``--isolation subprocess`` and ``process``; its warm executor pools exist only for
-Kubernetes and not for ClientApps), so nothing in memory outlives a fit there. What can:
+Flower 1.41's own ``flwr-clientapp`` serves one message and exits (its warm executor pools
+exist only for Kubernetes and not for ClientApps), so with ``--isolation subprocess`` nothing
+in memory outlives a fit; fedtune's long-lived worker (node_worker.py, ``--isolation
+process``) keeps the model and shards in memory instead. What outlives any process:
 
 - the tokenised shard, on the node's disk (:class:`ShardCache`), keyed by the content of
   the examples, the tokenizer, the template and ``data.max_length``;
@@ -65,6 +66,23 @@ def set_threads(n: int) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def files_fingerprint(path) -> list:
+    """What changes when the files under ``path`` change: each file's name, size and
+    modification time (a stat per file, no reads; [] where ``path`` is not on this disk)."""
+    root = Path(str(path)).expanduser()
+    if not root.exists():
+        return []
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append([str(f.relative_to(root)) if f != root else f.name, st.st_size, st.st_mtime_ns])
+    return out
 
 
 TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "*.model", "chat_template*")
