@@ -7,7 +7,8 @@
 The same config and seed run on each engine: ``inprocess``; ``simulation`` (Flower's
 simulation runtime, Ray actors that live for the run); ``deployment`` (a real
 ``flower-superlink`` and one ``flower-supernode`` per client on 127.0.0.1, started with
-``flwr run``; Flower starts a new ClientApp process for every message). Every engine trains
+``flwr run``; each SuperNode runs with ``--isolation process`` beside one long-lived
+``fedtune flower worker`` that runs all its messages, as LocalDeployment starts it). Every engine trains
 the same clients on the same batches, so the difference in round wall time is what the
 engine costs: message passing, process start-up, model loading. Both Flower runtimes train a
 round's clients in parallel where in-process trains them one after another.
@@ -48,6 +49,9 @@ def overrides(model: str, rounds: int, steps: int, out: Path) -> list[str]:
         "partition.num_clients=2", "partition.holdout_per_category=3", f"federation.rounds={rounds}",
         f"train.local_steps={steps}", "train.batch_size=4", "train.lr=0.001", "eval.num_samples=0",
         "flower.client_cpus=1", "flower.connect_timeout=300", f"output.dir={out}", "output.overwrite=true",
+        # the same work on every engine: eval.federated=auto turns federated evaluation on in a deployment only
+        # (an evaluate message per node and round, and each client's own rows held out of training)
+        "eval.federated=false",
     ]
 
 

@@ -86,6 +86,9 @@ def test_two_supernodes_with_their_own_files_match_the_in_process_engine(tiny_mo
         a, _ = load_adapter(inprocess.run_dir / "adapter")
         b, _ = load_adapter(run_dir / "adapter")
         assert a.keys() == b.keys() and adapters_close(a, b)
+        # each node's worker process served both rounds: one model load, the shard tokenised once
+        assert [(r["round"], r["model_loads"]) for r in records(run_dir, "fit")] == [(1, 1), (1, 1), (2, 1), (2, 1)]
+        assert [("model_load_seconds" in r, "tokenise_seconds" in r) for r in records(run_dir, "fit")] == [(True, True)] * 2 + [(False, False)] * 2
 
         # Act: resume for a third round; SuperNode 1 goes away while it trains
         log1 = tmp_path / "net" / "supernode-1.log"
