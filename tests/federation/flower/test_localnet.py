@@ -122,9 +122,11 @@ def test_tls_and_supernode_authentication(tiny_model_dir, tmp_path):
         "federation.engine=flower", f"output.dir={tmp_path / 'run'}", "flower.connect_timeout=180",
     ])
 
-    with LocalDeployment(tmp_path / "net", [{"partition-id": 0}], certificates=certs, authenticate=True) as net:
+    # Flower's default --isolation subprocess here (a flwr-clientapp per message); the other test runs the worker
+    with LocalDeployment(tmp_path / "net", [{"partition-id": 0}], certificates=certs, authenticate=True, warm=False) as net:
         status = flwr_run(cfg, net.superlink, root_certificates=certs / "ca.crt")
 
     assert status["status"] == COMPLETED, status
     assert [r["client"] for r in records(tmp_path / "run", "fit")] == [0]
     assert "SuperNode authentication is disabled" not in (tmp_path / "net" / "superlink.log").read_text()
+    assert not (tmp_path / "net" / "worker-0.log").exists()
