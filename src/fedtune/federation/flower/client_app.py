@@ -56,11 +56,10 @@ PARTITION_ID = "partition-id"  # Flower's simulation sets this one
 
 
 class NodeCache:
-    """This process's base model + trainer, and tokenised shards. The model is keyed by the
-    settings and files that built it, a shard by its content (the rows, the tokenizer, the
-    template, ``data.max_length``), so a process that lives across runs (the simulation's Ray
-    actors, a SuperNode's worker: node_worker.py) never reuses a stale one. Shards are also
-    kept on the node's disk (node_cache.py) for processes that live one message. The counts
+    """This process's base model + trainer, and tokenised shards, keyed by the settings and
+    files that built them, so a process that lives across runs (a SuperNode's worker,
+    node_worker.py) never reuses a stale one. Shards are also kept on the node's disk, keyed
+    by their content (node_cache.py), for processes that live one message. The counts
     and seconds in :meth:`report` go into each fit's metrics (for benchmarks)."""
 
     KEEP_SHARDS = 4  # tokenised shards kept in memory (the latest used)
@@ -95,14 +94,15 @@ class NodeCache:
 
     def get_shard(self, cfg: RunConfig, node_config: dict) -> tuple[int, list]:
         """(client id, examples) of this node, tokenised with the loaded model's tokenizer
-        (call :meth:`get_trainer` first). The rows are read each call (cheap), so a changed
-        file is never answered from memory."""
-        client, examples = self.watch.time("data_load", lambda: node_examples(cfg, node_config))
-        examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
-        d = cfg.data
-        key = node_cache.shard_key(examples, self.tokenizer_hash, d.template, d.max_length)
+        (call :meth:`get_trainer` first). Kept in memory under the whole config, the node's
+        config and the data file's size and modification time (a stat, not a read), so a
+        changed file or setting is never answered from memory."""
+        where = node_config.get(DATA_PATH, cfg.data.path)
+        key = _key(cfg, sorted(node_config.items()), node_cache.files_fingerprint(where), self.tokenizer_hash)
         if key not in self.shards:
-            encoded = self.watch.time("tokenise", lambda: self.encode(cfg, node_config, key, examples))
+            client, examples = self.watch.time("data_load", lambda: node_examples(cfg, node_config))
+            examples = setup.build_client_side(cfg).training_examples(client, examples)  # a simulated data attacker's poison
+            encoded = self.watch.time("tokenise", lambda: self.encode(cfg, node_config, examples))
             while len(self.shards) >= self.KEEP_SHARDS:
                 self.shards.pop(next(iter(self.shards)))
             self.shards[key] = (client, encoded)
@@ -110,13 +110,14 @@ class NodeCache:
             self.shards[key] = self.shards.pop(key)  # the latest used stays
         return self.shards[key]
 
-    def encode(self, cfg: RunConfig, node_config: dict, key: str, examples: list) -> list:
+    def encode(self, cfg: RunConfig, node_config: dict, examples: list) -> list:
         """``examples`` tokenised, from the node's disk cache when the same text, tokenizer,
         template and max_length were tokenised before."""
         directory = Path(node_config.get(node_cache.CACHE_DIR) or cache_root() / "shards")
         if self.disk is None or self.disk.directory != directory:
             self.disk = node_cache.ShardCache(directory)
         tok, d = self.bundle.tokenizer, cfg.data
+        key = node_cache.shard_key(examples, self.tokenizer_hash, d.template, d.max_length)
         return self.disk.get(key, lambda: setup.encode_examples(tok, examples, d.template, d.max_length))
 
     def report(self) -> dict:
