@@ -57,7 +57,7 @@ def test_malformed_replies_raise_a_reason(content, reason):
 
 def test_a_float64_delta_arrives_as_float64_for_the_validator_to_reject():
     content = RecordDict({
-        "delta": ArrayRecord({k: Array(v.double().numpy()) for k, v in ADAPTER.items()}),
+        "delta": records.to_record({k: v.double() for k, v in ADAPTER.items()}),
         "update": ConfigRecord({"client": 0, "num_examples": 4}),
     })
     assert all(v.dtype == torch.float64 for v in records.read_update(content, 0).delta.values())
@@ -91,3 +91,30 @@ def test_evaluate_message_and_score_round_trip():
 def test_malformed_scores_raise_a_reason(content, reason):
     with pytest.raises(records.ReplyError, match=reason):
         records.read_score(content, 3)
+
+
+def test_an_adapter_travels_as_two_arrays_whatever_its_tensor_count():
+    many = {f"t{i}": torch.full((i % 3 + 1, 2), float(i)) for i in range(50)}
+    record = records.to_record(many)
+    assert sorted(record.keys()) == ["layout", "packed"]
+    back = records.from_record(record)
+    assert list(back) == list(many) and all(torch.equal(back[k], many[k]) for k in many)
+    assert records.from_record(records.to_record({})) == {}
+
+
+def uint8(n):
+    return Array(torch.zeros(n, dtype=torch.uint8).numpy())
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (lambda: ArrayRecord({"x": Array(torch.zeros(2).numpy())}), r"has arrays \['x'\], not 'layout' and 'packed'"),
+        (lambda: ArrayRecord({"layout": uint8(3), "packed": uint8(4)}), "cannot be read"),
+        (lambda: ArrayRecord({"layout": records.to_record({"a": torch.zeros(2)})["layout"], "packed": uint8(12)}), "4 bytes its layout does not name"),
+        (lambda: ArrayRecord({"layout": records.to_record({"a": torch.zeros(2)})["layout"], "packed": uint8(4)}), "runs past the packed bytes"),
+    ],
+)
+def test_a_broken_adapter_record_raises_a_reason(record, reason):
+    with pytest.raises(records.ReplyError, match=reason):
+        records.from_record(record())

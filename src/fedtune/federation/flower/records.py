@@ -23,6 +23,7 @@ round loop's job (``fedtune.server.validate.validate_updates``), once.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 import numpy as np
@@ -60,19 +61,45 @@ class ReplyError(ValueError):
 # ----------------------------------------------------------------------------- tensors
 
 
+LAYOUT = "layout"  # the two arrays of a packed adapter record
+PACKED = "packed"
+
+
 def to_record(adapter: Adapter) -> ArrayRecord:
-    """Adapter -> ArrayRecord, keys unchanged (canonical PEFT names)."""
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in adapter.items()})
+    """Adapter -> ArrayRecord of two arrays: every tensor's bytes back to back (``packed``)
+    and, as JSON bytes, each tensor's key, dtype and shape in that order (``layout``). Flower
+    moves each array of a message as its own object, one request per hop; a tensor per array
+    (420 for SmolLM2's all-linear LoRA) cost a deployment ~40 s a round on 2 cores."""
+    layout, parts = [], []
+    for k, v in adapter.items():
+        a = v.detach().cpu().contiguous().numpy()
+        layout.append([k, a.dtype.str, list(a.shape)])
+        parts.append(a.reshape(-1).view(np.uint8))
+    packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+    meta = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy()
+    return ArrayRecord({LAYOUT: Array(meta), PACKED: Array(packed)})
 
 
 def from_record(record: ArrayRecord) -> Adapter:
-    """ArrayRecord -> adapter (CPU tensors in the dtype that was sent; a copy, writable)."""
-    out = {}
-    for k, array in record.items():
-        try:
-            out[k] = torch.from_numpy(np.array(array.numpy()))
-        except (TypeError, ValueError) as err:
-            raise ReplyError(f"tensor {k} cannot be read ({err})") from None
+    """ArrayRecord (see :func:`to_record`) -> adapter (CPU tensors in the dtype that was sent;
+    copies, writable)."""
+    if set(record.keys()) != {LAYOUT, PACKED}:
+        raise ReplyError(f"an adapter record has arrays {sorted(record.keys())}, not {LAYOUT!r} and {PACKED!r}")
+    try:
+        layout = json.loads(record[LAYOUT].numpy().tobytes())
+        packed = record[PACKED].numpy().view(np.uint8).reshape(-1)
+        out, at = {}, 0
+        for k, dtype, shape in layout:
+            dtype = np.dtype(dtype)
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if at + size > packed.size:
+                raise ValueError(f"tensor {k} runs past the packed bytes")
+            out[k] = torch.from_numpy(packed[at:at + size].view(dtype).reshape(shape).copy())
+            at += size
+    except (TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise ReplyError(f"the adapter record cannot be read ({err})") from None
+    if at != packed.size:
+        raise ReplyError(f"the adapter record has {packed.size - at} bytes its layout does not name")
     return out
 
 
