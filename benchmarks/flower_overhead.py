@@ -197,7 +197,9 @@ def main(argv=None) -> None:
         "benchmark": "flower_overhead",
         "command": " ".join(["python -m benchmarks.flower_overhead", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "cpu": cpu_before, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+                    "cpu": cpu_before, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                    # OpenMP's spinning waits: with OMP_WAIT_POLICY=PASSIVE a loaded machine slows two-thread torch far less
+                    "threading_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}},
         "flwr": __import__("flwr").__version__,
         "model": args.model, "clients": 2, "clients_per_round": 2, "rounds": args.rounds, "local_steps": args.steps,
         "engines": results, "ratio_to_inprocess": ratios,
