@@ -9,10 +9,11 @@ Which data a node trains on comes from its ``--node-config``:
   SuperNode): shard 3 of the run's own ``data.path`` split, exactly as the in-process engine
   splits it.
 
-Flower may run many messages in one process (the simulation's Ray actors live for the whole
-run) or start a process per message (deployment, ``--isolation subprocess``). Either way the
-base model and the tokenised shard are built once per process and kept in :data:`CACHE`, the
-one module-level cache the house rules allow.
+Many messages may run in one process (the simulation's Ray actors live for the whole run; a
+SuperNode's ``fedtune flower worker`` under ``--isolation process`` lives across runs,
+node_worker.py), or each in its own (Flower's ``--isolation subprocess``). Either way the base
+model and the tokenised shard are built once per process and kept in :data:`CACHE`, the one
+module-level cache the house rules allow.
 
 The fit itself is the client pipeline both engines run (federation/client_fit.py): this
 module only decodes the TRAIN message, calls it, and encodes the reply. A SCAFFOLD client's
