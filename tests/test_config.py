@@ -164,6 +164,8 @@ def test_dpo_section_and_its_checks():
         (["federation.dropout=1.0"], "federation.dropout: must be < 1"),
         (["train.local_steps_per_client=[2, 0]"], "train.local_steps_per_client: every value must be >= 1"),
         (["strategy.name=fedsgd"], "strategy.name: 'fedsgd' is not one of"),
+        (["task=dpo", "data.instruction_categories=8"], "data.instruction_categories: categories from instructions are for task=sft"),
+        (["data.instruction_categories=0"], "data.instruction_categories: must be >= 1"),
     ],
 )
 def test_bad_strategy_and_participation_settings_name_the_key(overrides, message):

@@ -31,3 +31,15 @@ def test_demo_compare_recipe_compares_all_four_on_a_non_iid_split():
     assert cfg.compare.models == ["base", "local", "federated", "centralized"]
     assert cfg.partition.method == "shards" and cfg.model.name == "smollm2-135m-instruct" and cfg.data.path == "demo"
     assert cfg.federation.mode == "federated" and cfg.local.count >= 2
+
+
+def test_alpaca_compare_recipe_splits_alpaca_by_instruction_verb():
+    cfg = load_config(RECIPES[0].parent / "alpaca-compare.yaml")
+    assert cfg.compare.models == ["base", "local", "federated", "centralized"] and cfg.local.count >= 2
+    assert cfg.task == "sft" and cfg.data.template == "alpaca" and cfg.data.instruction_categories
+    assert cfg.partition.method == "shards"  # non-IID over the derived categories
+
+
+def test_hh_rlhf_recipe_holds_out_enough_pairs_for_a_stable_accuracy():
+    cfg = load_config(RECIPES[0].parent / "hh-rlhf-dpo.yaml")
+    assert cfg.task == "dpo" and cfg.partition.holdout_per_category >= 100

@@ -98,6 +98,10 @@ class DataConfig:
     max_length: int = _f(256, "maximum tokens per example (prompt + response)", ge=16)
     skip_invalid: bool = _f(False, "skip rows with a missing/empty required field (they are counted and reported)")
     limit: Optional[int] = _f(None, "use only the first N valid rows", gt=0)
+    instruction_categories: Optional[int] = _f(
+        None, "task=sft: each row's category is its instruction's first word, lower-cased (the N most frequent; the "
+        "rest 'other'), for data without a category column such as Alpaca (null: data.columns.category)", ge=1
+    )
     demo_per_category: int = _f(300, "examples per category of the built-in demo data", gt=0)
 
 
@@ -682,6 +686,11 @@ def cross_checks(cfg: RunConfig) -> list[str]:
         problems.append(
             f"eval.bootstrap_resamples: {cfg.eval.bootstrap_resamples} resample(s) leave none beyond the ends of a "
             f"{cfg.eval.confidence:g} interval, so it is no interval; use at least {least} (2 / (1 - eval.confidence))"
+        )
+    if cfg.data.instruction_categories is not None and cfg.task != "sft":
+        problems.append(
+            f"data.instruction_categories: categories from instructions are for task=sft, not task={cfg.task} "
+            "(preference pairs have no instruction); set it to null"
         )
     if cfg.train.compile and cfg.task != "sft":
         problems.append(f"train.compile: supported for task=sft, not task={cfg.task}; set train.compile=false")

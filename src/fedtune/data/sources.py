@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO, TypeVar
 
+from fedtune.data.categories import first_word_categories
 from fedtune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ def load_examples(
     subset: Optional[str] = None,
     skip_invalid: bool = False,
     limit: Optional[int] = None,
+    instruction_categories: Optional[int] = None,
 ) -> tuple[list[Example], LoadReport]:
     """Load and validate instruction examples.
 
@@ -252,6 +254,9 @@ def load_examples(
             column mapped to another name must appear in some row).
         skip_invalid: skip rows with a missing or empty required field instead of failing.
         limit: keep only the first ``limit`` valid rows.
+        instruction_categories: derive each row's category from its instruction's first word
+            instead of the category column: the N most frequent first words, the rest ``other``
+            (``categories.first_word_categories``; for data without categories, e.g. Alpaca).
 
     Raises:
         DataError: naming the file, the row and the field (a missing one, or one holding a
@@ -278,6 +283,8 @@ def load_examples(
 
     examples, report = collect(source, rows, parse, skip_invalid=skip_invalid, limit=limit)
     check_mapped(source, seen, columns, ("input", "category"))
+    if instruction_categories is not None:
+        examples = first_word_categories(examples, instruction_categories)
     return examples, report
 
 

@@ -141,7 +141,8 @@ def evaluate_run(run_dir: Path, *, data: Optional[str] = None, base: bool = Fals
         examples, source = run_heldout(cfg, run_dir), "the run's held-out set"
     else:
         d = cfg.data
-        examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
+        examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid,
+                                         instruction_categories=d.instruction_categories)
         source = f"{report.source} ({report.rows} rows, {report.skipped} skipped)"
     with progress.phase(LOADING):
         _, bundle, folder = setup.load_run_model(run_dir)
@@ -192,7 +193,8 @@ def evaluate_folder(folder: Path, *, data: Optional[str], base: bool, overrides:
     cfg = from_dict(parse_overrides({"data": {"template": loaded.template}}, list(overrides)))
     require_sft(cfg)
     d = cfg.data
-    examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid)
+    examples, report = load_examples(data, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid,
+                                     instruction_categories=d.instruction_categories)
     evalset = build_eval_set(cfg, loaded.bundle, examples, progress)
     result = evaluate_model(loaded.bundle, evalset, None, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.generation_batch_size, as_loaded=not base, progress=progress)

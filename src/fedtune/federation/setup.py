@@ -111,8 +111,10 @@ def load_data(cfg: RunConfig) -> tuple[list[Record], LoadReport]:
         make = demo_preferences if cfg.task == "dpo" else demo_examples
         examples = make(d.demo_per_category, seed=0)[: d.limit]
         return examples, LoadReport("built-in demo data", len(examples))
-    load = load_preferences if cfg.task == "dpo" else load_examples
-    return load(d.path, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid, limit=d.limit)
+    if cfg.task == "dpo":
+        return load_preferences(d.path, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid, limit=d.limit)
+    return load_examples(d.path, asdict(d.columns), split=d.split, subset=d.subset, skip_invalid=d.skip_invalid, limit=d.limit,
+                         instruction_categories=d.instruction_categories)
 
 
 def fingerprint(examples: list[Record]) -> str:
