@@ -15,8 +15,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from fedtune.config import load_config  # noqa: E402
+
+# No wall-clock assertions: hypothesis's default 200 ms deadline per example failed
+# tests/data/test_preferences.py's tokenizer property on a loaded 2-core machine.
+settings.register_profile("fedtune", deadline=None)
+settings.load_profile("fedtune")
 
 
 @pytest.fixture(scope="session")
