@@ -32,16 +32,18 @@ def build_wheel(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tree / name)
-    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", tree, "-w", tmp_path / "dist")
+    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", tree, "-w", tmp_path / "dist", cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("fedtune-*.whl")
     return wheel
 
 
 def fresh_venv(tmp_path: Path, wheel: Path) -> Path:
     venv = tmp_path / "venv"
-    sh(sys.executable, "-m", "venv", "--without-pip", venv)
+    sh(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    sh(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel)
+    # --force-reinstall and a neutral cwd: pip must never judge fedtune "already satisfied" by the
+    # checkout's editable install (it failed once, in the full suite only, with nothing installed)
+    sh(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", "--force-reinstall", wheel, cwd=tmp_path)
     site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
     ours = sysconfig.get_paths()
     (site / "dependencies-from-the-test-interpreter.pth").write_text(f"{ours['purelib']}\n{ours['platlib']}\n")
