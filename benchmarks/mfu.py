@@ -85,7 +85,7 @@ def shape_of(model) -> ModelShape:
         if isinstance(module, LoraLayer):
             layer = module.get_base_layer()
             lora.append((layer.in_features, layer.out_features))  # its base nn.Linear is counted below
-        elif type(module) is torch.nn.Linear and module is not head and id(module) not in adapters:
+        elif isinstance(module, torch.nn.Linear) and module is not head and id(module) not in adapters:
             plain.append((module.in_features, module.out_features))
     ranks = {a.weight.shape[0] for m in base.modules() if isinstance(m, LoraLayer) for a in m.lora_A.values()}
     heads = config.num_attention_heads

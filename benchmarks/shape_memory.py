@@ -1,6 +1,6 @@
 """Step CPU time and RSS of one SFT step per packed micro-batch shape (issue 18 item 3 diagnosis).
 
-One process per setting; run, e.g. (TUNE=1 applies fedtune.malloc.tune as the CLI does):
+One process per setting; run, e.g. (TUNE=1 applies fedtune.native_memory.tune as the CLI does):
 
     TUNE=1 PYTHONPATH=src python benchmarks/shape_memory.py bf16 var /path/to/tiny-llama 30
 
@@ -14,7 +14,7 @@ Findings: benchmarks/results/shape_memory.json.
 import sys, time, resource, os
 import torch
 if os.environ.get("TUNE"):
-    from fedtune.malloc import tune; tune()
+    from fedtune.native_memory import tune; tune()
 from fedtune.config import load_config
 from fedtune.data.prompts import Encoded
 from fedtune.federation import setup

@@ -6,7 +6,7 @@ throughput workload's largest micro-batch), after one warm-up step. Options:
 
 - ``fp32`` / ``bf16``: train.precision;
 - ``nocache``: bf16 autocast with ``cache_enabled=False``;
-- ``malloc``: glibc tuned (``fedtune.malloc.tune``: one arena, trim freed memory above 64 MiB);
+- ``malloc``: the CLI's process settings (``fedtune.native_memory.tune``: glibc with two arenas and a fixed mmap threshold, kernel caches capped);
 - ``half``: two 512-token micro-batches per step (train.max_batch_tokens=512);
 - ``onednn``: ONEDNN_PRIMITIVE_CACHE_CAPACITY=8;
 - ``compile``: train.compile=true.
@@ -37,7 +37,7 @@ def child(option: str, steps: int) -> dict:
     if "onednn" in parts:  # before torch loads oneDNN
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "8"
     if "malloc" in parts:
-        from fedtune.malloc import tune
+        from fedtune.native_memory import tune
 
         tune()
     from fedtune.config import load_config

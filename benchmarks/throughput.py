@@ -63,10 +63,12 @@ def overrides(data: Path, run_dir: Path, model: str, rows: int) -> list[str]:
 
 
 def run_fedtune(args) -> dict:
+    from fedtune import native_memory
     from fedtune.config import load_config
     from fedtune.federation import inprocess
     from fedtune.reporting.metrics import read_metrics
 
+    native_memory.tune()  # as the `fedtune` CLI does before any matmul: fedtune as users run it
     cfg = load_config(None, overrides(Path(args.data), Path(args.work) / "fedtune", args.model, args.rows) + args.override)
     inside, eval_seconds, rounds_seconds = [False], [0.0], [0.0]
     evaluate, run_rounds = inprocess.Federation.evaluate, inprocess.run_rounds

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedtune import malloc
+from fedtune import native_memory
 from fedtune.errors import FederationError, FedtuneError
 
 # No locals in tracebacks (--debug or a bug): they would print training rows and config values.
@@ -35,7 +35,7 @@ _state = {"debug": False}
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and library logs")) -> None:
     _state["debug"] = debug
     _quiet_libraries(debug)
-    malloc.tune()  # freed activation buffers go back to the system (fedtune/malloc.py)
+    native_memory.tune()  # freed activation buffers go back to the system, bounded kernel caches (fedtune/native_memory.py)
 
 
 def _quiet_libraries(debug: bool) -> None:

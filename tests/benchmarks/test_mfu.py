@@ -25,12 +25,14 @@ def test_step_flops_counted_by_hand():
     assert flops["total"] == 480 + 480 + 432 + 480 + 640
 
 
-def test_shape_of_a_tiny_peft_llama(tiny_overrides):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: frozen projections stored as model/frozen.py's class
+def test_shape_of_a_tiny_peft_llama(tiny_overrides, precision):
+    """Before (bf16): the base projections, stored in bf16 as a subclass of nn.Linear, were not counted."""
     from fedtune.config import load_config
     from fedtune.federation import setup
 
     # Arrange: the tiny Llama (2 layers, d=64, f=128, 4 heads, 2 KV heads) with all-linear LoRA.
-    bundle = setup.build_model(load_config(None, tiny_overrides))
+    bundle = setup.build_model(load_config(None, [*tiny_overrides, f"train.precision={precision}"]))
     # Act
     shape = shape_of(bundle.model)
     # Assert: 7 projections per layer, all adapted; the head is not among them.

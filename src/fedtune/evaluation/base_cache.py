@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from fedtune.federation.rundir import write_atomic
+from fedtune.model.frozen import stored_dtype
 from fedtune.model.generate import generate, render_prompts
 from fedtune.reporting.progress import GENERATION, Progress
 from fedtune.types import Adapter
@@ -148,7 +149,9 @@ class BaseEvalCache:
         memo = (bundle.base_path, str(weights.dtype), weights.device.type)
         if memo not in self.fingerprints:
             self.fingerprints[memo] = self.model_fingerprint(bundle.base_path, bundle.model)
-        return {"model": self.fingerprints[memo], "precision": bundle.precision}
+        key = {"model": self.fingerprints[memo], "precision": bundle.precision}
+        stored = stored_dtype(bundle.model)  # a training process's bf16 projections answer differently
+        return key if stored is None else {**key, "projections": str(stored)}
 
     def model_fingerprint(self, base_path: str, model) -> str:
         """SHA-256 over the base model folder's files and how the model was loaded."""

@@ -237,7 +237,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     progress.message(f"data: {len(examples)} rows from {report.source}; {len(partition.shards)} clients, "
                      f"{len(partition.holdout)} held out ({partition.method} split)")
     with progress.phase(LOADING):
-        bundle = setup.build_model(cfg)
+        bundle = setup.build_model(cfg, training=True)
     with progress.phase(TOKENISING):
         encoded = setup.encode_examples(bundle.tokenizer, examples, cfg.data.template, cfg.data.max_length)
     if ckpt is not None:  # the data must split as before; checked before anything is rewound

@@ -39,6 +39,7 @@ from fedtune.federation.compression import Compression
 from fedtune.federation.rundir import CLIENT_STATE, CONFIG_FILE, PARTITION_FILE, finished_adapter, write_atomic
 from fedtune.model.attention import use_packed_attention
 from fedtune.model.base import cache_root, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from fedtune.model.frozen import store_in
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg
 from fedtune.reporting.progress import Progress
@@ -191,7 +192,10 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def build_model(cfg: RunConfig) -> ModelBundle:
+def build_model(cfg: RunConfig, training: bool = False) -> ModelBundle:
+    """The run's model with LoRA attached. ``training``: a process that trains (a run, a Flower
+    node) keeps the frozen projections in bf16 where it trains under bf16 autocast (model/frozen.py);
+    elsewhere (eval, chat, serve, export) they stay as loaded, so answers are the float32 model's."""
     m = cfg.model
     device = pick_device(m.device)
     base_path = resolve_model_path(m.name)
@@ -212,6 +216,8 @@ def build_model(cfg: RunConfig) -> ModelBundle:
     if m.init_adapter:
         initial = read_init_adapter(m.init_adapter, initial)
     precision = resolve_precision(cfg.train.precision, device)
+    if training and precision == "bf16" and m.dtype == "auto" and m.quantize == "none":
+        store_in(model, torch.bfloat16)  # float32 weights that autocast would cast every step (model/frozen.py)
     return ModelBundle(model, tokenizer, params, model.peft_config["default"], base_path, device, precision, initial)
 
 

@@ -7,6 +7,14 @@ solve this on CUDA; on CPU there is none. Here the packed row's queries, keys an
 split at the example boundaries and SDPA runs causally on each piece: exact per-example
 attention, no padding, no wasted scores.
 
+On CPU in bf16/fp16 each example is zero-padded at its end to a multiple of
+``CPU_LOW_PRECISION_MULTIPLE`` tokens before SDPA and cut back after. PyTorch's low-precision
+CPU flash-attention kernel builds (and keeps, in an unbounded cache) brgemm kernels for every
+sequence length it meets: with packed rows of ever-new example lengths, a bf16 run's memory
+grew ~10 MB per step without end (benchmarks/results/shape_memory.json). Padding bounds the
+lengths to max_length / 16 shapes. It is exact: attention is causal, so a real query never
+sees the pad keys after it, and the pad queries' outputs (and gradients) are dropped.
+
 The function is registered with transformers' attention interface as ``fedtune_sdpa``; it
 is plain SDPA unless the forward call carries ``fedtune_segments`` (the example lengths of
 a packed row, see ``data.prompts.pack``), so generation and padded batches are unchanged.
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 
 NAME = "fedtune_sdpa"
 SEGMENTS = "fedtune_segments"
+CPU_LOW_PRECISION_MULTIPLE = 16
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
@@ -34,10 +43,17 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         raise ValueError("packed attention needs one packed row and no KV cache")
     lengths = segments.tolist()
     gqa = query.shape[1] != key.shape[1]
-    pieces = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
+    multiple = CPU_LOW_PRECISION_MULTIPLE if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) else 1
+
+    def attend(q, k, v):
+        n = q.shape[2]
+        pad = -n % multiple
+        if pad:  # zeros after the example's end: causal, so no real query attends to them
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return out[:, :, :n] if pad else out
+
+    pieces = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
 
 

@@ -87,7 +87,7 @@ class NodeCache:
         key = _key(cfg.seed, node_cfg.task, node_cfg.dpo, m, cfg.lora, cfg.train, files)
         if key != self.trainer_key:
             self.bundle = self.trainer = None  # free the old model before loading another
-            self.bundle = self.watch.time("model_load", lambda: setup.build_model(node_cfg))
+            self.bundle = self.watch.time("model_load", lambda: setup.build_model(node_cfg, training=True))
             self.trainer = setup.build_trainer(node_cfg, self.bundle)
             self.tokenizer_hash = node_cache.tokenizer_fingerprint(self.bundle.tokenizer)
             self.trainer_key, self.model_loads = key, self.model_loads + 1

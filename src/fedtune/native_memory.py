@@ -1,4 +1,5 @@
-"""glibc malloc settings for a training process (applied by the CLI, never on import).
+"""Memory settings of the native libraries under a training process (applied by the CLI,
+never on import): glibc's malloc, and oneDNN's and ideep's kernel caches.
 
 PyTorch on CPU frees and re-allocates the same large activation buffers every micro-batch.
 glibc's default raises its mmap threshold after the first large frees (up to 32 MiB), so
@@ -7,6 +8,14 @@ returned: a process holds ~0.7 GB it no longer uses (measured on the throughput 
 :func:`tune` fixes the mmap threshold (large buffers are mapped and unmapped, so freed
 memory goes back at once) and limits the arenas (threads share one pool instead of each
 keeping its own). Settings that cost speed are not applied: see benchmarks/step_memory.py.
+
+Under bf16 on a CPU, matmuls run through oneDNN, which compiles a kernel for every matmul shape
+and keeps it in its primitive cache (1,024 entries by default), and ideep keeps one more cache
+of them (also 1,024). Packed micro-batches bring new token counts every step, so a bf16 run's
+memory grew ~20 MB per step, for hundreds of steps (benchmarks/results/shape_memory.json).
+:func:`tune` caps both at ``KERNEL_CACHE_CAPACITY`` entries (enough for one step's shapes, so a
+step reuses its kernels), through the environment variables oneDNN and ideep read when they
+first build a kernel: the CLI sets them before any matmul. A capacity the user set wins.
 """
 
 from __future__ import annotations
@@ -36,9 +45,22 @@ def ours(settings: Mapping[int, int], environ: Optional[Mapping[str, str]] = Non
             if not (k in USER_SETTINGS and (USER_SETTINGS[k][0] in environ or USER_SETTINGS[k][1] in tunables))}
 
 
+KERNEL_CACHE_CAPACITY = 64
+# oneDNN reads ONEDNN_ (or the older DNNL_) PRIMITIVE_CACHE_CAPACITY; ideep reads LRU_CACHE_CAPACITY
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("DNNL_PRIMITIVE_CACHE_CAPACITY",), "LRU_CACHE_CAPACITY": ()}
+
+
+def kernel_cache_settings(environ: Optional[Mapping[str, str]] = None, capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]:
+    """The cache capacities to set: each of :data:`KERNEL_CACHES` the user has not set."""
+    environ = os.environ if environ is None else environ
+    return {name: str(capacity) for name, aliases in KERNEL_CACHES.items() if not any(n in environ for n in (name, *aliases))}
+
+
 def tune(settings: dict[int, int] = DEFAULTS) -> bool:
-    """Apply ``mallopt`` ``settings`` to this process, except those the user set in the
-    environment (:func:`ours`); False where the C library is not glibc."""
+    """Cap the kernel caches (:func:`kernel_cache_settings`) and apply ``mallopt`` ``settings``
+    to this process, except those the user set in the environment (:func:`ours`); False where
+    the C library is not glibc."""
+    os.environ.update(kernel_cache_settings())
     settings = ours(settings)
     name = ctypes.util.find_library("c")
     try:
