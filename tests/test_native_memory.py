@@ -9,6 +9,14 @@ import pytest
 from fedtune import native_memory
 
 
+@pytest.fixture(autouse=True)
+def cache_environment(monkeypatch):
+    """tune() writes the cache capacities to os.environ: undo that after each test."""
+    for name in native_memory.KERNEL_CACHES:
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)  # recorded as unset, restored as unset
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_tune_applies_the_settings_on_glibc():
     assert native_memory.tune({native_memory.M_MMAP_THRESHOLD: 4 << 20, native_memory.M_ARENA_MAX: 2}) is True
@@ -36,7 +44,6 @@ def test_kernel_caches_are_capped_unless_the_user_set_them():
 
 
 def test_tune_sets_the_cache_capacities_in_the_environment(monkeypatch):
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")
     native_memory.tune({})
     assert native_memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"

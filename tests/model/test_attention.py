@@ -67,3 +67,29 @@ def test_cpu_low_precision_attention_runs_at_multiples_of_16(monkeypatch, dtype,
     with torch.no_grad():
         packed(*qkv(dtype))
     assert seen == lengths
+
+
+def test_a_bf16_autocast_forward_pads_its_attention(tiny_model_dir, tokenizer, monkeypatch):
+    """Before: under CPU bf16 autocast the query arrives in float32 (the rotary tables promote it)
+    and SDPA casts it to bf16 itself, so the padding, keyed on the query's dtype, never ran."""
+    from fedtune.data.prompts import pack
+    from fedtune.model import forward
+    from tests.model.test_forward import ROWS, batch_of, lora_model
+
+    model, _ = lora_model(tiny_model_dir)
+    assert attention.use_packed_attention(model)
+    batch = pack(batch_of(tokenizer, ROWS))
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        seen.append(q.shape[2])
+        return sdpa(q, *a, **k)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        forward.sequence_nll(model, **batch)
+    assert seen and all(n % 16 == 0 for n in seen)
+    seen.clear()
+    with torch.no_grad():  # float32: each example at its own length
+        forward.sequence_nll(model, **batch)
+    assert sorted(set(seen)) == sorted({int(e.input_ids.numel()) for e in batch_of(tokenizer, ROWS)})

@@ -74,11 +74,31 @@ def test_build_model_stores_bf16_only_where_a_process_trains_under_bf16_autocast
     assert converted("train.precision=bf16", training=False) == 0  # eval, chat, serve, export: the float32 model's answers
 
 
-def test_the_base_answer_cache_keys_stored_projections_apart(tiny_overrides, tmp_path):
-    """A run's bf16-projection answers are not served to `fedtune eval --base`, whose model is float32."""
+def test_the_base_cache_keys_answers_apart_and_shares_losses(tiny_overrides, tmp_path):
+    """A run's bf16-projection answers are not served to `fedtune eval --base` (float32 model); its
+    held-out losses, computed under autocast where both are bit-for-bit equal, are shared."""
     from fedtune.evaluation.base_cache import BaseEvalCache
 
     cfg = load_config(None, [*tiny_overrides, "train.precision=bf16"])
     cache = BaseEvalCache(tmp_path / "cache")
     trained, plain = setup.build_model(cfg, training=True), setup.build_model(cfg)
-    assert cache.model_key(trained) == {**cache.model_key(plain), "projections": "torch.bfloat16"}
+    assert cache.model_key(trained) == cache.model_key(plain)  # losses: one entry
+    calls = []
+
+    def answers(bundle, answer):
+        return cache.answers(bundle, ["Q: hi"], add_special_tokens=False, max_new_tokens=4,
+                             compute=lambda: calls.append(answer) or [answer])
+
+    assert answers(trained, "bf16") == ["bf16"]
+    assert answers(plain, "fp32") == ["fp32"]
+    assert answers(trained, "again") == ["bf16"]
+    assert calls == ["bf16", "fp32"]
+
+
+def test_a_tied_lm_head_among_the_targets_stays_float32(tiny_model_dir):
+    """The head shares its weight with the embeddings: converting it would make the residual stream bf16."""
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"], seed=0, base_name=str(tiny_model_dir))
+    assert base.get_output_embeddings().get_base_layer().weight is base.get_input_embeddings().weight  # tied
+    assert frozen.store_in(model, torch.bfloat16) == 2  # the two q_proj, not the head
+    assert model.get_input_embeddings().weight.dtype == torch.float32

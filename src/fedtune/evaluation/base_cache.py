@@ -134,6 +134,9 @@ class BaseEvalCache:
             return compute() if texts else []
         key = {"kind": "answers", "texts": digest(list(texts)), "add_special_tokens": add_special_tokens,
                "max_new_tokens": max_new_tokens, **model}
+        stored = stored_dtype(bundle.model)  # a training process's bf16 projections answer differently outside autocast
+        if stored is not None:  # (losses, computed under autocast, are the same: model/frozen.py)
+            key["projections"] = str(stored)
         result, hit = self.get_or_compute(
             key, compute, valid=lambda r: isinstance(r, list) and len(r) == len(texts) and all(isinstance(a, str) for a in r))
         if hit and progress is not None:
@@ -149,9 +152,7 @@ class BaseEvalCache:
         memo = (bundle.base_path, str(weights.dtype), weights.device.type)
         if memo not in self.fingerprints:
             self.fingerprints[memo] = self.model_fingerprint(bundle.base_path, bundle.model)
-        key = {"model": self.fingerprints[memo], "precision": bundle.precision}
-        stored = stored_dtype(bundle.model)  # a training process's bf16 projections answer differently
-        return key if stored is None else {**key, "projections": str(stored)}
+        return {"model": self.fingerprints[memo], "precision": bundle.precision}
 
     def model_fingerprint(self, base_path: str, model) -> str:
         """SHA-256 over the base model folder's files and how the model was loaded."""

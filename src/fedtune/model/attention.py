@@ -43,7 +43,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         raise ValueError("packed attention needs one packed row and no KV cache")
     lengths = segments.tolist()
     gqa = query.shape[1] != key.shape[1]
-    multiple = CPU_LOW_PRECISION_MULTIPLE if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) else 1
+    multiple = CPU_LOW_PRECISION_MULTIPLE if query.device.type == "cpu" and sdpa_dtype(query) in LOW_PRECISION else 1
 
     def attend(q, k, v):
         n = q.shape[2]
@@ -55,6 +55,18 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 
     pieces = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def sdpa_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes ``query`` in: autocast's where it is on (under CPU bf16 autocast
+    the query arrives in float32, promoted by the float32 rotary tables, and SDPA casts it)."""
+    device = query.device.type
+    if query.dtype in LOW_PRECISION or not torch.is_autocast_enabled(device):
+        return query.dtype
+    return torch.get_autocast_dtype(device)
 
 
 def use_packed_attention(model) -> bool:

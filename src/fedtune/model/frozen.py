@@ -36,12 +36,13 @@ def store_in(peft_model, dtype: torch.dtype) -> int:
     to ``dtype``; returns how many projections changed."""
     from peft.tuners.lora.layer import LoraLayer
 
+    embeddings = peft_model.get_input_embeddings().weight  # an adapted lm_head tied to it stays: the residual stream is float32
     changed = 0
     for module in peft_model.modules():
         if not isinstance(module, LoraLayer):
             continue
         base = module.get_base_layer()
-        if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32 or base.weight.requires_grad:
+        if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32 or base.weight.requires_grad or base.weight is embeddings:
             continue
         base.to(dtype)
         base.__class__ = LowPrecisionLinear
