@@ -14,7 +14,7 @@ Findings: benchmarks/results/shape_memory.json.
 import sys, time, resource, os
 import torch
 if os.environ.get("TUNE"):
-    from fedtune.native_memory import tune; tune()
+    from fedtune.native_memory import bound_kernel_caches, tune; tune(); bound_kernel_caches()
 from fedtune.config import load_config
 from fedtune.data.prompts import Encoded
 from fedtune.federation import setup

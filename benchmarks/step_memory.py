@@ -37,9 +37,10 @@ def child(option: str, steps: int) -> dict:
     if "onednn" in parts:  # before torch loads oneDNN
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "8"
     if "malloc" in parts:
-        from fedtune.native_memory import tune
+        from fedtune.native_memory import bound_kernel_caches, tune
 
         tune()
+        bound_kernel_caches()
     from fedtune.config import load_config
     from fedtune.data.prompts import Encoded
     from fedtune.federation import setup

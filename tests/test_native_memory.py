@@ -11,7 +11,7 @@ from fedtune import native_memory
 
 @pytest.fixture(autouse=True)
 def cache_environment(monkeypatch):
-    """tune() writes the cache capacities to os.environ: undo that after each test."""
+    """bound_kernel_caches() writes the cache capacities to os.environ: undo that after each test."""
     for name in native_memory.KERNEL_CACHES:
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)  # recorded as unset, restored as unset
@@ -43,8 +43,8 @@ def test_kernel_caches_are_capped_unless_the_user_set_them():
     assert native_memory.kernel_cache_settings({"DNNL_PRIMITIVE_CACHE_CAPACITY": "0"}) == {"LRU_CACHE_CAPACITY": "64"}
 
 
-def test_tune_sets_the_cache_capacities_in_the_environment(monkeypatch):
+def test_training_commands_set_the_cache_capacities_in_the_environment(monkeypatch):
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")
-    native_memory.tune({})
+    native_memory.bound_kernel_caches()
     assert native_memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
     assert native_memory.os.environ["LRU_CACHE_CAPACITY"] == "5"

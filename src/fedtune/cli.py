@@ -35,7 +35,7 @@ _state = {"debug": False}
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and library logs")) -> None:
     _state["debug"] = debug
     _quiet_libraries(debug)
-    native_memory.tune()  # freed activation buffers go back to the system, bounded kernel caches (fedtune/native_memory.py)
+    native_memory.tune()  # freed activation buffers go back to the system (fedtune/native_memory.py)
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -116,6 +116,7 @@ def run(
 
     if from_round is not None and resume is None:
         raise ConfigError("--from-round N needs --resume RUN_DIR (the run to rewind)")
+    native_memory.bound_kernel_caches()  # training: one kernel per matmul shape otherwise (fedtune/native_memory.py)
     path, overrides = _split_args(args or [])
     cfg = api.run_config(path, overrides, resume=resume)  # with --resume and no CONFIG: the run's own config
     if cfg.federation.engine == "flower":
@@ -361,6 +362,7 @@ def compare(args: List[str] = typer.Argument(..., help=CONFIG_ARGS)) -> None:
     from fedtune.api import compare as run_compare
     from fedtune.reporting.progress import RichProgress
 
+    native_memory.bound_kernel_caches()  # training (fedtune/native_memory.py)
     cfg = _config(*_split_args(args))
     if cfg.federation.engine == "flower":
         _quiet_flower()
@@ -689,6 +691,7 @@ def run_worker(
     process, which keeps the base model and tokenised data between rounds. Runs until stopped."""
     from fedtune.federation.flower.node_worker import serve
 
+    native_memory.bound_kernel_caches()  # training (fedtune/native_memory.py)
     _quiet_flower()
     err.print(f"serving the SuperNode's ClientApp tasks on {runtime_api}", highlight=False)
     try:

@@ -13,9 +13,10 @@ Under bf16 on a CPU, matmuls run through oneDNN, which compiles a kernel for eve
 and keeps it in its primitive cache (1,024 entries by default), and ideep keeps one more cache
 of them (also 1,024). Packed micro-batches bring new token counts every step, so a bf16 run's
 memory grew ~20 MB per step, for hundreds of steps (benchmarks/results/shape_memory.json).
-:func:`tune` caps both at ``KERNEL_CACHE_CAPACITY`` entries (enough for one step's shapes, so a
-step reuses its kernels), through the environment variables oneDNN and ideep read when they
-first build a kernel: the CLI sets them before any matmul. A capacity the user set wins.
+:func:`bound_kernel_caches` caps both at ``KERNEL_CACHE_CAPACITY`` entries (enough for one step's
+shapes, so a step reuses its kernels), through the environment variables oneDNN and ideep read
+when they first build a kernel: the training commands (run, compare, flower worker) set them
+before any matmul. A capacity the user set wins.
 """
 
 from __future__ import annotations
@@ -56,11 +57,15 @@ def kernel_cache_settings(environ: Optional[Mapping[str, str]] = None, capacity:
     return {name: str(capacity) for name, aliases in KERNEL_CACHES.items() if not any(n in environ for n in (name, *aliases))}
 
 
-def tune(settings: dict[int, int] = DEFAULTS) -> bool:
-    """Cap the kernel caches (:func:`kernel_cache_settings`) and apply ``mallopt`` ``settings``
-    to this process, except those the user set in the environment (:func:`ours`); False where
-    the C library is not glibc."""
+def bound_kernel_caches() -> None:
+    """Cap the kernel caches (:func:`kernel_cache_settings`) for this process and its children:
+    called by the commands that train, before any matmul."""
     os.environ.update(kernel_cache_settings())
+
+
+def tune(settings: dict[int, int] = DEFAULTS) -> bool:
+    """Apply ``mallopt`` ``settings`` to this process, except those the user set in the
+    environment (:func:`ours`); False where the C library is not glibc."""
     settings = ours(settings)
     name = ctypes.util.find_library("c")
     try:
