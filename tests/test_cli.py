@@ -285,6 +285,29 @@ class Terminal:
     def send(self, text):
         os.write(self.master, text.encode())
 
+    def interrupt(self):
+        """Ctrl-C at the prompt, pressed again while the chat shows no reaction. CPython's readline
+        misses a SIGINT that lands between drawing the prompt and blocking in select() (select then
+        waits for the next key or signal; 11 of 100 tries on a loaded 2-core machine), so a lone
+        signal sent the moment the prompt shows can hang the chat. The chat reacts by ending the
+        line; until then it is provably still inside input(), where a second signal is safe."""
+        import select
+        import signal
+        import time
+
+        for _ in range(10):
+            self.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 3
+            while "\n" not in self.seen and self.proc.poll() is None and time.monotonic() < deadline:
+                if select.select([self.master], [], [], 0.2)[0]:
+                    try:
+                        self.seen += os.read(self.master, 4096).decode(errors="replace")
+                    except OSError:  # the child closed the terminal
+                        return
+            if "\n" in self.seen or self.proc.poll() is not None:
+                return
+        assert False, f"chat never reacted to Ctrl-C at the prompt: {self.seen!r}"
+
     def finish(self):
         code = self.proc.wait(timeout=60)
         os.close(self.master)
@@ -293,8 +316,6 @@ class Terminal:
 
 
 def test_chat_on_a_terminal_streams_keeps_history_and_ends_cleanly(finished_run, tmp_path):
-    import signal
-
     # Arrange, Act: an empty line does nothing, a question gets a reply, /exit ends with 0
     chat = Terminal(finished_run, tmp_path / "cache", tmp_path / "err1")
     chat.expect("you> ")
@@ -315,7 +336,7 @@ def test_chat_on_a_terminal_streams_keeps_history_and_ends_cleanly(finished_run,
     chat.send("\x1b[A\x1b[A\n")  # up arrow twice (past /exit), Enter: the recalled question is answered
     assert "hello there" in chat.expect("model> ")
     chat.expect("you> ")
-    chat.proc.send_signal(signal.SIGINT)
+    chat.interrupt()
     code, err = chat.finish()
 
     # Assert
