@@ -7,7 +7,7 @@ wall time of ``fedtune compare configs/demo-compare.yaml`` before/after with its
    (LocalTrainer, the demo-compare settings) on the same model.
 2. Compare wall time: the same compare run by the code of ``--before`` (a git revision,
    unpacked with ``git archive``; default: the commit before lean evaluation) and by this
-   tree, back to back, each in a fresh process and a fresh output folder (and, after, a fresh
+   tree, back to back, each in a fresh process, output folder and fedtune cache (an empty
    base-evaluation cache: a first compare, not a re-run). Evaluation seconds are the summed
    durations of the evaluation phases the progress events report (round evaluations,
    sample answers, the compare's held-out loss, answers, reference log-probs).
@@ -138,7 +138,8 @@ def run_compare(src: Path, folder: Path, rounds: int, extra: list[str]) -> dict:
     out = folder / "timing.json"
     overrides = [f"model.name={BUNDLED}", f"federation.rounds={rounds}", f"output.dir={folder / 'cmp'}", *extra]
     cmd = [sys.executable, "-m", "benchmarks.evaluation", "--child", str(out), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": f"{src}:{ROOT}"}, capture_output=True, text=True)
+    fresh = {"FEDTUNE_CACHE": str(folder / "cache")}  # an empty fedtune cache (base evaluations): a first compare, not a re-run
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": f"{src}:{ROOT}", **fresh}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"compare with {src} failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -152,7 +153,7 @@ def compare_before_after(before: str, rounds: int) -> dict:
         archive = subprocess.run(["git", "archive", before, "src"], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
         results = {"before": run_compare(old / "src", tmp / "b", rounds, [])}
-        results["after"] = run_compare(ROOT / "src", tmp / "a", rounds, [f"eval.base_cache_dir={tmp / 'eval-cache'}"])
+        results["after"] = run_compare(ROOT / "src", tmp / "a", rounds, [])
     results["wall_speedup"] = results["before"]["wall_seconds"] / results["after"]["wall_seconds"]
     results["evaluation_speedup"] = results["before"]["evaluation_seconds"] / results["after"]["evaluation_seconds"]
     return {"before_revision": before, "rounds": rounds, **results}

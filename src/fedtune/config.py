@@ -313,7 +313,8 @@ class JudgeConfig:
 class EvalConfig:
     every: int = _f(1, "evaluate the global adapter every N rounds (and always after the last)", ge=1)
     batch_size: int = _f(8, "examples per evaluation batch (packed and cut at train.max_batch_tokens as in training)", ge=1)
-    generation_batch_size: int = _f(8, "prompts answered together (left-padded, KV cache) for ROUGE-L / exact match and sample answers", ge=1)
+    generation_batch_size: int = _f(32, "most prompts answered together (left-padded, KV cache; split into near-equal batches) for ROUGE-L / "
+                                    "exact match and sample answers", ge=1)
     base_cache: bool = _f(True, "evaluate the base model (and a run's round 0 from a fresh adapter) once per model, held-out set and "
                           "settings, and reuse it in every run of a compare and in `fedtune eval --base` (keyed by content)")
     base_cache_dir: Optional[str] = _f(None, "base evaluation cache folder (null: <fedtune cache>/eval, ~/.cache/fedtune/eval)")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedtune.model.generate import generate, generate_ids, render_prompts
+from fedtune.model.generate import batch_bounds, generate, generate_ids, render_prompts
 from fedtune.reporting.progress import Progress
 from tests.lora_model import active_lora_model
 
@@ -47,3 +47,11 @@ def test_generate_answers_in_prompt_order(model, tokenizer):
     one = generate(model, tokenizer, PROMPTS, template="chat", max_new_tokens=5, batch_size=1)
     many = generate(model, tokenizer, PROMPTS, template="chat", max_new_tokens=5, batch_size=3)
     assert one == many and len(one) == len(PROMPTS)
+
+
+def test_prompts_are_cut_into_the_fewest_near_equal_batches():
+    assert batch_bounds(40, 32) == [(0, 20), (20, 40)]  # not 32 + 8
+    assert batch_bounds(10, 4) == [(0, 4), (4, 7), (7, 10)]
+    assert batch_bounds(7, 7) == [(0, 7)]
+    assert batch_bounds(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    assert batch_bounds(0, 8) == []

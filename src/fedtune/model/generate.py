@@ -1,7 +1,9 @@
 """Answer prompts with the model as it stands (base, or with an adapter loaded).
 
-Prompts are answered in batches of ``batch_size`` (``eval.generation_batch_size``): sorted by
-length (little padding), left-padded with an attention mask, decoded with transformers'
+Prompts are answered in batches of at most ``batch_size`` (``eval.generation_batch_size``):
+sorted by length (little padding) and cut into the fewest batches of near-equal size (40
+prompts at 32 are 20 + 20, not 32 + 8: a decoding step reads every weight whatever its batch,
+so its cost is nearly flat in batch size on a CPU), left-padded with an attention mask, decoded with transformers'
 ``generate`` (a KV cache; positions from the mask, so a padded prompt sees the positions it
 would see alone), each sequence stopping at its own end-of-sequence token or after
 ``max_new_tokens``; answers come back in the prompts' order. Greedy answers are the tokens of
@@ -17,7 +19,7 @@ import torch
 from fedtune.data.prompts import render_prompt
 from fedtune.reporting.progress import GENERATION, Progress
 
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 32
 
 
 def render_prompts(tokenizer, prompts: Sequence[str], inputs: Sequence[str] | None, template: str) -> list[str]:
@@ -53,8 +55,8 @@ def generate_ids(
     out: dict[int, list[int]] = {}
     try:
         with (progress or Progress()).phase(phase, len(texts)) as shown:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            for start, stop_at in batch_bounds(len(order), batch_size):
+                chunk = order[start:stop_at]
                 batch = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(device)  # (b, t) left-padded
                 kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
                 if temperature > 0:
@@ -71,6 +73,18 @@ def generate_ids(
         tokenizer.padding_side = side
         model.train(was_training)
     return [out[i] for i in range(len(texts))]
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the fewest batches of at most ``batch_size`` covering ``n`` items,
+    their sizes differing by at most one (the larger first)."""
+    count = -(-n // batch_size)
+    bounds, start = [], 0
+    for k in range(count):
+        size = n // count + (k < n % count)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
 
 
 def generate(
