@@ -99,3 +99,22 @@ def test_a_damaged_file_hash_memo_is_hashed_again(tiny_model_dir, tmp_path):
     for memo in (tmp_path / "cache" / "files").iterdir():
         memo.write_bytes(b"\xff\xfe\x00")
     assert BaseEvalCache(tmp_path / "cache").model_fingerprint(str(tiny_model_dir), model) == first
+
+
+def test_the_adapter_digest_follows_every_tensor_byte_name_and_the_lora_scaling():
+    from types import SimpleNamespace
+
+    from fedtune.evaluation.base_cache import adapter_digest
+
+    lora = SimpleNamespace(r=2, lora_alpha=4, use_rslora=False)
+    a = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.full((3, 2), 0.5)}
+    same = {k: v.clone() for k, v in reversed(a.items())}  # key order does not matter
+    assert adapter_digest(a, lora) == adapter_digest(same, lora)
+    nudged = {**a, "x.lora_B.weight": torch.nextafter(a["x.lora_B.weight"], torch.tensor(1.0))}  # one ulp
+    renamed = {"y.lora_A.weight": a["x.lora_A.weight"], "y.lora_B.weight": a["x.lora_B.weight"]}
+    bf16 = {k: v.to(torch.bfloat16) for k, v in a.items()}  # same values, another dtype
+    reshaped = {**a, "x.lora_A.weight": torch.ones(3, 2)}
+    others = [adapter_digest(x, lora) for x in (nudged, renamed, bf16, reshaped)]
+    others.append(adapter_digest(a, SimpleNamespace(r=2, lora_alpha=8, use_rslora=False)))  # twice the scaling
+    others.append(adapter_digest(a, SimpleNamespace(r=2, lora_alpha=4, use_rslora=True)))
+    assert len({adapter_digest(a, lora), *others}) == 1 + len(others)

@@ -67,11 +67,14 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     # every model evaluated on the same held-out rows; the federated number is its run's final evaluation
     held = comp["heldout"]
     assert len({h["examples"] for h in held.values()}) == 1 and held["base"]["examples"] == 30
-    assert held["federated"]["loss"] == pytest.approx(records(root / "federated", "eval")[-1]["loss"], rel=1e-5)
+    assert held["federated"]["loss"] == records(root / "federated", "eval")[-1]["loss"]  # read back, not recomputed
     assert held["base"]["loss"] == pytest.approx(records(root / "federated", "eval")[0]["loss"], rel=1e-5)
     # the base model was evaluated once: the first run's round 0; the other runs' round 0 and the base column reuse it
     cached = [m for m in first.lines if m.startswith("base model held-out evaluation from the evaluation cache")]
     assert len(cached) == 3 and [n for n, _ in first.phases].count("evaluation") == 3 + 2 + 2
+    # each run's final evaluation is stored with its adapter's content: the compare reads all three back
+    finals = [m for m in first.lines if m.startswith("this adapter held-out evaluation from the evaluation cache")]
+    assert len(finals) == 3 and "held-out loss" not in [n for n, _ in first.phases]
     assert records(root / "centralized", "eval")[0] == records(root / "local-1", "eval")[0]
     round0 = records(root / "federated", "eval")[0]
     assert held["base"]["loss"] == round0["loss"] and held["base"]["per_category"] == round0["per_category"]  # the same numbers
@@ -108,9 +111,9 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     ]
     assert again.comparison["heldout"] == comp["heldout"] and judge_server.count == served
     # evaluation shows progress: load, tokenise, then per model held-out batches and answers, then the judge calls
-    names = [n for n, _ in progress.phases]  # the base model's held-out loss and answers come from the cache
-    assert names == ["loading model", "tokenising"] + ["held-out loss", "generating answers"] * 3 + ["judge calls"]
-    assert sum("from the evaluation cache" in m for m in progress.lines) == 2
+    names = [n for n, _ in progress.phases]  # held-out losses (the runs' final ones) and base answers come from the cache
+    assert names == ["loading model", "tokenising"] + ["generating answers"] * 3 + ["judge calls"]
+    assert sum("from the evaluation cache" in m for m in progress.lines) == 2 + 3
     judge_calls = 2 * (1 + 4 * (1 + 2))  # 2 questions: reference ratings; per model, a rating and two pairwise verdicts
     assert progress.phases[-1] == ("judge calls", judge_calls) and progress.advanced["judge calls"] == judge_calls
     assert progress.advanced["generating answers"] == 3 * 4

@@ -94,7 +94,9 @@ def test_eval_of_the_base_model_is_computed_once_and_reused_by_content(run_copy,
     # other answer settings: the held-out loss is reused, the answers are not
     assert [n for n, _ in changed.started] == ["loading model", "tokenising", "generating answers"]
     assert longer["heldout"] == first["heldout"]
-    # a run with its adapter is never served from the base cache
-    trained = Phases()
-    evaluate_run(run_copy, overrides=cache, progress=trained)
-    assert "held-out loss" in [n for n, _ in trained.started]
+    # the run's adapter is not the base: its held-out loss is computed, then kept under its content; its answers never
+    trained, again_trained = Phases(), Phases()
+    adapter = evaluate_run(run_copy, overrides=cache, progress=trained)
+    assert "held-out loss" in [n for n, _ in trained.started] and adapter["heldout"]["loss"] != first["heldout"]["loss"]
+    assert evaluate_run(run_copy, overrides=cache, progress=again_trained)["heldout"] == adapter["heldout"]
+    assert [n for n, _ in again_trained.started] == ["loading model", "tokenising", "generating answers"]

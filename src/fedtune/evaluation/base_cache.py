@@ -16,8 +16,12 @@ the SHA-256 of everything that determines it:
   loss settings and reference, ``max_new_tokens`` of the answers.
 
 A changed held-out set, model file, template, ``data.max_length`` or setting gives another key,
-so nothing stale is reused. Only the base (adapter disabled, or a no-op initial adapter)
-is cached, and only greedy answers.
+so nothing stale is reused. Answers are cached for the base (adapter disabled, or a no-op
+initial adapter) only, and only greedy ones. Held-out losses are cached for the base and for
+a run's final adapter, keyed by the adapter's content as well (its tensors and the LoRA
+scaling settings): a compare evaluates each run's final adapter on the very held-out set the
+run ended on, and ``fedtune eval RUN`` does too, so both read the run's own final evaluation
+back instead of repeating it.
 
 Where: ``eval.base_cache_dir`` (default ``<fedtune cache>/eval``, i.e. ``~/.cache/fedtune/eval``),
 shared by every compare, run and ``fedtune eval --base`` of the user, so a compare re-run in a
@@ -55,6 +59,21 @@ def is_noop(adapter: Adapter) -> bool:
     initialises it): with it loaded the model computes what the base model computes."""
     b = [v for k, v in adapter.items() if "lora_B" in k]
     return bool(b) and all(not bool(v.any()) for v in b)
+
+
+LORA_SCALING = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out")
+
+
+def adapter_digest(adapter: Adapter, peft_config) -> str:
+    """SHA-256 of an adapter's tensors (names, dtypes, shapes, bytes) and of the LoRA settings
+    that scale what they add (``peft_config``'s alpha, rank, rsLoRA ...)."""
+    h = hashlib.sha256()
+    for name in sorted(adapter):
+        t = adapter[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes of any dtype (bf16 has no numpy type)
+    h.update(digest({k: getattr(peft_config, k, None) for k in LORA_SCALING}).encode())
+    return h.hexdigest()
 
 
 def digest(value: Any) -> str:
@@ -100,19 +119,24 @@ class BaseEvalCache:
         return result, False
 
     def evaluate(self, bundle, evaluator, compute: Callable[[bool], dict], progress: Optional[Progress] = None,
-                 per_example: bool = False) -> dict:
-        """``evaluator``'s result for the base model (``compute(per_example)`` evaluates it),
-        reused when stored; an evaluator whose result is not the base's (``cache_key()`` None)
-        computes. The stored result keeps the per-example values (one entry serves a run's
-        round 0 and a compare's paired intervals); they are returned only when asked for."""
+                 per_example: bool = False, adapter: Optional[Adapter] = None) -> dict:
+        """``evaluator``'s result for the base model, or with ``adapter`` (loaded in
+        ``bundle``; a no-op one is the base) for that adapter (``compute(per_example)``
+        evaluates it), reused when stored; an evaluator whose result is not the base's
+        (``cache_key()`` None) computes. The stored result keeps the per-example values (one
+        entry serves a run's round 0 or final round and a compare's paired intervals); they
+        are returned only when asked for."""
         key = evaluator.cache_key() if self.folder is not None else None
         model = self.model_key(bundle) if key is not None else None
         if model is None:
             return compute(per_example)
+        trained = adapter is not None and not is_noop(adapter)
+        if trained:
+            model["adapter"] = adapter_digest(adapter, bundle.peft_config)
         result, hit = self.get_or_compute({**key, **model}, lambda: compute(True),
                                           valid=lambda r: isinstance(r, dict) and isinstance(r.get("per_example"), dict))
         if hit and progress is not None:
-            progress.message(f"base model {key['kind']} evaluation from the evaluation cache {self.folder}")
+            progress.message(f"{'this adapter' if trained else 'base model'} {key['kind']} evaluation from the evaluation cache {self.folder}")
         return result if per_example else {k: v for k, v in result.items() if k != "per_example"}
 
     def answer_prompts(self, bundle, prompts: Sequence[str], inputs: Sequence[str], *, template: str, max_new_tokens: int,

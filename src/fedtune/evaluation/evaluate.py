@@ -61,18 +61,20 @@ def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optiona
     """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
     (LoRA disabled) when ``adapter`` is None; with ``as_loaded``, the model as it stands (a
     merged model, or an adapter folder's model). Answers are greedy, ``batch_size`` prompts at
-    a time. The base model's results come from ``evalset.cache`` when stored there. ``progress``
+    a time. The base model's results, and an adapter's held-out loss (a run's final evaluation
+    stores it), come from ``evalset.cache`` when stored there. ``progress``
     sees the held-out loss and the generation as phases; with ``per_example``, "heldout" holds
     each example's NLL and token count too (HeldoutEvaluator.evaluate)."""
     if adapter is not None:
         set_adapter(bundle.params, adapter)
     base = adapter is None and not as_loaded
-    cache = evalset.cache if base else BaseEvalCache(None)
+    losses = BaseEvalCache(None) if as_loaded else evalset.cache  # an adapter's: stored by the run's final round
+    answered = evalset.cache if base else BaseEvalCache(None)
     chosen = [evalset.examples[i] for i in evalset.answered]
     with bundle.model.disable_adapter() if base else contextlib.nullcontext():
-        heldout = cache.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
-                                 progress, per_example=per_example)
-        answers = cache.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
+        heldout = losses.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
+                                  progress, per_example=per_example, adapter=adapter)
+        answers = answered.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
     return {"heldout": heldout, "generation": generation, "answers": answers}

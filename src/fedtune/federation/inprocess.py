@@ -100,10 +100,13 @@ class Federation:
         sizes = self.clients.sizes() if fed.sampling == "weighted" else None
         return sample_clients(len(self.clients), k, generator(self.cfg.seed, "sampling", round), sizes)
 
-    def evaluate(self, adapter: Adapter) -> dict:
+    def evaluate(self, adapter: Adapter, final: bool = False) -> dict:
+        """The held-out evaluation of ``adapter``. A fresh adapter adds nothing: the base model's
+        evaluation, computed once; the ``final`` round's is stored too, for a compare or
+        ``fedtune eval`` of this run to read back (base_cache.py)."""
         set_adapter(self.bundle.params, adapter)
-        if is_noop(adapter):  # a fresh adapter adds nothing: the base model's evaluation, computed once (base_cache.py)
-            return self.base_cache.evaluate(self.bundle, self.evaluator, self._evaluate, self.progress)
+        if is_noop(adapter) or final:
+            return self.base_cache.evaluate(self.bundle, self.evaluator, self._evaluate, self.progress, adapter=adapter)
         return self._evaluate()
 
     def _evaluate(self, per_example: bool = False) -> dict:
@@ -160,7 +163,7 @@ def run_rounds(fed: Federation, start_round: int, global_adapter: Adapter, state
 
         privacy = epsilon_fields(fed.privacy, rnd)
         if evaluates(cfg, rnd, last):
-            last_eval = fed.evaluate(global_adapter)
+            last_eval = fed.evaluate(global_adapter, final=rnd == last)
             fed.metrics.log({"type": "eval", "round": rnd, **last_eval, **privacy})
             fed.progress.evaluated(rnd, {**last_eval, **privacy})
             if federated_eval(cfg):  # the clients score it on their own held-out rows (client_eval.py)
