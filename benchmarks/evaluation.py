@@ -7,8 +7,8 @@ wall time of ``fedtune compare configs/demo-compare.yaml`` before/after with its
    (LocalTrainer, the demo-compare settings) on the same model.
 2. Compare wall time: the same compare run by the code of ``--before`` (a git revision,
    unpacked with ``git archive``; default: the commit before lean evaluation) and by this
-   tree, back to back, each in a fresh process, output folder and fedtune cache (an empty
-   base-evaluation cache: a first compare, not a re-run). Evaluation seconds are the summed
+   tree, back to back, each in a fresh process, output folder and evaluation cache (a first
+   compare, not a re-run; the bundled model's one-time conversion is shared). Evaluation seconds are the summed
    durations of the evaluation phases the progress events report (round evaluations,
    sample answers, the compare's held-out loss, answers, reference log-probs).
 
@@ -134,12 +134,23 @@ def compare_child(out: Path, overrides: list[str]) -> None:
     })
 
 
+def fresh_cache(folder: Path) -> Path:
+    """A fedtune cache with no evaluations in it (a first compare, not a re-run) that shares the
+    bundled model's one-time conversion with the user's cache (a user pays that once, not per compare)."""
+    from fedtune.model.base import bundled_model_dir
+
+    cache = folder / "cache"
+    cache.mkdir(parents=True)
+    (cache / "models").symlink_to(bundled_model_dir().parent, target_is_directory=True)
+    return cache
+
+
 def run_compare(src: Path, folder: Path, rounds: int, extra: list[str]) -> dict:
     out = folder / "timing.json"
     overrides = [f"model.name={BUNDLED}", f"federation.rounds={rounds}", f"output.dir={folder / 'cmp'}", *extra]
     cmd = [sys.executable, "-m", "benchmarks.evaluation", "--child", str(out), *overrides]
-    fresh = {"FEDTUNE_CACHE": str(folder / "cache")}  # an empty fedtune cache (base evaluations): a first compare, not a re-run
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": f"{src}:{ROOT}", **fresh}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": f"{src}:{ROOT}", "FEDTUNE_CACHE": str(fresh_cache(folder))},
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"compare with {src} failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())

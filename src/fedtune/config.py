@@ -316,8 +316,10 @@ class EvalConfig:
     generation_batch_size: int = _f(32, "most prompts answered together (left-padded, KV cache; split into near-equal batches) for ROUGE-L / "
                                     "exact match and sample answers", ge=1)
     base_cache: bool = _f(True, "evaluate the base model (and a run's round 0 from a fresh adapter) once per model, held-out set and "
-                          "settings, and reuse it in every run of a compare and in `fedtune eval --base` (keyed by content)")
-    base_cache_dir: Optional[str] = _f(None, "base evaluation cache folder (null: <fedtune cache>/eval, ~/.cache/fedtune/eval)")
+                          "settings, and reuse it in every run of a compare and in `fedtune eval --base`; keep a run's final held-out "
+                          "loss for its compare and `fedtune eval RUN` (keyed by content, the adapter's included)")
+    base_cache_dir: Optional[str] = _f(None, "evaluation cache folder, trusted as written: keep it your own (null: <fedtune cache>/eval, "
+                                       "~/.cache/fedtune/eval)")
     sample_prompts: list[str] = _f([], "prompts answered before and after training (default: from the held-out set)")
     num_samples: int = _f(2, "held-out prompts answered before/after when sample_prompts is empty", ge=0)
     max_new_tokens: int = _f(64, "tokens generated per sample answer", ge=1)

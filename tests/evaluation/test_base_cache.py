@@ -117,4 +117,5 @@ def test_the_adapter_digest_follows_every_tensor_byte_name_and_the_lora_scaling(
     others = [adapter_digest(x, lora) for x in (nudged, renamed, bf16, reshaped)]
     others.append(adapter_digest(a, SimpleNamespace(r=2, lora_alpha=8, use_rslora=False)))  # twice the scaling
     others.append(adapter_digest(a, SimpleNamespace(r=2, lora_alpha=4, use_rslora=True)))
+    others.append(adapter_digest(a, SimpleNamespace(r=2, lora_alpha=4, use_rslora=False, lora_dropout=0.05)))  # the lean forward
     assert len({adapter_digest(a, lora), *others}) == 1 + len(others)

@@ -78,7 +78,7 @@ def test_eval_needs_a_run_directory(tmp_path):
         evaluate_run(tmp_path)
 
 
-def test_eval_of_the_base_model_is_computed_once_and_reused_by_content(run_copy, tmp_path):
+def test_eval_of_the_base_model_is_computed_once_and_reused_by_content(run_copy, tmp_path, monkeypatch):
     # Arrange
     cache = ["eval.base_cache=true", f"eval.base_cache_dir={tmp_path / 'cache'}"]
     first = evaluate_run(run_copy, base=True, overrides=cache)
@@ -94,6 +94,14 @@ def test_eval_of_the_base_model_is_computed_once_and_reused_by_content(run_copy,
     # other answer settings: the held-out loss is reused, the answers are not
     assert [n for n, _ in changed.started] == ["loading model", "tokenising", "generating answers"]
     assert longer["heldout"] == first["heldout"]
+    evaluate_run(run_copy, base=True, overrides=cache + ["eval.generation_batch_size=1"], progress=(one := Phases()))
+    assert [n for n, _ in one.started] == ["loading model", "tokenising", "generating answers"]  # batching is in the answers' key
+    # another torch, transformers or peft: nothing is reused (the cache outlives installs)
+    import fedtune.evaluation.base_cache as base_cache
+
+    monkeypatch.setattr(base_cache, "LIBRARIES", {**base_cache.LIBRARIES, "torch": "0.0"})
+    evaluate_run(run_copy, base=True, overrides=cache, progress=(upgraded := Phases()))
+    assert [n for n, _ in upgraded.started] == ["loading model", "tokenising", "held-out loss", "generating answers"]
     # the run's adapter is not the base: its held-out loss is computed, then kept under its content; its answers never
     trained, again_trained = Phases(), Phases()
     adapter = evaluate_run(run_copy, overrides=cache, progress=trained)

@@ -86,7 +86,7 @@ def test_the_base_cache_keys_answers_apart_and_shares_losses(tiny_overrides, tmp
     calls = []
 
     def answers(bundle, answer):
-        return cache.answers(bundle, ["Q: hi"], add_special_tokens=False, max_new_tokens=4,
+        return cache.answers(bundle, ["Q: hi"], add_special_tokens=False, max_new_tokens=4, batch_size=8,
                              compute=lambda: calls.append(answer) or [answer])
 
     assert answers(trained, "bf16") == ["bf16"]

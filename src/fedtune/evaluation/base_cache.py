@@ -9,23 +9,24 @@ the SHA-256 of everything that determines it:
 
 - the model: the content of every file in the base model's folder (weights, config,
   tokenizer; a file in the Hugging Face cache is named by its blob's SHA-256, so it is not
-  read), the weights' dtype, the device type, quantisation and compute precision;
+  read), the weights' dtype, the device type, quantisation and compute precision, and the
+  torch, transformers and peft versions (the cache outlives installs);
 - what is evaluated: the held-out rows' token ids, prompt lengths and categories, or the
   rendered prompt texts;
 - the settings that shape the result: batching and packing of the held-out loss, the DPO
-  loss settings and reference, ``max_new_tokens`` of the answers.
+  loss settings and reference, ``max_new_tokens`` and the batch size of the answers.
 
 A changed held-out set, model file, template, ``data.max_length`` or setting gives another key,
 so nothing stale is reused. Answers are cached for the base (adapter disabled, or a no-op
 initial adapter) only, and only greedy ones. Held-out losses are cached for the base and for
 a run's final adapter, keyed by the adapter's content as well (its tensors and the LoRA
-scaling settings): a compare evaluates each run's final adapter on the very held-out set the
+settings that decide what they add): a compare evaluates each run's final adapter on the very held-out set the
 run ended on, and ``fedtune eval RUN`` does too, so both read the run's own final evaluation
 back instead of repeating it.
 
 Where: ``eval.base_cache_dir`` (default ``<fedtune cache>/eval``, i.e. ``~/.cache/fedtune/eval``),
-shared by every compare, run and ``fedtune eval --base`` of the user, so a compare re-run in a
-new folder reuses it too. Files are written to a temporary name and renamed (atomic); two
+shared by every compare, run and ``fedtune eval`` of the user, so a compare re-run in a new
+folder reuses it too. Entries are trusted as written: keep the folder your own. Files are written to a temporary name and renamed (atomic); two
 processes computing the same entry write the same content. A file whose content hash was
 computed once is remembered by (path, size, mtime) under ``files/``, so a large model is read
 once, not once per run.
@@ -38,6 +39,7 @@ import hashlib
 import json
 import logging
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,6 +53,8 @@ from fedtune.types import Adapter
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
+# the cache outlives installs: an upgraded kernel or model class may compute other numbers
+LIBRARIES = {name: version(name) for name in ("torch", "transformers", "peft")}
 SKIP_DIRS = frozenset({".git", ".cache", "__pycache__"})
 
 
@@ -61,18 +65,20 @@ def is_noop(adapter: Adapter) -> bool:
     return bool(b) and all(not bool(v.any()) for v in b)
 
 
-LORA_SCALING = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out")
+# the LoRA settings that decide what an adapter's tensors add: the scaling, and lora_dropout, which
+# picks the forward (lean dropout keeps the rank-r matmuls in fp32 under autocast; model/lora_dropout.py)
+LORA_FORWARD = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_dropout")
 
 
 def adapter_digest(adapter: Adapter, peft_config) -> str:
     """SHA-256 of an adapter's tensors (names, dtypes, shapes, bytes) and of the LoRA settings
-    that scale what they add (``peft_config``'s alpha, rank, rsLoRA ...)."""
+    that decide what they add (``peft_config``'s alpha, rank, rsLoRA, dropout ...)."""
     h = hashlib.sha256()
     for name in sorted(adapter):
         t = adapter[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes of any dtype (bf16 has no numpy type)
-    h.update(digest({k: getattr(peft_config, k, None) for k in LORA_SCALING}).encode())
+    h.update(digest({k: getattr(peft_config, k, None) for k in LORA_FORWARD}).encode())
     return h.hexdigest()
 
 
@@ -145,19 +151,21 @@ class BaseEvalCache:
         reused when stored: callers pass this cache for the base model and a disabled one
         (``BaseEvalCache(None)``) for anything else."""
         texts = render_prompts(bundle.tokenizer, prompts, inputs, template)
-        return self.answers(bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=max_new_tokens, progress=progress,
+        return self.answers(bundle, texts, add_special_tokens=(template == "alpaca"), max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, progress=progress,
                             compute=lambda: generate(bundle.model, bundle.tokenizer, prompts, inputs=inputs, template=template,
                                                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, phase=phase))
 
-    def answers(self, bundle, texts: Sequence[str], *, add_special_tokens: bool, max_new_tokens: int,
+    def answers(self, bundle, texts: Sequence[str], *, add_special_tokens: bool, max_new_tokens: int, batch_size: int,
                 compute: Callable[[], list[str]], progress: Optional[Progress] = None) -> list[str]:
-        """The base model's greedy answers to the rendered prompts ``texts`` (``compute()``
-        generates them), reused when stored."""
+        """The base model's greedy answers to the rendered prompts ``texts``, ``batch_size`` at
+        most at a time (``compute()`` generates them), reused when stored. The batch size is
+        in the key: which prompts share a padded batch can flip a near-tie of the top token."""
         model = self.model_key(bundle) if texts and self.folder is not None else None
         if model is None:
             return compute() if texts else []
         key = {"kind": "answers", "texts": digest(list(texts)), "add_special_tokens": add_special_tokens,
-               "max_new_tokens": max_new_tokens, **model}
+               "max_new_tokens": max_new_tokens, "batch_size": batch_size, **model}
         stored = stored_dtype(bundle.model)  # a training process's bf16 projections answer differently outside autocast
         if stored is not None:  # (losses, computed under autocast, are the same: model/frozen.py)
             key["projections"] = str(stored)
@@ -176,7 +184,7 @@ class BaseEvalCache:
         memo = (bundle.base_path, str(weights.dtype), weights.device.type)
         if memo not in self.fingerprints:
             self.fingerprints[memo] = self.model_fingerprint(bundle.base_path, bundle.model)
-        return {"model": self.fingerprints[memo], "precision": bundle.precision}
+        return {"model": self.fingerprints[memo], "precision": bundle.precision, "libraries": LIBRARIES}
 
     def model_fingerprint(self, base_path: str, model) -> str:
         """SHA-256 over the base model folder's files and how the model was loaded."""
