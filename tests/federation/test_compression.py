@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedtune.federation.compression import compress, compress_with_feedback, decompress, payload_bytes
@@ -77,12 +77,28 @@ def test_error_feedback_accumulates_what_was_dropped():
     method=st.sampled_from(["none", "int8", "int4", "topk"]),
     block=st.sampled_from([8, 64]),
 )
+@example(values=[1.1754943508222875e-38], method="int4", block=8)  # 2^-126 / 7 is subnormal: decoded 1.22e-38 (found by CI)
+@example(values=[1.5e-40], method="int8", block=8)  # a subnormal entry: bfloat16 rounded it up to 1.8e-40
+@example(values=[5e-39, -1e-39], method="int4", block=8)
+@example(values=[1.5e-40], method="topk", block=8)
 def test_decode_shape_and_bound(values, method, block):
     x = {"t": torch.tensor(values)}
     back = decompress(compress(x, method, block=block, fraction=0.5), x, method, block=block)["t"]
     assert back.shape == x["t"].shape and back.dtype == torch.float32
     # never larger than the largest entry, up to the scale's round-up to bfloat16 (< 2^-7)
     assert (back.abs() <= x["t"].abs().max() * (1 + 2**-7)).all()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "topk"])
+def test_subnormal_entries_are_sent_as_zero_and_kept_in_the_residual(method):
+    """bfloat16 keeps a few bits below 2^-126: 1.5e-40 decoded as 1.8e-40, larger than the block's largest entry."""
+    x = {"t": torch.tensor([1.5e-40, -1e-39, 5e-39, 0.0])}
+    back = decompress(compress(x, method, block=8, fraction=0.5), x, method, block=8)["t"]
+    assert torch.equal(back, torch.zeros(4))
+    payload, residual = compress_with_feedback(x, None, method, block=8, fraction=0.5)
+    assert torch.equal(residual["t"], x["t"])  # nothing lost: the next round sends it with the rest
+    normal = {"t": torch.tensor([1.5e-40, 1.0])}  # a normal scale: the tiny entry rounds to code 0 as before
+    assert decompress(compress(normal, method, block=8, fraction=1.0), normal, method, block=8)["t"][0] == 0
 
 
 def _normal(seed: int, n: int, std: float) -> dict:

@@ -15,7 +15,11 @@ fp16, used before, has a range of 6e-8..65504: a block whose largest entry was b
 and one above ~8.3e6 got an infinite scale, decoded to NaN and, with error feedback, poisoned
 the client's residual for good. A scale is rounded *up* to bfloat16, so ``|x| / s`` never
 exceeds the code range; the price is a step up to 2^-7 (0.8%) coarser than ``max|x| / levels``,
-so a block's largest entry may decode up to 0.8% larger than it was.
+so a block's largest entry may decode up to 0.8% larger than it was. Below float32's smallest
+normal number (2^-126, ~1.2e-38) bfloat16 keeps only a few bits (a subnormal 1.5e-40 is sent
+as 1.8e-40), so a block whose scale would be that small (every entry below ``levels`` x 2^-126,
+~1.5e-36 for int8) and a top-k value that small are sent as zero; error feedback keeps them in
+the residual. Such entries are nothing next to any float32 weight they are added to.
 
 With error feedback (Seide et al. 2014; Karimireddy et al., "Error Feedback Fixes SignSGD",
 ICML 2019) a client adds what earlier rounds' compression dropped (its residual) to the new
@@ -36,6 +40,7 @@ from fedtune.types import Adapter
 
 METHODS = ("none", "int8", "int4", "topk")
 SEP = "::"
+TINY = torch.finfo(torch.float32).tiny  # 2^-126: below it bfloat16 (like float32) is subnormal, a few bits
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -64,8 +69,9 @@ def from_wire(bits: torch.Tensor) -> torch.Tensor:
 
 def _quantize(x: torch.Tensor, block: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(x.float(), block)  # (n, block)
-    scale = bf16_up(blocks.abs().amax(dim=1, keepdim=True) / levels)  # (n, 1), exactly what the server will see
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    raw = blocks.abs().amax(dim=1, keepdim=True) / levels  # (n, 1)
+    scale = torch.where(raw >= TINY, bf16_up(raw), torch.zeros_like(raw))  # exactly what the server will see; 0: all zeros
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # |x| < levels * TINY there: every code rounds to 0
     codes = torch.clamp(torch.round(blocks / safe), -levels, levels).to(torch.int8)  # (n, block)
     return codes, to_wire(scale.squeeze(1))
 
@@ -104,7 +110,8 @@ def compress(delta: Adapter, method: str, *, block: int = 64, fraction: float = 
             idx = torch.topk(flat.abs(), k_keep, sorted=False).indices
             idx = torch.sort(idx).values  # deterministic order on the wire
             out[f"{k}{SEP}i"] = idx.to(torch.int32)
-            out[f"{k}{SEP}v"] = to_wire(flat[idx])
+            kept = flat[idx]
+            out[f"{k}{SEP}v"] = to_wire(torch.where(kept.abs() >= TINY, kept, torch.zeros_like(kept)))  # no subnormal
         else:
             raise ValueError(f"unknown compression method {method!r}")  # config validation prevents this
     return out
