@@ -99,7 +99,8 @@ def test_eval_of_the_base_model_is_computed_once_and_reused_by_content(run_copy,
     # another torch, transformers or peft: nothing is reused (the cache outlives installs)
     import fedtune.evaluation.base_cache as base_cache
 
-    monkeypatch.setattr(base_cache, "LIBRARIES", {**base_cache.LIBRARIES, "torch": "0.0"})
+    installed = base_cache.library_versions()
+    monkeypatch.setattr(base_cache, "library_versions", lambda: {**installed, "torch": "0.0"})
     evaluate_run(run_copy, base=True, overrides=cache, progress=(upgraded := Phases()))
     assert [n for n, _ in upgraded.started] == ["loading model", "tokenising", "held-out loss", "generating answers"]
     # the run's adapter is not the base: its held-out loss is computed, then kept under its content; its answers never

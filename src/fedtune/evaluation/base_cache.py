@@ -35,6 +35,7 @@ once, not once per run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -53,8 +54,14 @@ from fedtune.types import Adapter
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
-# the cache outlives installs: an upgraded kernel or model class may compute other numbers
-LIBRARIES = {name: version(name) for name in ("torch", "transformers", "peft")}
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """The installed torch, transformers and peft: the cache outlives installs, and an upgraded
+    kernel or model class may compute other numbers (looked up once, when a key is first needed)."""
+    return {name: version(name) for name in ("torch", "transformers", "peft")}
+
 SKIP_DIRS = frozenset({".git", ".cache", "__pycache__"})
 
 
@@ -184,7 +191,7 @@ class BaseEvalCache:
         memo = (bundle.base_path, str(weights.dtype), weights.device.type)
         if memo not in self.fingerprints:
             self.fingerprints[memo] = self.model_fingerprint(bundle.base_path, bundle.model)
-        return {"model": self.fingerprints[memo], "precision": bundle.precision, "libraries": LIBRARIES}
+        return {"model": self.fingerprints[memo], "precision": bundle.precision, "libraries": library_versions()}
 
     def model_fingerprint(self, base_path: str, model) -> str:
         """SHA-256 over the base model folder's files and how the model was loaded."""

@@ -68,14 +68,14 @@ def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optiona
     if adapter is not None:
         set_adapter(bundle.params, adapter)
     base = adapter is None and not as_loaded
-    losses = BaseEvalCache(None) if as_loaded else evalset.cache  # an adapter's: stored by the run's final round
-    answered = evalset.cache if base else BaseEvalCache(None)
+    loss_cache = BaseEvalCache(None) if as_loaded else evalset.cache  # an adapter's: stored by the run's final round
+    answer_cache = evalset.cache if base else BaseEvalCache(None)
     chosen = [evalset.examples[i] for i in evalset.answered]
     with bundle.model.disable_adapter() if base else contextlib.nullcontext():
-        heldout = losses.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
-                                  progress, per_example=per_example, adapter=adapter)
-        answers = answered.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        heldout = loss_cache.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
+                                      progress, per_example=per_example, adapter=adapter)
+        answers = answer_cache.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
     return {"heldout": heldout, "generation": generation, "answers": answers}
 
