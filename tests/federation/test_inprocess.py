@@ -180,16 +180,17 @@ def test_progress_sees_every_phase_and_each_clients_own_step_count(tiny_override
     result = run(cfg, progress=progress)
 
     # Assert: loading, tokenising, the round-0 and two later evaluations, then the samples (picked by the loss
-    # change, so after training) answered before and after
+    # change, so after training) answered before and after, in shared batches (one phase of both answers)
     phases = [name for _, name, _ in progress.named("phase")]
-    assert phases == ["loading model", "tokenising", "evaluation", "evaluation", "evaluation", "sample answers", "sample answers"]
+    assert phases == ["loading model", "tokenising", "evaluation", "evaluation", "evaluation", "sample answers"]
+    assert progress.named("phase")[-1][2] == 2 * cfg.eval.num_samples
     assert len(progress.named("done")) == len(phases)
     batches = progress.named("phase")[2][2]
     assert batches >= 1 and sum(n for _, name, n in progress.named("advance") if name == "evaluation") == 3 * batches
     # the ETA knows the evaluations and final answers to come, and every step
     fits = records(result.run_dir, "fit")
     (started,) = progress.named("run")
-    assert started[1] == sum(f["steps"] for f in fits) and started[2] == {"evaluation": 2, "sample answers": 2}
+    assert started[1] == sum(f["steps"] for f in fits) and started[2] == {"evaluation": 2, "sample answers": 1}
     # each client's bar counts that client's steps
     told = {(r, c): steps for _, r, c, steps in progress.named("client")}
     assert told == {(f["round"], f["client"]): f["steps"] for f in fits} and len(set(told.values())) > 1

@@ -12,7 +12,8 @@ split the data exactly as this config does (``partition.json`` is checked), so a
 are evaluated on the same held-out rows. Evaluation then loads the base model once and, for
 each model, loads its final adapter (base: LoRA disabled) and measures held-out loss and
 perplexity per category, ROUGE-L and exact match of greedy answers to the same held-out
-prompts, if ``eval.judge.base_url`` is set, LLM-judge scores against the reference answers, and,
+prompts (the trained models answer together, each row of a batch with its own adapter:
+model/row_adapters.py), if ``eval.judge.base_url`` is set, LLM-judge scores against the reference answers, and,
 if ``eval.harness_tasks`` names lm-evaluation-harness tasks, their metrics (evaluation/harness.py).
 """
 
@@ -27,7 +28,7 @@ from typing import Optional
 from fedtune.config import RunConfig, load_config, resume_differences
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.evaluation import harness
-from fedtune.evaluation.evaluate import build_eval_set, evaluate_model, judge_answers, require_sft
+from fedtune.evaluation.evaluate import answer_models, build_eval_set, evaluate_model, judge_answers, require_sft
 from fedtune.evaluation.gaps import answer_intervals, loss_gaps
 from fedtune.evaluation.grading import Question
 from fedtune.federation import baselines, setup
@@ -129,16 +130,19 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
     with progress.phase(LOADING):
         bundle = setup.build_model(cfg)
     evalset = build_eval_set(cfg, bundle, [examples[i] for i in partition.holdout], progress)
+    trained = {name: load_adapter(root / name / FINAL_ADAPTER)[0] for name in names if name != BASE}
+    options = dict(template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.generation_batch_size,
+                   progress=progress)
+    if len(trained) > 1:
+        progress.message(f"compare: answering with {', '.join(trained)} together")
+    answers = answer_models(bundle, evalset, trained, **options)
     results = {}
     for name in names:
         progress.message(f"compare: evaluating {name}")
-        adapter = None if name == BASE else load_adapter(root / name / FINAL_ADAPTER)[0]
-        results[name] = evaluate_model(bundle, evalset, adapter, template=cfg.data.template,
-                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.generation_batch_size, progress=progress,
-                                       per_example=True)
+        results[name] = evaluate_model(bundle, evalset, trained.get(name), per_example=True, answers=answers.get(name), **options)
         if bench is not None:
             progress.message(f"compare: lm-evaluation-harness on {name} ({', '.join(bench[1])})")
-            results[name]["harness"] = harness.evaluate_adapter(bundle, adapter, *bench, limit=cfg.eval.harness_limit,
+            results[name]["harness"] = harness.evaluate_adapter(bundle, trained.get(name), *bench, limit=cfg.eval.harness_limit,
                                                                 batch_size=cfg.eval.batch_size, progress=progress)["values"]
     judge = _judge(cfg, evalset.questions, {n: r["answers"] for n, r in results.items()}, progress)
     per_example = {n: results[n]["heldout"].pop("per_example") for n in names}  # kept out of comparison.json

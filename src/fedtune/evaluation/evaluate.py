@@ -25,6 +25,7 @@ from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
 from fedtune.federation.loader import RUN, folder_kind, load_any_model
 from fedtune.model.lora import load_adapter, set_adapter
+from fedtune.model.row_adapters import answer_each, stackable
 from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
 from fedtune.reporting.progress import JUDGING, LOADING, TOKENISING, Progress
 from fedtune.reporting.report import write_report
@@ -57,11 +58,11 @@ def build_eval_set(cfg: RunConfig, bundle: setup.ModelBundle, examples: Sequence
 
 def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optional[Adapter], *, template: str,
                    max_new_tokens: int, batch_size: int, as_loaded: bool = False, progress: Optional[Progress] = None,
-                   per_example: bool = False) -> dict:
+                   per_example: bool = False, answers: Optional[list[str]] = None) -> dict:
     """``{"heldout", "generation", "answers"}`` with ``adapter`` loaded, or for the base model
     (LoRA disabled) when ``adapter`` is None; with ``as_loaded``, the model as it stands (a
     merged model, or an adapter folder's model). Answers are greedy, ``batch_size`` prompts at
-    a time. The base model's results, and an adapter's held-out loss (a run's final evaluation
+    a time, unless given (``answers``: this model's, generated with others by :func:`answer_models`). The base model's results, and an adapter's held-out loss (a run's final evaluation
     stores it), come from ``evalset.cache`` when stored there. ``progress``
     sees the held-out loss and the generation as phases; with ``per_example``, "heldout" holds
     each example's NLL and token count too (HeldoutEvaluator.evaluate)."""
@@ -74,10 +75,25 @@ def evaluate_model(bundle: setup.ModelBundle, evalset: EvalSet, adapter: Optiona
     with bundle.model.disable_adapter() if base else contextlib.nullcontext():
         heldout = loss_cache.evaluate(bundle, evalset.evaluator, lambda full: evalset.evaluator.evaluate(bundle.model, progress, per_example=full),
                                       progress, per_example=per_example, adapter=adapter)
-        answers = answer_cache.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
-                                              max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        if answers is None:
+            answers = answer_cache.answer_prompts(bundle, [e.instruction for e in chosen], [e.input for e in chosen], template=template,
+                                                  max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     generation = score_answers(answers, [e.output for e in chosen], [e.category for e in chosen])
     return {"heldout": heldout, "generation": generation, "answers": answers}
+
+
+def answer_models(bundle: setup.ModelBundle, evalset: EvalSet, adapters: dict[str, Adapter], *, template: str,
+                  max_new_tokens: int, batch_size: int, progress: Optional[Progress] = None) -> dict[str, list[str]]:
+    """Each adapter's greedy answers to ``evalset``'s answered prompts, generated together in
+    shared batches (model/row_adapters.py); {} for fewer than two adapters or a LoRA that does
+    not stack (:func:`evaluate_model` then answers one model at a time)."""
+    if len(adapters) < 2 or not stackable(bundle.model):
+        return {}
+    chosen = [evalset.examples[i] for i in evalset.answered]
+    answers = answer_each(bundle.model, bundle.params, list(adapters.values()), bundle.tokenizer, [e.instruction for e in chosen],
+                          inputs=[e.input for e in chosen], template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          progress=progress)
+    return dict(zip(adapters, answers))
 
 
 def judge_answers(judge: JudgeConfig, questions: list[Question], answers: dict[str, list[str]],
