@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from fedtune.data.demo import demo_examples
 from fedtune.data.prompts import encode_pairs, render_example
-from fedtune.evaluation.heldout import HeldoutEvaluator, eval_groups
+from fedtune.data.prompts import Encoded
+from fedtune.evaluation.heldout import HeldoutEvaluator, eval_groups, prompt_prefix
 from fedtune.federation import setup
 from fedtune.model.attention import use_packed_attention
 from tests.lora_model import active_lora_model
@@ -58,15 +59,41 @@ def test_packed_evaluation_equals_padded_and_one_at_a_time(model, tokenizer, n, 
     pad = tokenizer.pad_token_id
     packed = HeldoutEvaluator(examples, categories, batch_size=4, pad_id=pad, packing=True, max_tokens=max_tokens)
     padded = HeldoutEvaluator(examples, categories, batch_size=4, pad_id=pad, packing=False, max_tokens=max_tokens)
+    shared = HeldoutEvaluator(examples, categories, batch_size=4, pad_id=pad, packing=True, max_tokens=max_tokens, shared_prefix=True)
     ref = one_at_a_time(model, examples, categories)
-    a, b = packed.evaluate(model), padded.evaluate(model)
+    a, b, c = packed.evaluate(model), padded.evaluate(model), shared.evaluate(model)
     assert_matches(a, ref)
     assert_matches(b, ref)
-    assert a["examples"] == b["examples"] == n
+    assert_matches(c, ref)  # the common start run once, every example attending to it
+    cut = shared.batching["shared_prefix"]
+    assert cut >= 20 and packed.batching["shared_prefix"] == 0  # the chat template's system prompt, at least
+    assert sum(batch["input_ids"].numel() for batch, _ in shared.batches) == sum(int(e.input_ids.numel()) - cut for e in examples)
+    assert a["examples"] == b["examples"] == c["examples"] == n
     assert all(batch["input_ids"].shape[0] == 1 and "segments" in batch for batch, _ in packed.batches)  # no padding
     assert sum(batch["input_ids"].numel() for batch, _ in packed.batches) == sum(int(e.input_ids.numel()) for e in examples)
     if max_tokens is not None and max_length > max_tokens:
         assert len(packed.batches) == n
+
+
+def test_the_shared_prefix_stays_inside_every_prompt():
+    def row(ids, prompt_len):
+        return Encoded(torch.tensor(ids), prompt_len)
+
+    same = [1, 2, 3, 4, 5, 6]
+    assert prompt_prefix([row(same + [7, 8], 7), row(same + [9], 8)]) == 6
+    assert prompt_prefix([row(same + [7, 8], 4), row(same + [9], 8)]) == 0  # 3 tokens before the first response token: too few
+    assert prompt_prefix([row(same + [7, 8], 6), row(same + [9, 9], 8)]) == 5  # leaves the token that predicts the response
+    assert prompt_prefix([row([0] + same, 7), row(same + [9], 7)]) == 0  # different first tokens
+    assert prompt_prefix([]) == 0
+
+
+def test_shared_prefix_evaluation_stays_close_under_bf16(model, tokenizer):
+    examples, categories = encoded(tokenizer, 6, 64)
+    kw = dict(batch_size=4, pad_id=tokenizer.pad_token_id, packing=True, max_tokens=200, precision="bf16")
+    plain = HeldoutEvaluator(examples, categories, **kw)
+    shared = HeldoutEvaluator(examples, categories, shared_prefix=True, **kw)
+    assert shared.cache_key() != plain.cache_key()  # other numbers: never reused for each other
+    assert numbers_close(shared.evaluate(model)["loss"], plain.evaluate(model)["loss"], 0.02)
 
 
 def test_eval_groups_cover_every_position_once_within_the_budget():

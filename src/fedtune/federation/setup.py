@@ -40,6 +40,7 @@ from fedtune.federation.rundir import CLIENT_STATE, CONFIG_FILE, PARTITION_FILE,
 from fedtune.model.attention import use_packed_attention
 from fedtune.model.base import cache_root, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from fedtune.model.frozen import store_in
+from fedtune.model.forward import caches_every_position
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, load_adapter
 from fedtune.privacy.dpfedavg import DPFedAvg
 from fedtune.reporting.progress import Progress
@@ -350,15 +351,16 @@ def build_evaluator(cfg: RunConfig, bundle: ModelBundle, encoded: list, categori
     moving per-round reference would make rounds incomparable)."""
     pad_id, batch_size = bundle.tokenizer.pad_token_id, cfg.eval.batch_size
     # batched as training batches: packed (per-example attention), cut at the same token budget, same autocast
-    lean = dict(packing=cfg.train.packing and use_packed_attention(bundle.model),
-                max_tokens=batch_token_limit(cfg.train.max_batch_tokens, bundle.device), precision=bundle.precision)
+    packing = cfg.train.packing and use_packed_attention(bundle.model)
+    lean = dict(packing=packing, max_tokens=batch_token_limit(cfg.train.max_batch_tokens, bundle.device), precision=bundle.precision)
     if cfg.task == "dpo":
         d = cfg.dpo
         return PreferenceEvaluator(
             encoded, categories, params=bundle.params, reference_adapter=None if d.reference == "base" else bundle.initial_adapter,
             batch_size=batch_size, pad_id=pad_id, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing, **lean,
         )
-    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id, **lean)
+    shared = packing and caches_every_position(bundle.model)  # the prompts' common start run once (evaluation/heldout.py)
+    return HeldoutEvaluator(encoded, categories, batch_size=batch_size, pad_id=pad_id, shared_prefix=shared, **lean)
 
 
 def build_base_cache(cfg: RunConfig) -> BaseEvalCache:

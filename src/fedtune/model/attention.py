@@ -15,6 +15,11 @@ grew ~10 MB per step without end (benchmarks/results/shape_memory.json). Padding
 lengths to max_length / 16 shapes. It is exact: attention is causal, so a real query never
 sees the pad keys after it, and the pad queries' outputs (and gradients) are dropped.
 
+A packed row may also carry ``fedtune_prefix``: the keys and values, per layer, of tokens
+that every example of the row starts with (a chat template's system prompt) and that were
+cut off before packing (evaluation/heldout.py). Each example then attends to those keys
+first and to its own causally, exactly as if its prefix were still in front of it.
+
 The function is registered with transformers' attention interface as ``fedtune_sdpa``; it
 is plain SDPA unless the forward call carries ``fedtune_segments`` (the example lengths of
 a packed row, see ``data.prompts.pack``), so generation and padded batches are unchanged.
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 NAME = "fedtune_sdpa"
 SEGMENTS = "fedtune_segments"
+PREFIX = "fedtune_prefix"
 CPU_LOW_PRECISION_MULTIPLE = 16
 
 
@@ -37,6 +43,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     segments = kwargs.pop(SEGMENTS, None)
+    prefix = kwargs.pop(PREFIX, None)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -44,14 +51,20 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     lengths = segments.tolist()
     gqa = query.shape[1] != key.shape[1]
     multiple = CPU_LOW_PRECISION_MULTIPLE if query.device.type == "cpu" and sdpa_dtype(query) in LOW_PRECISION else 1
+    before_k, before_v = prefix[module.layer_idx] if prefix is not None else (None, None)
 
     def attend(q, k, v):
+        start = 0
+        if before_k is not None:  # the prefix in front, with zero queries whose outputs are dropped: plain causal attention
+            start = before_k.shape[2]
+            q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], start, q.shape[3]), q], 2)
+            k, v = torch.cat([before_k.to(k.dtype), k], 2), torch.cat([before_v.to(v.dtype), v], 2)
         n = q.shape[2]
         pad = -n % multiple
         if pad:  # zeros after the example's end: causal, so no real query attends to them
             q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-        return out[:, :, :n] if pad else out
+        return out[:, :, start:n] if pad or start else out
 
     pieces = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
@@ -84,3 +97,16 @@ def use_packed_attention(model) -> bool:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as SDPA for padded batches
     model.set_attn_implementation(NAME)
     return True
+
+
+def kv_cache(output) -> tuple[str, Optional[object]]:
+    """(the output field's name, the KV cache) of a forward run with ``use_cache``; the cache is
+    None unless every layer keeps all positions (transformers' DynamicLayer: not sliding windows
+    or hybrid layers), the only kind a shared prefix is cut from. transformers 5 renamed the
+    field from ``past_key_values`` to ``cache``."""
+    from transformers.cache_utils import DynamicLayer
+
+    name = "cache" if "cache" in output else "past_key_values"
+    layers = getattr(output[name], "layers", None)
+    plain = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return name, output[name] if plain else None

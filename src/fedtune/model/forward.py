@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fedtune.model.attention import SEGMENTS
+from fedtune.model.attention import PREFIX, SEGMENTS, kv_cache
 
 # Families whose CausalLM forward is exactly lm_head(decoder(x).last_hidden_state):
 # no logit soft-capping or scaling between the two.
@@ -51,13 +51,15 @@ def sequence_nll(
     attention_mask: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
     segments: Optional[torch.Tensor] = None,
+    prefix: Optional[list] = None,
 ):
     """Return (nll per row (b,), labelled tokens per row (b,)), summed over each row's
     labelled positions. Positions with label -100 do not count.
 
     A packed batch (``data.prompts.pack``: one row, ``position_ids`` and the example lengths
     in ``segments`` (k,)) gives one entry per example (k,) instead, with exact per-example
-    attention (model/attention.py)."""
+    attention (model/attention.py); ``prefix`` (:func:`prefix_states`) puts the same leading
+    tokens, cut off before packing, back in front of every example."""
     targets = labels[:, 1:]  # (b, t-1): token t+1 is predicted at position t
     mask = targets != -100  # (b, t-1)
     if segments is None:
@@ -65,6 +67,8 @@ def sequence_nll(
         rows, count = mask.nonzero(as_tuple=True)[0], input_ids.shape[0]  # (n,) row of each labelled position
     else:
         inputs = {"input_ids": input_ids, "position_ids": position_ids, SEGMENTS: segments}
+        if prefix is not None:
+            inputs[PREFIX] = prefix
         example = torch.repeat_interleave(torch.arange(len(segments), device=segments.device), segments)  # (t,)
         rows, count = example[:-1].to(input_ids.device)[mask[0]], len(segments)  # (n,) example of each labelled position
     parts = _body_and_head(model)
@@ -80,6 +84,26 @@ def sequence_nll(
         token_nll = _token_nll(lambda s: logits[s], targets[mask])
     nll = torch.zeros(count, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)  # (b,) or (k,)
     return nll, torch.bincount(rows, minlength=count)
+
+
+def prefix_states(model, prefix_ids: torch.Tensor) -> Optional[list]:
+    """Each layer's (keys, values), (1, kv heads, p, head dim), of the tokens ``prefix_ids`` (p,)
+    at positions 0..p-1, for :func:`sequence_nll`'s ``prefix``; None where the model's KV cache
+    is not a plain one (model/attention.py ``kv_cache``)."""
+    _, cache = kv_cache(model(input_ids=prefix_ids[None], use_cache=True, logits_to_keep=1))
+    return None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.inference_mode()
+def caches_every_position(model) -> bool:
+    """True when ``model``'s KV cache is a plain one (:func:`prefix_states` works): one token
+    run in eval mode, so no dropout draws from the caller's random generator."""
+    was_training = model.training
+    model.eval()
+    try:
+        return prefix_states(model, torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)) is not None
+    finally:
+        model.train(was_training)
 
 
 def _token_nll(logits_of, targets: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 
 from fedtune.data.prompts import render_prompt
+from fedtune.model.attention import kv_cache
 from fedtune.reporting.progress import GENERATION, Progress
 
 DEFAULT_BATCH_SIZE = 32
@@ -98,13 +99,12 @@ def _decode(model, tokenizer, rows: list[list[int]], groups: list[int], route: R
         variants = sorted(set(groups))  # the prefix's keys and values depend on the adapter
         prefix = torch.tensor(rows[0][:shared], device=device)
         with route(variants):
-            output = model(input_ids=prefix.expand(len(variants), -1), use_cache=True, logits_to_keep=1)
-        name = "cache" if "cache" in output else "past_key_values"  # transformers renamed it (5.x)
-        if not _plain_cache(output[name]):  # sliding windows, hybrid layers: every row prefilled whole
+            name, cache = kv_cache(model(input_ids=prefix.expand(len(variants), -1), use_cache=True, logits_to_keep=1))
+        if cache is None:  # sliding windows, hybrid layers: every row prefilled whole
             shared = 0
         else:
-            output[name].reorder_cache(torch.tensor([variants.index(g) for g in groups], device=device))
-            given = {name: output[name]}
+            cache.reorder_cache(torch.tensor([variants.index(g) for g in groups], device=device))
+            given = {name: cache}
     rest = tokenizer.pad({"input_ids": [r[shared:] for r in rows]}, return_tensors="pt").to(device)  # (b, t) left-padded
     input_ids, mask = rest["input_ids"], rest["attention_mask"]
     if shared:
@@ -122,14 +122,6 @@ def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
     while n < limit and all(r[n] == first[n] for r in rows):
         n += 1
     return n
-
-
-def _plain_cache(cache) -> bool:
-    """A cache whose every layer keeps all positions (transformers' DynamicLayer)."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
