@@ -2,8 +2,9 @@
 wall time of ``fedtune compare configs/demo-compare.yaml`` before/after with its evaluation share.
 
 1. Held-out evaluation throughput, in one process: the demo-compare held-out set (80 rows) on
-   SmolLM2-135M, evaluated padded (the old path) and packed (per-example attention, the
-   training token budget), alternately, best of ``--repeats``; and training real tokens/s
+   SmolLM2-135M, evaluated padded (the old path), packed (per-example attention, the
+   training token budget) and as ``fedtune`` now evaluates (packed, training's precision, the
+   shared prompt prefix run once), alternately, best of ``--repeats``; and training real tokens/s
    (LocalTrainer, the demo-compare settings) on the same model.
 2. Compare wall time: the same compare run by the code of ``--before`` (a git revision,
    unpacked with ``git archive``; default: the commit before lean evaluation) and by this
@@ -70,10 +71,11 @@ def heldout_throughput(repeats: int) -> dict:
                                    packing=True, max_tokens=budget),
         f"packed+{bundle.precision}": HeldoutEvaluator(held, cats, batch_size=cfg.eval.batch_size, pad_id=bundle.tokenizer.pad_token_id,
                                                        packing=True, max_tokens=budget, precision=bundle.precision),
-    }  # padded: the old path (fp32, padded); packed+<precision>: what setup.build_evaluator builds now
+        "now": setup.build_evaluator(cfg, bundle, held, cats),
+    }  # padded: the old path (fp32, padded); now: what setup.build_evaluator builds (+ the shared prompt prefix run once)
     for ev in evaluators.values():  # warm-up: one-time kernel and allocator costs are not the evaluator's
         HeldoutEvaluator(held[:4], cats[:4], batch_size=4, pad_id=0, packing=ev.batching["packing"],
-                         precision=ev.batching["precision"]).evaluate(bundle.model)
+                         precision=ev.batching["precision"], shared_prefix=bool(ev.batching["shared_prefix"])).evaluate(bundle.model)
     real = sum(int(e.input_ids.numel()) for e in held)
     best, loss = {}, {}
     for _ in range(repeats):
@@ -92,7 +94,8 @@ def heldout_throughput(repeats: int) -> dict:
         "eval_real_tokens_per_s": {n: real / s for n, s in best.items()},
         "eval_seconds": best, "heldout_loss": loss,
         "packed_vs_padded": best["padded"] / best["packed"],
-        "now_vs_padded": best["padded"] / best[f"packed+{bundle.precision}"],
+        "now_vs_padded": best["padded"] / best["now"], "now_batching": evaluators["now"].batching,
+        "now_real_tokens_run": real - len(held) * evaluators["now"].batching["shared_prefix"],
         "train_real_tokens_per_s": fit.metrics["real_tokens"] / fit.metrics["seconds"],
         "train_precision": bundle.precision, "train_steps": fit.metrics["steps"],
         "torch_threads": torch.get_num_threads(),

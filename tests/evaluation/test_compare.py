@@ -113,7 +113,7 @@ def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, ju
     # evaluation shows progress: load, tokenise, the trained models' answers (together), then the judge calls
     names = [n for n, _ in progress.phases]  # held-out losses (the runs' final ones) and base answers come from the cache
     assert names == ["loading model", "tokenising", "generating answers", "judge calls"]
-    assert "compare: answering with local-1, federated, centralized together" in progress.lines
+    assert "compare: answered with local-1, federated, centralized together" in progress.lines
     assert sum("from the evaluation cache" in m for m in progress.lines) == 2 + 3
     judge_calls = 2 * (1 + 4 * (1 + 2))  # 2 questions: reference ratings; per model, a rating and two pairwise verdicts
     assert progress.phases[-1] == ("judge calls", judge_calls) and progress.advanced["judge calls"] == judge_calls

@@ -1,6 +1,7 @@
 """Batched greedy generation answers exactly as one prompt at a time."""
 
 import pytest
+import torch
 
 from fedtune.model.generate import batch_bounds, generate, generate_ids, render_prompts
 from fedtune.reporting.progress import Progress
@@ -41,6 +42,33 @@ def test_batched_greedy_tokens_equal_one_at_a_time(model, tokenizer):
     assert batched == alone
     assert counter.done == len(PROMPTS)
     assert model.training and tokenizer.padding_side == "right"  # mode and padding side restored
+
+
+def test_the_shared_prefix_is_run_once_per_batch_and_not_where_the_cache_cannot_hold_it(model, tokenizer, tmp_path, monkeypatch):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fedtune.model import generate as module
+    from fedtune.model.base import load_model
+
+    seen = []
+    real = module.kv_cache
+    monkeypatch.setattr(module, "kv_cache", lambda output: seen.append(real(output)) or seen[-1])
+    texts = render_prompts(tokenizer, PROMPTS, None, "chat")
+    alone = generate_ids(model, tokenizer, texts, add_special_tokens=False, max_new_tokens=6, batch_size=1)
+    assert seen == []  # one prompt per batch: nothing shared
+    assert generate_ids(model, tokenizer, texts, add_special_tokens=False, max_new_tokens=6, batch_size=4) == alone
+    assert len(seen) == 2 and all(cache is not None for _, cache in seen)  # 4 + 3 prompts: one prefix pass each
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    windowed = load_model(str(tmp_path), dtype=torch.float32, device=torch.device("cpu"))
+    seen.clear()
+    one = generate_ids(windowed, tokenizer, texts, add_special_tokens=False, max_new_tokens=6, batch_size=1)
+    assert generate_ids(windowed, tokenizer, texts, add_special_tokens=False, max_new_tokens=6, batch_size=3) == one
+    assert [cache for _, cache in seen] == [None]  # a sliding window: tried once, then every row prefilled whole
 
 
 def test_generate_answers_in_prompt_order(model, tokenizer):

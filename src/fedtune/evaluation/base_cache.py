@@ -3,8 +3,9 @@
 In a ``fedtune compare`` every run starts from the same base model (LoRA B = 0: the initial
 adapter adds exactly zero, so the model computes what the base computes) and evaluates it on
 the same held-out rows: base, each local-only client, federated and centralized all measured
-the same round-0 loss and answered the same sample prompts. ``fedtune eval --base`` measures
-it once more. A :class:`BaseEvalCache` keeps each such result in a small JSON file named by
+the same round-0 loss and answered the same configured sample prompts (samples picked after
+training are answered with the final adapter in one pass, not from here). ``fedtune eval
+--base`` measures it once more. A :class:`BaseEvalCache` keeps each such result in a small JSON file named by
 the SHA-256 of everything that determines it:
 
 - the model: the content of every file in the base model's folder (weights, config,
@@ -14,7 +15,8 @@ the SHA-256 of everything that determines it:
 - what is evaluated: the held-out rows' token ids, prompt lengths and categories, or the
   rendered prompt texts;
 - the settings that shape the result: batching and packing of the held-out loss, the DPO
-  loss settings and reference, ``max_new_tokens`` and the batch size of the answers.
+  loss settings and reference, ``max_new_tokens``, the batch size of the answers and how they
+  are prefilled.
 
 A changed held-out set, model file, template, ``data.max_length`` or setting gives another key,
 so nothing stale is reused. Answers are cached for the base (adapter disabled, or a no-op
@@ -54,6 +56,9 @@ from fedtune.types import Adapter
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
+
+
+PREFILL = "shared prefix once per batch"  # how answers are computed (model/generate.py): other float sums than a full prefill
 
 
 @functools.cache
@@ -172,7 +177,7 @@ class BaseEvalCache:
         if model is None:
             return compute() if texts else []
         key = {"kind": "answers", "texts": digest(list(texts)), "add_special_tokens": add_special_tokens,
-               "max_new_tokens": max_new_tokens, "batch_size": batch_size, **model}
+               "max_new_tokens": max_new_tokens, "batch_size": batch_size, "prefill": PREFILL, **model}
         stored = stored_dtype(bundle.model)  # a training process's bf16 projections answer differently outside autocast
         if stored is not None:  # (losses, computed under autocast, are the same: model/frozen.py)
             key["projections"] = str(stored)

@@ -133,9 +133,9 @@ def _compare(cfg: RunConfig, progress: Progress, stop: threading.Event) -> Compa
     trained = {name: load_adapter(root / name / FINAL_ADAPTER)[0] for name in names if name != BASE}
     options = dict(template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.generation_batch_size,
                    progress=progress)
-    if len(trained) > 1:
-        progress.message(f"compare: answering with {', '.join(trained)} together")
     answers = answer_models(bundle, evalset, trained, **options)
+    if answers:
+        progress.message(f"compare: answered with {', '.join(trained)} together")
     results = {}
     for name in names:
         progress.message(f"compare: evaluating {name}")

@@ -25,7 +25,7 @@ from fedtune.evaluation.heldout import HeldoutEvaluator
 from fedtune.federation import setup
 from fedtune.federation.loader import RUN, folder_kind, load_any_model
 from fedtune.model.lora import load_adapter, set_adapter
-from fedtune.model.row_adapters import answer_each, stackable
+from fedtune.model.row_adapters import answer_each, stacks
 from fedtune.federation.rundir import CONFIG_FILE, EVALUATIONS, PARTITION_FILE
 from fedtune.reporting.progress import JUDGING, LOADING, TOKENISING, Progress
 from fedtune.reporting.report import write_report
@@ -87,7 +87,7 @@ def answer_models(bundle: setup.ModelBundle, evalset: EvalSet, adapters: dict[st
     """Each adapter's greedy answers to ``evalset``'s answered prompts, generated together in
     shared batches (model/row_adapters.py); {} for fewer than two adapters or a LoRA that does
     not stack (:func:`evaluate_model` then answers one model at a time)."""
-    if len(adapters) < 2 or not stackable(bundle.model):
+    if not stacks(bundle.model, list(adapters.values())):
         return {}
     chosen = [evalset.examples[i] for i in evalset.answered]
     answers = answer_each(bundle.model, bundle.params, list(adapters.values()), bundle.tokenizer, [e.instruction for e in chosen],

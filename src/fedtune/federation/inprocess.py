@@ -60,7 +60,7 @@ from fedtune.federation.rundir import (
 )
 from fedtune.federation.sharing import write_portable_adapter
 from fedtune.model.lora import set_adapter
-from fedtune.model.row_adapters import answer_each
+from fedtune.model.row_adapters import answer_each, stackable
 from fedtune.privacy.dpfedavg import DPFedAvg, epsilon_fields
 from fedtune.reporting.curves import EVAL_PLOT, plot_eval
 from fedtune.reporting.metrics import MetricsLog, read_metrics
@@ -309,7 +309,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, ckpt: Optional[Checkpoint], progr
     remaining = sum(fed.clients.steps(c, r) for r in range(start + 1, last + 1) for c in fed.schedule(r))
     # the ETA counts the evaluations and the final sample answers still to come, timed by those done
     pending = {EVALUATION: sum(evaluates(cfg, r, last) for r in range(start + 1, last + 1)),
-               SAMPLES: 1 if prompts else int(cfg.eval.num_samples > 0)}  # configured: the after answers; picked: both at once
+               SAMPLES: 1 if prompts else int(cfg.eval.num_samples > 0) * (1 if stackable(bundle.model) else 2)}
+    # configured: the after answers; picked: both, at once where the adapters stack (model/row_adapters.py)
     progress.run_started(cfg.federation.rounds, start, remaining, pending)
     try:
         global_adapter, result.rounds_done, result.final_eval = run_rounds(fed, start, global_adapter, state)

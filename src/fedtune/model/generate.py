@@ -75,13 +75,14 @@ def generate_ids(
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     out: dict[int, list[int]] = {}
+    share = [True]  # off for the rest of the call once the model's cache turns out not to be a plain one
     try:
         with (progress or Progress()).phase(phase, len(texts)) as shown:
             for start, stop_at in batch_bounds(len(order), batch_size):
                 chunk = order[start:stop_at]
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(seed + start)  # sampling is reproducible and leaves the caller's RNG alone
-                    new = _decode(model, tokenizer, [ids[i] for i in chunk], [groups[i] for i in chunk], route, device, kwargs)
+                    new = _decode(model, tokenizer, [ids[i] for i in chunk], [groups[i] for i in chunk], route, device, kwargs, share)
                 for i, row in zip(chunk, new):
                     out[i] = _until_eos(row, stop)
                 shown.advance(len(chunk))
@@ -91,17 +92,19 @@ def generate_ids(
     return [out[i] for i in range(len(texts))]
 
 
-def _decode(model, tokenizer, rows: list[list[int]], groups: list[int], route: Route, device, kwargs: dict) -> list[list[int]]:
-    """The generated tokens of one batch of tokenised prompts (module doc: the shared prefix)."""
-    shared = shared_prefix(rows) if len(rows) > 1 else 0
+def _decode(model, tokenizer, rows: list[list[int]], groups: list[int], route: Route, device, kwargs: dict,
+            share: list[bool]) -> list[list[int]]:
+    """The generated tokens of one batch of tokenised prompts (module doc: the shared prefix;
+    ``share[0]`` is cleared when the model's cache cannot hold one)."""
+    shared = shared_prefix(rows) if len(rows) > 1 and share[0] else 0
     given = {}
     if shared >= SHARED_PREFIX_MIN:
         variants = sorted(set(groups))  # the prefix's keys and values depend on the adapter
         prefix = torch.tensor(rows[0][:shared], device=device)
         with route(variants):
             name, cache = kv_cache(model(input_ids=prefix.expand(len(variants), -1), use_cache=True, logits_to_keep=1))
-        if cache is None:  # sliding windows, hybrid layers: every row prefilled whole
-            shared = 0
+        if cache is None:  # sliding windows, hybrid layers: every row prefilled whole, in this batch and the next
+            shared, share[0] = 0, False
         else:
             cache.reorder_cache(torch.tensor([variants.index(g) for g in groups], device=device))
             given = {name: cache}

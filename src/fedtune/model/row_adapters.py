@@ -33,6 +33,11 @@ BASE = -1  # the group of rows answered by the base model (LoRA off)
 ADAPTER = "default"
 
 
+class RowsUnknown(RuntimeError):
+    """An adapted layer sees its input without the batch's rows (a mixture-of-experts block
+    flattens them), so the rows cannot be told apart there."""
+
+
 def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
     """Qualified name -> PEFT LoRA layer of ``peft_model``, named as the adapter keys name it."""
     from peft.tuners.lora.layer import LoraLayer
@@ -79,16 +84,21 @@ class RowAdapters:
         return a, b
 
     def _masks(self, groups: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Each layer's (rows, 1, K r) mask; layers of the same rank, scaling and dtype share one."""
+        made: dict[tuple, torch.Tensor] = {}
         masks = {}
         for name, (a, _) in self.stacks.items():
             layer = self.layers[name]
-            r = layer.r[ADAPTER]
-            mask = torch.zeros(len(groups), 1, a.shape[0], dtype=a.dtype, device=a.device)
-            for row, g in enumerate(groups):
-                block = None if g == BASE else self.block[g]
-                if block is not None:
-                    mask[row, 0, block * r:(block + 1) * r] = layer.scaling[ADAPTER]
-            masks[name] = mask
+            r, scaling = layer.r[ADAPTER], layer.scaling[ADAPTER]
+            kind = (r, scaling, a.shape[0], a.dtype, a.device)
+            if kind not in made:
+                mask = torch.zeros(len(groups), 1, a.shape[0], dtype=a.dtype, device=a.device)
+                for row, g in enumerate(groups):
+                    block = None if g == BASE else self.block[g]
+                    if block is not None:
+                        mask[row, 0, block * r:(block + 1) * r] = scaling
+                made[kind] = mask
+            masks[name] = made[kind]
         return masks
 
     @contextlib.contextmanager
@@ -108,8 +118,8 @@ class RowAdapters:
 
         def add_rows(module, args, result):
             x = args[0]
-            if x.shape[0] != mask.shape[0]:
-                raise RuntimeError(f"row adapters routed {mask.shape[0]} rows, the forward has {x.shape[0]}")
+            if x.dim() < 3 or x.shape[0] != mask.shape[0]:  # e.g. a mixture-of-experts block's flattened tokens
+                raise RowsUnknown(f"row adapters routed {mask.shape[0]} rows; {name} sees input of shape {tuple(x.shape)}")
             with torch.autocast(device_type=x.device.type, enabled=False):  # the rank-r matmuls in the adapter's dtype
                 h = F.linear(x.to(a.dtype), a) * mask  # (b, t, K r): each row's own block, scaled
                 out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
@@ -117,6 +127,25 @@ class RowAdapters:
             return out.view(result.shape)
 
         return add_rows
+
+
+def stacks(model, adapters: Sequence[Optional[Adapter]]) -> bool:
+    """True when ``adapters`` (two or more) can answer in shared batches on ``model``: its LoRA is
+    :func:`stackable` and every adapted layer sees the batch's rows (a two-row, two-token
+    forward, in eval mode, so no dropout draws from the caller's random generator)."""
+    if len(adapters) < 2 or not stackable(model):
+        return False
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode(), RowAdapters(model, adapters[:2]).route([0, 1]):
+            model(input_ids=torch.zeros(2, 2, dtype=torch.long, device=device))
+        return True
+    except RowsUnknown:
+        return False
+    finally:
+        model.train(was_training)
 
 
 def answer_each(model, params: dict, adapters: Sequence[Optional[Adapter]], tokenizer, prompts: Sequence[str], *,
@@ -128,7 +157,7 @@ def answer_each(model, params: dict, adapters: Sequence[Optional[Adapter]], toke
     n = len(prompts)
     if not n:
         return [[] for _ in adapters]
-    if len(adapters) > 1 and stackable(model):
+    if stacks(model, adapters):
         rows = RowAdapters(model, adapters)
         flat = generate(model, tokenizer, list(prompts) * len(adapters), inputs=list(inputs) * len(adapters),
                         groups=[k for k in range(len(adapters)) for _ in range(n)], route=rows.route, **kwargs)
