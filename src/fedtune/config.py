@@ -312,7 +312,9 @@ class JudgeConfig:
 @dataclass
 class EvalConfig:
     every: int = _f(1, "evaluate the global adapter every N rounds (and always after the last)", ge=1)
-    batch_size: int = _f(8, "examples per evaluation batch (packed and cut at train.max_batch_tokens as in training)", ge=1)
+    batch_size: int = _f(8, "examples per evaluation batch of padded rows (a model without packed attention), or of packed rows "
+                         "where tokens are unbounded (CUDA without train.max_batch_tokens); packed rows are cut at 4x "
+                         "train.max_batch_tokens alone (no gradients: nothing is kept for backward)", ge=1)
     generation_batch_size: int = _f(32, "most prompts answered together (left-padded, KV cache; split into near-equal batches) for ROUGE-L / "
                                     "exact match and sample answers", ge=1)
     base_cache: bool = _f(True, "evaluate the base model (and a run's round 0 from a fresh adapter) once per model, held-out set and "

@@ -102,6 +102,16 @@ def test_eval_groups_cover_every_position_once_within_the_budget():
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     assert all(len(g) == 1 or sum(sizes[i] for i in g) <= 40 for g in groups)
     assert eval_groups(sizes, batch_size=3, max_tokens=None, packed=False) == [[5, 0, 2], [3, 4, 6], [1]]
+    # packed under a budget: the budget alone cuts (no padding to limit), so the fewest rows
+    assert eval_groups(sizes, batch_size=2, max_tokens=100, packed=True) == [[1, 6], [4, 3, 2, 0, 5]]
+    assert eval_groups(sizes, batch_size=2, max_tokens=None, packed=True) == [[5, 0], [2, 3], [4, 6], [1]]  # unbounded: batch_size
+
+
+def test_held_out_batches_hold_four_times_the_training_tokens():
+    from fedtune.federation.setup import eval_token_limit
+
+    assert eval_token_limit(None, torch.device("cpu")) == 4 * 1024 and eval_token_limit(500, torch.device("cpu")) == 2000
+    assert eval_token_limit(None, torch.device("cuda")) is None
 
 
 def test_evaluation_runs_in_the_training_precision(model, tokenizer):

@@ -34,8 +34,11 @@ from fedtune.reporting.progress import HELDOUT, Progress
 def eval_groups(sizes: Sequence[int], batch_size: int, max_tokens: Optional[int], packed: bool) -> list[list[int]]:
     """Positions into ``sizes`` grouped into evaluation batches: sorted by size (little
     padding), ``batch_size`` per group, each group cut at ``max_tokens`` (None: uncut) as
-    training cuts its micro-batches. Every position appears once. Pure."""
+    training cuts its micro-batches. Packed rows under a token budget are cut at the budget
+    alone (no padding to limit, so the fewest rows). Every position appears once. Pure."""
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    if packed and max_tokens is not None:
+        return split_by_tokens(order, sizes, max_tokens, packed)
     groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if max_tokens is None:
         return groups

@@ -17,8 +17,9 @@ sees the pad keys after it, and the pad queries' outputs (and gradients) are dro
 
 A packed row may also carry ``fedtune_prefix``: the keys and values, per layer, of tokens
 that every example of the row starts with (a chat template's system prompt) and that were
-cut off before packing (evaluation/heldout.py). Each example then attends to those keys
-first and to its own causally, exactly as if its prefix were still in front of it.
+cut off before packing (evaluation/heldout.py). Each example's keys and values are put behind
+them, with zero queries at the prefix positions whose outputs are dropped, so the same causal
+kernel attends exactly as if the prefix were still in front of the example.
 
 The function is registered with transformers' attention interface as ``fedtune_sdpa``; it
 is plain SDPA unless the forward call carries ``fedtune_segments`` (the example lengths of
