@@ -28,6 +28,7 @@ from fedtune.data.batching import split_by_tokens
 from fedtune.data.prompts import Encoded, collate, pack
 from fedtune.evaluation.base_cache import encoded_digest
 from fedtune.model.forward import prefix_states, sequence_nll
+from fedtune.model.generate import SHARED_PREFIX_MIN, shared_prefix
 from fedtune.reporting.progress import HELDOUT, Progress
 
 
@@ -45,19 +46,13 @@ def eval_groups(sizes: Sequence[int], batch_size: int, max_tokens: Optional[int]
     return [piece for g in groups for piece in split_by_tokens(g, sizes, max_tokens, packed)]
 
 
-SHARED_PREFIX_MIN = 4  # shared tokens worth a forward of their own
-
-
 def prompt_prefix(examples: Sequence[Encoded]) -> int:
     """How many leading tokens every example shares, within every prompt and leaving each
     example the last prompt token (which predicts its first response token); 0 below
-    :data:`SHARED_PREFIX_MIN`. Pure."""
-    limit = min((e.prompt_len - 1 for e in examples), default=0)
-    if limit < SHARED_PREFIX_MIN:
+    :data:`~fedtune.model.generate.SHARED_PREFIX_MIN`. Pure."""
+    if not examples:
         return 0
-    heads = torch.stack([e.input_ids[:limit] for e in examples])  # (n, limit)
-    same = (heads == heads[0]).all(0).long().cumprod(0)  # 1 while every example agrees
-    n = int(same.sum())
+    n = shared_prefix([e.input_ids[: e.prompt_len].tolist() for e in examples])  # generation's count, on the prompts
     return n if n >= SHARED_PREFIX_MIN else 0
 
 
