@@ -78,6 +78,14 @@ def get_adapter(params: dict[str, torch.nn.Parameter]) -> Adapter:
 
 def set_adapter(params: dict[str, torch.nn.Parameter], adapter: Adapter) -> None:
     """Copy ``adapter`` into the live parameters; keys and shapes must match exactly."""
+    check_fits(params, adapter)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(adapter[k])
+
+
+def check_fits(params: dict[str, torch.nn.Parameter], adapter: Adapter) -> None:
+    """Raise :class:`CheckpointError` unless ``adapter`` has exactly the keys and shapes of ``params``."""
     if adapter.keys() != params.keys():
         missing = sorted(params.keys() - adapter.keys())
         extra = sorted(adapter.keys() - params.keys())
@@ -85,14 +93,12 @@ def set_adapter(params: dict[str, torch.nn.Parameter], adapter: Adapter) -> None
             f"adapter does not fit this model (missing {missing[:2]}, unexpected {extra[:2]}); "
             "check model.name and lora.* against the adapter's run"
         )
-    with torch.no_grad():
-        for k, p in params.items():
-            if p.shape != adapter[k].shape:
-                raise CheckpointError(
-                    f"adapter tensor {k} has shape {tuple(adapter[k].shape)}, the model expects {tuple(p.shape)}; "
-                    "check lora.r and model.name"
-                )
-            p.copy_(adapter[k])
+    for k, p in params.items():
+        if p.shape != adapter[k].shape:
+            raise CheckpointError(
+                f"adapter tensor {k} has shape {tuple(adapter[k].shape)}, the model expects {tuple(p.shape)}; "
+                "check lora.r and model.name"
+            )
 
 
 def zeros_like(adapter: Adapter) -> Adapter:

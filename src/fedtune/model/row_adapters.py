@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.model.generate import generate
-from fedtune.model.lora import set_adapter
+from fedtune.model.lora import adapter_parameters, check_fits, set_adapter
 from fedtune.types import Adapter
 
 BASE = -1  # the group of rows answered by the base model (LoRA off)
@@ -64,6 +64,10 @@ class RowAdapters:
     def __init__(self, peft_model, adapters: Sequence[Optional[Adapter]]):
         self.model = peft_model
         self.layers = lora_layers(peft_model)
+        params = adapter_parameters(peft_model)
+        for adapter in adapters:
+            if adapter is not None:
+                check_fits(params, adapter)  # one line naming the tensor, as loading it into the model would
         self.adapters: list[Adapter] = []
         self.block: list[Optional[int]] = []  # adapters[i]'s block in the stacks (None: the base model)
         for adapter in adapters:
@@ -75,9 +79,6 @@ class RowAdapters:
         """(A of every adapter stacked: (K r, in), B side by side: (out, K r)) of one layer."""
         a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         own_a, own_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        for adapter in self.adapters:
-            if a_key not in adapter or adapter[a_key].shape != own_a.shape or adapter[b_key].shape != own_b.shape:
-                raise ValueError(f"adapter does not fit the model's LoRA at {name}")
         device = own_a.device
         a = torch.cat([ad[a_key] for ad in self.adapters]).to(device, own_a.dtype)
         b = torch.cat([ad[b_key] for ad in self.adapters], 1).to(device, own_b.dtype)
