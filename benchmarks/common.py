@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -25,12 +26,51 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(module: str, args: list[str], out: Path, timeout: int = 3600) -> dict[str, Any]:
+@contextlib.contextmanager
+def training_clock() -> Iterator[dict[str, float]]:
+    """Time the in-process engine's round loop less the held-out evaluations inside it: within
+    the block, ``inprocess.run_rounds`` and ``Federation.evaluate`` are timed; on exit the yielded
+    dict holds ``rounds_seconds``, ``eval_seconds`` and ``train_seconds`` (their difference)."""
+    from fedtune.federation import inprocess
+
+    clock = {"rounds_seconds": 0.0, "eval_seconds": 0.0, "train_seconds": 0.0}
+    inside = [False]
+    evaluate, run_rounds = inprocess.Federation.evaluate, inprocess.run_rounds
+
+    def timed_evaluate(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return evaluate(self, *args, **kwargs)
+        finally:
+            clock["eval_seconds"] += (time.perf_counter() - t) if inside[0] else 0.0
+
+    def timed_rounds(*args, **kwargs):
+        inside[0], t = True, time.perf_counter()
+        try:
+            return run_rounds(*args, **kwargs)
+        finally:
+            inside[0] = False
+            clock["rounds_seconds"] += time.perf_counter() - t
+
+    inprocess.Federation.evaluate, inprocess.run_rounds = timed_evaluate, timed_rounds
+    try:
+        yield clock
+    finally:
+        inprocess.Federation.evaluate, inprocess.run_rounds = evaluate, run_rounds
+        clock["train_seconds"] = clock["rounds_seconds"] - clock["eval_seconds"]
+
+
+# the environment that caps PyTorch's, MKL's and oneDNN's CPU kernels at AVX2 on an AVX-512 CPU
+# (scripts/numerics_other_isa.py does the same for the tests)
+AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def run_child(module: str, args: list[str], out: Path, timeout: int = 3600, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m module args --out out`` in a fresh process (its own peak RSS) and
     return the JSON it wrote."""
     cmd = [sys.executable, "-m", module, *args, "--out", str(out)]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, machine, write_json
+from benchmarks.common import RESULTS, machine, training_clock, write_json
 
 
 def config(model: str, run_dir: Path, quick: bool):
@@ -42,30 +42,10 @@ def fedtune_seconds(cfg) -> tuple[float, int]:
     """Wall time of the round loop minus the held-out evaluations inside it."""
     from fedtune.federation import inprocess
 
-    inside, eval_s, rounds_s = [False], [0.0], [0.0]
-    evaluate, run_rounds = inprocess.Federation.evaluate, inprocess.run_rounds
-
-    def timed_evaluate(self, adapter):
-        t = time.perf_counter()
-        try:
-            return evaluate(self, adapter)
-        finally:
-            eval_s[0] += (time.perf_counter() - t) if inside[0] else 0.0
-
-    def timed_rounds(*a, **k):
-        inside[0], t = True, time.perf_counter()
-        try:
-            return run_rounds(*a, **k)
-        finally:
-            inside[0], rounds_s[0] = False, time.perf_counter() - t
-
-    inprocess.Federation.evaluate, inprocess.run_rounds = timed_evaluate, timed_rounds
-    try:
+    with training_clock() as clock:
         result = inprocess.run(cfg)
-    finally:
-        inprocess.Federation.evaluate, inprocess.run_rounds = evaluate, run_rounds
     steps = sum(1 for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"type": "fit"' in line)
-    return rounds_s[0] - eval_s[0], steps
+    return clock["train_seconds"], steps
 
 
 def plain_seconds(cfg) -> tuple[float, int]:

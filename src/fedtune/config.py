@@ -276,7 +276,7 @@ class TrainConfig:
     max_batch_tokens: Optional[int] = _f(
         None, "cut a micro-batch whose size (packed: its tokens; padded: rows x longest row, a preference pair is two rows) exceeds this into "
         "smaller ones; the step and its gradient stay the same, activation memory and padding shrink "
-        "(null: 1024 on CPU, where larger matmuls run no faster, no limit on CUDA)", ge=1,
+        "(null: 768 on CPU, where larger matmuls run no faster and a step's activations stay small, no limit on CUDA)", ge=1,
     )
 
 

@@ -108,9 +108,9 @@ def test_eval_groups_cover_every_position_once_within_the_budget():
 
 
 def test_held_out_batches_hold_four_times_the_training_tokens():
-    from fedtune.federation.setup import eval_token_limit
+    from fedtune.federation.setup import CPU_BATCH_TOKENS, eval_token_limit
 
-    assert eval_token_limit(None, torch.device("cpu")) == 4 * 1024 and eval_token_limit(500, torch.device("cpu")) == 2000
+    assert eval_token_limit(None, torch.device("cpu")) == 4 * CPU_BATCH_TOKENS and eval_token_limit(500, torch.device("cpu")) == 2000
     assert eval_token_limit(None, torch.device("cuda")) is None
 
 

@@ -8,7 +8,7 @@ from peft.tuners.lora.layer import Linear
 
 from fedtune.model.base import load_model
 from fedtune.model.lora import attach_lora
-from fedtune.model.lora_dropout import LoraDelta, keep_mask, lora_forward, use_lean_dropout
+from fedtune.model.lora_dropout import LoraDelta, draw, keep_mask, lora_forward, use_lean_dropout
 from tests.tolerance import FORWARD, close
 
 
@@ -135,3 +135,93 @@ def test_under_bf16_autocast_a_bf16_input_is_kept_once_not_copied_to_fp32(tiny_m
     # Assert: no fp32 copy of the (1, 6, in) input is kept for backward; same gradients as with PEFT's cast
     assert (torch.float32, tuple(x.shape)) not in kept
     assert all(torch.equal(a, b) for a, b in zip(grads, peft_grads))
+
+
+def test_on_a_cpu_under_autocast_backward_draws_the_mask_again_instead_of_keeping_it(monkeypatch):
+    # Arrange: one LoRA input and weights under bf16 autocast
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 9, 16, generator=g).bfloat16().requires_grad_()
+    result = torch.randn(3, 9, 6, generator=g).bfloat16().requires_grad_()
+    a = torch.randn(4, 16, generator=g, requires_grad=True)
+    b = torch.randn(6, 4, generator=g, requires_grad=True)
+
+    def run(kept: bool):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: kept)  # compiling: the mask is kept, as before
+        saved = []
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = lora_forward(result, x, a, b, 0.3, 0.5, training=True)
+        after_forward = torch.get_rng_state()
+        grads = torch.autograd.grad(out.float().square().sum(), (result, x, a, b))
+        return out, grads, saved, torch.equal(torch.get_rng_state(), after_forward)
+
+    # Act
+    out, grads, saved, stream_untouched = run(kept=False)
+    kept_out, kept_grads, kept_saved, _ = run(kept=True)
+    # Assert: no boolean mask kept; the same output and gradients as with the mask kept (bit for bit);
+    # backward draws from its own generator, so the default generator's stream is where forward left it
+    assert torch.bool in kept_saved and torch.bool not in saved
+    assert torch.equal(out, kept_out) and all(torch.equal(u, v) for u, v in zip(grads, kept_grads))
+    assert stream_untouched
+
+
+def test_in_float32_the_mask_is_kept():
+    keep, redraw = draw(torch.Size([4, 8]), 0.5, torch.device("cpu"))
+    assert redraw is None and keep.shape == (4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert draw(torch.Size([4, 8]), 0.5, torch.device("cpu"))[1] is not None
+
+
+def test_under_bf16_autocast_no_full_width_tensor_is_converted_to_fp32():
+    """Before: the rank-r matmuls ran in float32, so the (n, in) input and the (n, out) output
+    gradient of every adapted layer were converted to float32, forward and backward (15% of a
+    bf16 SmolLM2 step). Now they run in bf16; the adapter still gets float32 gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Conversions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.to_fp32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and out.dtype == torch.float32:
+                self.to_fp32.append(tuple(out.shape))
+            return out
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 40, 24, generator=g).bfloat16().requires_grad_()
+    result = torch.randn(1, 40, 32, generator=g).bfloat16().requires_grad_()
+    a = torch.randn(4, 24, generator=g, requires_grad=True)
+    b = torch.randn(32, 4, generator=g, requires_grad=True)
+    conversions = Conversions()
+    with conversions:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lora_forward(result, x, a, b, 0.1, 2.0, training=True)
+        out.float().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and bool(a.grad.abs().sum() > 0)
+    full_width = [s for s in conversions.to_fp32 if s[-2:] in ((40, 24), (40, 32))]
+    assert full_width == [(1, 40, 32)]  # only the test's own out.float()
+
+
+def test_redrawn_masks_under_activation_checkpointing():
+    # Arrange
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, 12, generator=g).bfloat16().requires_grad_()
+    result = torch.randn(2, 7, 5, generator=g).bfloat16()
+    a, b = torch.randn(3, 12, generator=g, requires_grad=True), torch.randn(5, 3, generator=g, requires_grad=True)
+
+    def grads(checkpointed: bool):
+        torch.manual_seed(9)
+
+        def f(x, a, b):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return lora_forward(result, x, a, b, 0.4, 1.5, training=True)
+
+        out = torch.utils.checkpoint.checkpoint(f, x, a, b, use_reentrant=False) if checkpointed else f(x, a, b)
+        return torch.autograd.grad(out.float().square().sum(), (x, a, b))
+
+    # Act / Assert: checkpointing recomputes the forward with the RNG state restored, so the mask
+    # drawn again in backward is the forward's: the same gradients
+    assert all(torch.equal(u, v) for u, v in zip(grads(True), grads(False)))

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
 
 
+# how fedtune's forward rounds under autocast: LoRA's rank-r matmuls in autocast's dtype and the decoder norms'
+# outputs cast once (model/lora_dropout.py, model/activations.py); results computed otherwise are not reused
+FORWARD = "lora in autocast dtype, norms cast once"
 PREFILL = "shared prefix once per batch"  # how answers are computed (model/generate.py): other float sums than a full prefill
 
 
@@ -78,7 +81,7 @@ def is_noop(adapter: Adapter) -> bool:
 
 
 # the LoRA settings that decide what an adapter's tensors add: the scaling, and lora_dropout, which
-# picks the forward (lean dropout keeps the rank-r matmuls in fp32 under autocast; model/lora_dropout.py)
+# picks the forward (lean dropout's or PEFT's own, which round differently under autocast; model/lora_dropout.py)
 LORA_FORWARD = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_dropout")
 
 
@@ -196,7 +199,10 @@ class BaseEvalCache:
         memo = (bundle.base_path, str(weights.dtype), weights.device.type)
         if memo not in self.fingerprints:
             self.fingerprints[memo] = self.model_fingerprint(bundle.base_path, bundle.model)
-        return {"model": self.fingerprints[memo], "precision": bundle.precision, "libraries": library_versions()}
+        key = {"model": self.fingerprints[memo], "precision": bundle.precision, "libraries": library_versions()}
+        if bundle.precision != "fp32":  # only autocast's rounding changed
+            key["forward"] = FORWARD
+        return key
 
     def model_fingerprint(self, base_path: str, model) -> str:
         """SHA-256 over the base model folder's files and how the model was loaded."""

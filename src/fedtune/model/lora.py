@@ -37,10 +37,12 @@ def attach_lora(
 
     The initialisation draws from a torch generator seeded by ``seed`` without touching the
     global RNG of the caller. Layers with dropout run fedtune's lean LoRA dropout
-    (model/lora_dropout.py: same function, a quarter of the time and memory on CPU).
+    (model/lora_dropout.py: same function, a quarter of the time and memory on CPU), and
+    Llama-form layers keep less for backward (model/activations.py: same math).
     """
     from peft import LoraConfig, get_peft_model
 
+    from fedtune.model.activations import use_lean_activations
     from fedtune.model.lora_dropout import use_lean_dropout
 
     config = LoraConfig(
@@ -58,6 +60,7 @@ def attach_lora(
     for p in adapter_parameters(peft_model).values():
         p.data = p.data.float()  # adapters train in float32 even over a bf16 base
     use_lean_dropout(peft_model)
+    use_lean_activations(peft_model)
     return peft_model
 
 

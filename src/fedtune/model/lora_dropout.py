@@ -9,11 +9,18 @@ plus its mask for every adapted layer, although q/k/v and gate/up share one inpu
 :class:`LoraDelta` computes the same function with an explicit backward: the keep-mask comes
 from 16 random bits per element (the generator's raw output, 4x cheaper than ``bernoulli_``;
 ``p`` is rounded to a multiple of 1/65536), and backward keeps only ``x`` (shared with the base
-layer and the other adapters), the boolean mask and the rank-r activation ``x_drop @ A^T``,
-recomputing the dropped-out input where it needs it; ``x`` stays in the dtype it came in (bf16
-under autocast: PEFT's cast to the adapter's fp32 would keep a second, fp32 copy for backward,
-e.g. 6 MB of each down_proj's 1,024 x 1,536 input). The adapter math is unchanged:
-outputs and gradients equal PEFT's for the same mask (tested).
+layer and the other adapters) and the rank-r activation ``x_drop @ A^T``, recomputing the
+dropped-out input where it needs it. On a CPU under autocast the mask is not kept either:
+backward draws it again from the generator state it was drawn from (:class:`Redraw`; 0.4 ms per
+1,000 x 576 mask, about 4% of a step, paid for by the bf16 rank-r matmuls below), where keeping
+it cost 143 MB of a 1,000-token SmolLM2 step. ``x`` stays in
+the dtype it came in (bf16 under autocast: PEFT's cast to the adapter's fp32 would keep a second,
+fp32 copy for backward, e.g. 6 MB of each down_proj's 1,024 x 1,536 input). Under autocast the
+rank-r matmuls run in autocast's dtype with A and B cast to it, as PEFT's own LoRA does under
+autocast: no full-width input or gradient is converted to float32 (those conversions were 15%
+of a bf16 SmolLM2 step), and the adapter's gradients come back in float32. The adapter math is
+unchanged: outputs and gradients equal PEFT's for the same mask (tested in float32; under
+autocast both round in bf16, PEFT's in a different order).
 
 It is installed as a PEFT ``LoraVariant`` on every adapted ``nn.Linear`` whose dropout is
 positive; layers without dropout keep PEFT's own forward. The random bits come from torch's
@@ -23,6 +30,7 @@ default generator, so a seeded client step draws the same masks on every run.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +38,39 @@ import torch.nn.functional as F
 BITS = 1 << 16
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Boolean tensor of ``shape``: True with probability 1 - p (p in steps of 1/65536)."""
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)  # 64 random bits each
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)  # 64 random bits each
     halves = words.view(torch.int16)[:n]  # four 16-bit draws per word, uniform on [-32768, 32767]
     threshold = round(p * BITS) - BITS // 2
     return (halves >= threshold).view(shape)
+
+
+class Redraw(NamedTuple):
+    """A CPU keep-mask as backward draws it again: the default generator's state before the
+    forward drew it (5 KB instead of one byte per element), and ``p``."""
+
+    state: torch.Tensor
+    p: float
+
+    def mask(self, shape: torch.Size) -> torch.Tensor:
+        generator = torch.Generator()
+        generator.set_state(self.state)
+        return keep_mask(shape, self.p, torch.device("cpu"), generator)
+
+
+def draw(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, Optional[Redraw]]:
+    """A keep-mask from the default generator, and on a CPU under autocast how to draw it again.
+    Not in float32, where drawing again costs ~5% of a step and buys back no speed elsewhere (a
+    float32 step peaks above 2 GB either way), and not under ``torch.compile`` (reading the
+    generator's state would break its graph). The state is read just before the draw: a thread
+    drawing from the default generator in between would make backward's mask differ (fedtune
+    trains one client at a time per process)."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return keep_mask(shape, p, device), None
+    redraw = Redraw(torch.default_generator.get_state(), p)
+    return keep_mask(shape, p, device), redraw
 
 
 class LoraDelta(torch.autograd.Function):
@@ -47,16 +81,18 @@ class LoraDelta(torch.autograd.Function):
     ``result`` (one ``addmm``): no full-width multiply or add besides the mask."""
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, keep, factor: float):
+    def forward(ctx, result, x, weight_a, weight_b, keep, factor: float, redraw: Optional[Redraw] = None):
         h = F.linear(_dropped(x, keep, weight_a.dtype), weight_a) * factor  # (..., r)
         out = torch.addmm(_rows(result), _rows(h).to(result.dtype), weight_b.t().to(result.dtype))
-        ctx.save_for_backward(x, weight_a, weight_b, keep, h)
-        ctx.factor = factor
+        ctx.save_for_backward(x, weight_a, weight_b, None if redraw is not None else keep, h)
+        ctx.factor, ctx.redraw = factor, redraw
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight_a, weight_b, keep, h = ctx.saved_tensors
+        if ctx.redraw is not None:
+            keep = ctx.redraw.mask(x.shape)
         grad = _rows(grad_out).to(weight_b.dtype)  # (n, out)
         grad_b = grad.t() @ _rows(h) if ctx.needs_input_grad[3] else None
         grad_h = (grad @ weight_b) * ctx.factor  # (n, r)
@@ -64,7 +100,7 @@ class LoraDelta(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = _dropped(grad_h @ weight_a, keep, weight_a.dtype).to(x.dtype).view(x.shape)
-        return grad_out, grad_x, grad_a, grad_b, None, None
+        return grad_out, grad_x, grad_a, grad_b, None, None, None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -79,11 +115,15 @@ def _dropped(t: torch.Tensor, keep, dtype: torch.dtype) -> torch.Tensor:
 def lora_forward(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
                  p: float, scaling: float, training: bool) -> torch.Tensor:
     """``result`` plus the LoRA branch's output for input ``x`` (dropout ``p`` while ``training``)."""
-    keep, keep_scale = None, 1.0
+    keep, redraw, keep_scale = None, None, 1.0
     if training and p > 0:
-        keep, keep_scale = keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p)
-    with torch.autocast(device_type=x.device.type, enabled=False):  # the rank-r matmuls in the adapter's dtype
-        return LoraDelta.apply(result, x, weight_a, weight_b, keep, keep_scale * scaling)
+        (keep, redraw), keep_scale = draw(x.shape, p, x.device), 1.0 / (1.0 - p)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # the rank-r matmuls in autocast's dtype, as PEFT's LoRA under autocast;
+        dtype = torch.get_autocast_dtype(device)  # the casts' backward returns float32 gradients to the adapter
+        weight_a, weight_b = weight_a.to(dtype), weight_b.to(dtype)
+    with torch.autocast(device_type=device, enabled=False):  # LoraDelta picks its dtypes itself
+        return LoraDelta.apply(result, x, weight_a, weight_b, keep, keep_scale * scaling, redraw)
 
 
 def _variant_class():
