@@ -54,6 +54,7 @@ from fedtune.client.sft import LocalTrainer
 
 MODULE = "benchmarks.throughput"
 LOW_MEMORY = "train.gradient_checkpointing=true"  # fedtune's second operating point: least memory
+FP32 = "train.precision=fp32"
 
 
 def overrides(data: Path, run_dir: Path, model: str, rows: int) -> list[str]:
@@ -299,19 +300,17 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
     try:
         if model == "__tiny__":
             model = str(tiny_model(work / "tiny"))
-        data = write_dolly_like(work / "dolly-like.jsonl", rows)
-        common = ["--data", str(data), "--work", str(work), "--model", model, "--rows", str(rows)]
+        common = workload(work, model, rows)
         ref = run_child(MODULE, ["--system", "reference", *common], work / "ref.json")
         ours = run_child(MODULE, ["--system", "fedtune", *common], work / "fedtune.json")
         low = run_child(MODULE, ["--system", "fedtune", *common, "--override", LOW_MEMORY], work / "low.json")
         # on a CPU with native bf16, precision=auto trains in bf16: state fp32 as well
-        fp32 = run_child(MODULE, ["--system", "fedtune", *common, "--override", "train.precision=fp32"], work / "fp32.json") \
+        fp32 = run_child(MODULE, ["--system", "fedtune", *common, "--override", FP32], work / "fp32.json") \
             if ours["precision"] != "fp32" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for r in (ref, ours, low) + ((fp32,) if fp32 else ()):
-        r["real_tokens_per_s"] = r["real_tokens"] / r["train_seconds"]
-        r["padding_share"] = 1 - r["real_tokens"] / max(r["padded_tokens"], 1)
+        with_rates(r)
     return {
         "benchmark": "throughput",
         "model": "tiny" if quick else model,
@@ -333,18 +332,28 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
     }
 
 
+def workload(work: Path, model: str, rows: int) -> list[str]:
+    """Write the workload's rows into ``work``; the children's arguments for it."""
+    data = write_dolly_like(work / "dolly-like.jsonl", rows)
+    return ["--data", str(data), "--work", str(work), "--model", model, "--rows", str(rows)]
+
+
+def with_rates(child: dict) -> dict:
+    """A child's result with its real tokens per second and padding share added."""
+    child["real_tokens_per_s"] = child["real_tokens"] / child["train_seconds"]
+    child["padding_share"] = 1 - child["real_tokens"] / max(child["padded_tokens"], 1)
+    return child
+
+
 def measure_avx2_mfu(model: str | None = None, rows: int = 800) -> dict:
     """The fp32 fedtune child alone, its kernels capped at AVX2 (see the module's docstring)."""
     model = model or "smollm2-135m-instruct"
     work = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
     try:
-        data = write_dolly_like(work / "dolly-like.jsonl", rows)
-        common = ["--data", str(data), "--work", str(work), "--model", model, "--rows", str(rows)]
-        fp32 = run_child(MODULE, ["--system", "fedtune", *common, "--override", "train.precision=fp32"], work / "fp32.json",
-                         extra_env=AVX2_KERNELS)
+        common = workload(work, model, rows)
+        fp32 = with_rates(run_child(MODULE, ["--system", "fedtune", *common, "--override", FP32], work / "fp32.json", extra_env=AVX2_KERNELS))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    fp32["real_tokens_per_s"] = fp32["real_tokens"] / fp32["train_seconds"]
     return {"benchmark": "throughput (fp32 MFU, kernels capped at AVX2)", "model": model, "rows": rows, "kernel_caps": AVX2_KERNELS,
             "fedtune_fp32": fp32, "fp32_mfu": fp32["mfu_vs_fp32_gemm"], "targets": {"fp32_mfu": ">= 0.5 (AVX2 CPU)"}}
 

@@ -13,9 +13,8 @@ layer and the other adapters) and the rank-r activation ``x_drop @ A^T``, recomp
 dropped-out input where it needs it. On a CPU under autocast the mask is not kept either:
 backward draws it again from the generator state it was drawn from (:class:`Redraw`; 0.4 ms per
 1,000 x 576 mask, about 4% of a step, paid for by the bf16 rank-r matmuls below), where keeping
-it cost 143 MB of a 1,000-token SmolLM2 step. ``x`` stays in
-the dtype it came in (bf16 under autocast: PEFT's cast to the adapter's fp32 would keep a second,
-fp32 copy for backward, e.g. 6 MB of each down_proj's 1,024 x 1,536 input). Under autocast the
+it cost 143 MB of a 1,000-token SmolLM2 step. ``x`` stays in the dtype it came in (bf16 under
+autocast: PEFT's cast to the adapter's fp32 would keep a second, fp32 copy for backward, e.g. 6 MB of each down_proj's 1,024 x 1,536 input). Under autocast the
 rank-r matmuls run in autocast's dtype with A and B cast to it, as PEFT's own LoRA does under
 autocast: no full-width input or gradient is converted to float32 (those conversions were 15%
 of a bf16 SmolLM2 step), and the adapter's gradients come back in float32. The adapter math is
@@ -67,9 +66,8 @@ def draw(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tenso
     generator's state would break its graph). The state is read just before the draw: a thread
     drawing from the default generator in between would make backward's mask differ (fedtune
     trains one client at a time per process)."""
-    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return keep_mask(shape, p, device), None
-    redraw = Redraw(torch.default_generator.get_state(), p)
+    again = device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    redraw = Redraw(torch.default_generator.get_state(), p) if again else None
     return keep_mask(shape, p, device), redraw
 
 
