@@ -21,7 +21,7 @@ q/k/v/o/gate/up/down projection; not the embedding, not the head):
   the optimizer (element-wise work, not matmuls).
 
 The GEMM rate is the best of a few timed ``torch.matmul`` calls at the model's own shapes
-(T x d by d x d, d x kv, d x f, f x d, and the head's 256-row chunks by d x V), combined as
+(T x d by d x d, d x kv, d x f, f x d, and the head's ``CHUNK``-row chunks by d x V, model/forward.py), combined as
 the shapes occur in one step: total FLOPs over total time.
 
     python -m benchmarks.mfu          # GEMM rates of the bundled model's shapes (fp32, bf16)
@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-HEAD_CHUNK = 256  # model/forward.py CHUNK: labelled positions per head matmul
 
 
 @dataclass(frozen=True)
@@ -102,38 +101,53 @@ def gemm_shapes(shape: ModelShape, tokens: int, labelled: int) -> list[tuple[int
     for io in shape.base_linears:
         counts[io] = counts.get(io, 0) + 1
     out = [(tokens, i, o, c) for (i, o), c in counts.items()]
-    chunks = max(1, round(labelled / HEAD_CHUNK))
-    out.append((HEAD_CHUNK, shape.hidden, shape.vocab, chunks))
+    from fedtune.model.forward import CHUNK  # labelled positions per head matmul
+
+    chunks = max(1, round(labelled / CHUNK))
+    out.append((CHUNK, shape.hidden, shape.vocab, chunks))
     return out
 
 
-def gemm_rate(shapes: list[tuple[int, int, int, int]], dtype, repeats: int = 5) -> dict:
-    """FLOP/s of ``torch.matmul`` at ``shapes`` in ``dtype``: the best of ``repeats`` timings of
-    each shape, combined as total FLOPs / total time with each shape's count."""
+def gemm_rate(shapes: list[tuple[int, int, int, int]], dtype, repeats: int = 5, device: str = "cpu") -> dict:
+    """FLOP/s of ``torch.matmul`` at ``shapes`` in ``dtype`` on ``device``: the best of ``repeats``
+    timings of each shape, combined as total FLOPs / total time with each shape's count (on CUDA
+    each timing covers ten calls, synchronised before and after)."""
     import torch
 
+    calls = 10 if device.startswith("cuda") else 1
     flops = seconds = 0.0
     per_shape = {}
     for m, k, n, count in shapes:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         torch.matmul(a, b)  # warm-up
         best = float("inf")
         for _ in range(repeats):
+            synchronize(device)
             t = time.perf_counter()
-            torch.matmul(a, b)
-            best = min(best, time.perf_counter() - t)
+            for _ in range(calls):
+                torch.matmul(a, b)
+            synchronize(device)
+            best = min(best, (time.perf_counter() - t) / calls)
         per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n / best
         flops += count * 2 * m * k * n
         seconds += count * best
     return {"flops_per_s": flops / seconds, "per_shape_flops_per_s": per_shape}
 
 
-def machine_rates(shape: ModelShape, tokens: int = 1024, labelled: int = 768) -> dict:
-    """fp32 and bf16 GEMM rates at the model's shapes for a micro-batch of ``tokens``."""
+def synchronize(device: str) -> None:
+    """Wait for ``device``'s queued kernels (CUDA runs them asynchronously; a no-op on CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def machine_rates(shape: ModelShape, tokens: int = 1024, labelled: int = 768, device: str = "cpu") -> dict:
+    """fp32 and bf16 GEMM rates at the model's shapes for a micro-batch of ``tokens`` on ``device``."""
     import torch
 
     shapes = gemm_shapes(shape, tokens, labelled)
-    return {name: gemm_rate(shapes, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return {name: gemm_rate(shapes, dtype, device=device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ every round it builds a new `transformers.Trainer` (`DataCollatorForSeq2Seq`, pa
 longest row of a random batch, fp32 on CPU), trains one local epoch, saves the client's
 adapter to disk with `torch.save`; the server loads every client file back, averages by
 example counts (FedAvg) and saves the global adapter. fedtune runs the same config (same
-rows, same client shards, same clients per round, same batch size, epochs and lr).
+rows, same client shards, same clients per round, same batch size, epochs and lr). On CUDA the
+reference trains in Trainer's mixed precision of the dtype fedtune picks (bf16 where the GPU has
+it; Shepherd's scripts set fp16) and both sides also report peak GPU memory.
 
 The reference runs PEFT's own LoRA dropout; fedtune runs its defaults (packed micro-batches,
 lean LoRA dropout, the LM head on labelled positions only), and once more with gradient
@@ -49,12 +51,12 @@ import torch
 
 from benchmarks.common import AVX2_KERNELS, RESULTS, machine, peak_rss_mb, run_child, training_clock, write_json
 from benchmarks.data import write_dolly_like
-from benchmarks.mfu import machine_rates, shape_of, step_flops
+from benchmarks.mfu import machine_rates, shape_of, step_flops, synchronize
 from fedtune.client.sft import LocalTrainer
 
 MODULE = "benchmarks.throughput"
 LOW_MEMORY = "train.gradient_checkpointing=true"  # fedtune's second operating point: least memory
-FP32 = "train.precision=fp32"
+FP32 = ["--override", "train.precision=fp32", "--override", "model.dtype=float32"]  # float32 weights, explicitly (as on the H200)
 
 
 def overrides(data: Path, run_dir: Path, model: str, rows: int) -> list[str]:
@@ -101,6 +103,7 @@ def run_fedtune(args) -> dict:
         "heldout_loss_start": evals[0]["loss"],
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_by_phase": phases.peaks,
+        **peak_gpu_mb(),
         **count.report(clock["train_seconds"]),
     }
 
@@ -145,20 +148,23 @@ class StepFlops:
     """Wraps ``LocalTrainer._step``: model FLOPs (benchmarks/mfu.py) and seconds of every step."""
 
     def __init__(self):
-        self.flops, self.seconds, self.tokens, self.shape, self.precision = 0, 0.0, [], None, None
+        self.flops, self.seconds, self.tokens, self.shape, self.precision, self.device = 0, 0.0, [], None, None, "cpu"
 
     def wrap(self, step):
         def counted(trainer, batches, step_tokens, *a, **k):
             if self.shape is None:
                 self.shape = shape_of(trainer.model)
                 self.precision = "bf16" if trainer.optimizer.dtype is torch.bfloat16 else "fp32"
+                self.device = str(trainer.device)
             for b in batches:
                 self.flops += step_flops(self.shape, lengths_of(b), int((b["labels"][:, 1:] != -100).sum()))["total"]
                 self.tokens.append(int(b["input_ids"].numel()))
+            synchronize(self.device)
             t = time.perf_counter()
             try:
                 return step(trainer, batches, step_tokens, *a, **k)
             finally:
+                synchronize(self.device)  # a CUDA step returns before its kernels finish
                 self.seconds += time.perf_counter() - t
 
         return counted
@@ -166,7 +172,7 @@ class StepFlops:
     def report(self, train_seconds: float) -> dict:
         """MFU against the GEMM rate measured now, at the model's shapes and the median micro-batch."""
         micro = sorted(self.tokens)[len(self.tokens) // 2]
-        rates = machine_rates(self.shape, micro, labelled=micro * 3 // 4)
+        rates = machine_rates(self.shape, micro, labelled=micro * 3 // 4, device=self.device)
         achieved = self.flops / self.seconds
         return {
             "precision": self.precision,
@@ -236,6 +242,8 @@ def run_reference(args) -> dict:
     from fedtune.seeding import generator
     from fedtune.server.sampling import sample_clients
 
+    on_cpu = bundle.device.type == "cpu"  # fp32 on a CPU as Shepherd; on CUDA in the precision fedtune picks (Shepherd: fp16)
+
     started = time.perf_counter()
     for rnd in range(1, cfg.federation.rounds + 1):
         clients = sample_clients(len(partition.shards), cfg.federation.clients_per_round, generator(cfg.seed, "sampling", rnd))
@@ -252,7 +260,7 @@ def run_reference(args) -> dict:
                     output_dir=str(work / "trainer"), per_device_train_batch_size=cfg.train.batch_size,
                     num_train_epochs=cfg.train.local_epochs, learning_rate=cfg.train.lr, warmup_steps=0,
                     logging_steps=1, save_strategy="no", report_to=[], optim="adamw_torch",
-                    seed=cfg.seed + rnd, disable_tqdm=True, use_cpu=True,
+                    seed=cfg.seed + rnd, disable_tqdm=True, use_cpu=on_cpu, bf16=not on_cpu and bundle.precision == "bf16",
                 ),
             )
             trainer.train()
@@ -278,7 +286,15 @@ def run_reference(args) -> dict:
         "heldout_loss": evaluator.evaluate(model)["loss"],
         "heldout_loss_start": start_loss,
         "peak_rss_mb": peak_rss_mb(),
+        **peak_gpu_mb(),
     }
+
+
+def peak_gpu_mb() -> dict:
+    """Peak CUDA memory PyTorch allocated in this process (empty on a CPU-only machine)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
 
 
 def stock_peft_dropout(model) -> None:
@@ -305,7 +321,7 @@ def measure(quick: bool = False, model: str | None = None, rows: int = 800) -> d
         ours = run_child(MODULE, ["--system", "fedtune", *common], work / "fedtune.json")
         low = run_child(MODULE, ["--system", "fedtune", *common, "--override", LOW_MEMORY], work / "low.json")
         # on a CPU with native bf16, precision=auto trains in bf16: state fp32 as well
-        fp32 = run_child(MODULE, ["--system", "fedtune", *common, "--override", FP32], work / "fp32.json") \
+        fp32 = run_child(MODULE, ["--system", "fedtune", *common, *FP32], work / "fp32.json") \
             if ours["precision"] != "fp32" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -351,7 +367,7 @@ def measure_avx2_mfu(model: str | None = None, rows: int = 800) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
     try:
         common = workload(work, model, rows)
-        fp32 = with_rates(run_child(MODULE, ["--system", "fedtune", *common, "--override", FP32], work / "fp32.json", extra_env=AVX2_KERNELS))
+        fp32 = with_rates(run_child(MODULE, ["--system", "fedtune", *common, *FP32], work / "fp32.json", extra_env=AVX2_KERNELS))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"benchmark": "throughput (fp32 MFU, kernels capped at AVX2)", "model": model, "rows": rows, "kernel_caps": AVX2_KERNELS,

@@ -12,6 +12,25 @@ def test_quantized_loading_needs_cuda_with_a_one_line_error():
         quantization_kwargs("4bit", torch.float32, torch.device("cpu"))
 
 
+def test_auto_weights_dtype_follows_the_compute_precision():
+    """model.dtype=auto: bf16 weights only for bf16 compute on CUDA; train.precision=fp32 on a GPU
+    got bf16 weights before (a float32 run that was not one)."""
+    from fedtune.model.base import pick_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pick_dtype("auto", cuda, "fp32") == pick_dtype("auto", cuda, "fp16") == torch.float32
+    assert pick_dtype("auto", cpu, "bf16") == pick_dtype("auto", cpu, "fp32") == torch.float32
+    assert pick_dtype("bfloat16", cpu, "fp32") == torch.bfloat16
+
+
+def test_models_load_without_hub_kernels(tiny_model_dir):
+    """transformers 5.x kernelizes a loaded model with kernels it downloads from the Hub (on CUDA:
+    offline, the load failed); fedtune loads every model with use_kernels=False."""
+    from fedtune.model.base import load_model
+
+    assert not load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu")).use_kernels
+
+
 def _truncated_model(folder):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -201,7 +201,9 @@ def build_model(cfg: RunConfig, training: bool = False) -> ModelBundle:
     device = pick_device(m.device)
     base_path = resolve_model_path(m.name)
     tokenizer = load_tokenizer(base_path, m.trust_remote_code)
-    base = load_model(base_path, dtype=pick_dtype(m.dtype, device), device=device, trust_remote_code=m.trust_remote_code, quantize=m.quantize)
+    precision = resolve_precision(cfg.train.precision, device)
+    base = load_model(base_path, dtype=pick_dtype(m.dtype, device, precision), device=device, trust_remote_code=m.trust_remote_code,
+                      quantize=m.quantize)
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -216,7 +218,6 @@ def build_model(cfg: RunConfig, training: bool = False) -> ModelBundle:
     initial = get_adapter(params)
     if m.init_adapter:
         initial = read_init_adapter(m.init_adapter, initial)
-    precision = resolve_precision(cfg.train.precision, device)
     if training and precision == "bf16" and m.dtype == "auto" and m.quantize == "none":
         store_in(model, torch.bfloat16)  # float32 weights that autocast would cast every step (model/frozen.py)
     return ModelBundle(model, tokenizer, params, model.peft_config["default"], base_path, device, precision, initial)

@@ -74,7 +74,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False)
     # The weights are dequantised to float32 on load; drop the GGUF "quantizer" so the model saves as a plain one.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -103,10 +103,12 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 weights on a CUDA device that supports it, float32 otherwise."""
+def pick_dtype(dtype: str, device: torch.device, precision: str = "bf16") -> torch.dtype:
+    """``auto``: bfloat16 weights on a CUDA device that supports it where the compute
+    ``precision`` is bf16 (a run passes its resolved ``train.precision``), float32 otherwise: a
+    float32 or fp16-autocast run on CUDA keeps float32 weights, as it asked."""
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and precision == "bf16" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -130,13 +132,18 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     """The frozen base model on ``device``. Loaded once per process and shared by all clients.
 
     ``quantize`` 8bit/4bit loads the weights with bitsandbytes (Dettmers et al., "QLoRA",
-    NeurIPS 2023: NF4 with double quantisation, compute in ``dtype``), on CUDA only."""
+    NeurIPS 2023: NF4 with double quantisation, compute in ``dtype``), on CUDA only.
+
+    ``use_kernels=False``: transformers 5.x otherwise swaps layers for Hugging Face Hub kernels
+    (``kernels-community/rotary``, ...) that it downloads at load time on CUDA: a load that needs
+    the network (offline it failed on an H200), runs code from the Hub, and replaces the layer
+    forwards fedtune's training path is built on (model/activations.py)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     extra = quantization_kwargs(quantize, dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_kernels=False, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(_not_loadable(path, err)) from None
     except SafetensorError as err:  # a truncated or corrupt weights file (an interrupted copy or download)
