@@ -23,6 +23,23 @@ def test_auto_weights_dtype_follows_the_compute_precision():
     assert pick_dtype("bfloat16", cpu, "fp32") == torch.bfloat16
 
 
+def test_a_repeated_library_warning_is_logged_once(caplog):
+    """bitsandbytes' 8-bit matmul logs the same warning on every call (658 lines in a 6-step run
+    of a 2-layer model on an H200); after loading an 8-bit model each message shows once."""
+    import logging
+
+    from fedtune.model.base import BNB_MATMUL_LOGGER, log_each_message_once
+
+    log_each_message_once(BNB_MATMUL_LOGGER)
+    log_each_message_once(BNB_MATMUL_LOGGER)  # a second 8-bit load adds no second filter
+    logger = logging.getLogger(BNB_MATMUL_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=BNB_MATMUL_LOGGER):
+        for _ in range(3):
+            logger.warning("inputs will be cast from %s to float16", "torch.bfloat16")
+        logger.warning("another message")
+    assert [r.getMessage() for r in caplog.records] == ["inputs will be cast from torch.bfloat16 to float16", "another message"]
+
+
 def test_models_load_without_hub_kernels(tiny_model_dir):
     """transformers 5.x kernelizes a loaded model with kernels it downloads from the Hub (on CUDA:
     offline, the load failed); fedtune loads every model with use_kernels=False."""

@@ -149,7 +149,34 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     except SafetensorError as err:  # a truncated or corrupt weights file (an interrupted copy or download)
         raise ModelError(_corrupt_weights(path, err)) from None
     model.requires_grad_(False)
+    if quantize == "8bit":  # LLM.int8's matmul logs its cast of bf16 inputs to fp16 on every call: thousands of lines a run
+        log_each_message_once(BNB_MATMUL_LOGGER)
     return model if extra else model.to(device)
+
+
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
+
+
+class _EachMessageOnce(logging.Filter):
+    """Passes a log record whose message this logger has not passed before."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def log_each_message_once(name: str) -> None:
+    """Let the logger ``name`` print each distinct message once per process."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _EachMessageOnce) for f in logger.filters):
+        logger.addFilter(_EachMessageOnce())
 
 
 def quantization_kwargs(quantize: str, dtype: torch.dtype, device: torch.device) -> dict:
