@@ -1,6 +1,6 @@
 import pytest
 
-from fedtune.data.prompts import ALPACA_NO_INPUT, collate, encode_pairs, render_example, render_prompt
+from fedtune.data.prompts import ALPACA_NO_INPUT, collate, encode_pairs, pack, render_example, render_prompt, to_device
 from fedtune.errors import ModelError
 
 
@@ -53,3 +53,15 @@ def test_chat_template_required(tokenizer):
 
     with pytest.raises(ModelError, match="plain-model has no chat template; set data.template=alpaca"):
         render_prompt(NoTemplate(), "chat", "hi")
+
+
+def test_to_device_moves_a_batch_but_keeps_packed_segments_on_the_cpu(tokenizer):
+    """Per-example attention reads the example lengths in Python once per layer; on a GPU each
+    read would make the host wait (model/attention.py)."""
+    import torch
+
+    encoded = encode_pairs(tokenizer, [render_example(tokenizer, "alpaca", "Hi", "", "Hello"), render_example(tokenizer, "alpaca", "Go", "", "Ok")], 64, "alpaca")
+    packed = to_device(pack(encoded), torch.device("meta"))
+    assert {k: v.device.type for k, v in packed.items()} == {"input_ids": "meta", "labels": "meta", "position_ids": "meta", "segments": "cpu"}
+    padded = to_device(collate(encoded, tokenizer.pad_token_id), torch.device("meta"))
+    assert {v.device.type for v in padded.values()} == {"meta"}

@@ -33,6 +33,7 @@ from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
 from fedtune.data.batching import plan_steps, split_steps
 from fedtune.data.preferences import EncodedPair, collate_pairs, pack_pairs
+from fedtune.data.prompts import to_device
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
@@ -135,7 +136,7 @@ def reference_logps(
     with reference_policy(model, params, adapter):
         for batch in batches:
             with autocast():
-                chosen, rejected, _, _ = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
+                chosen, rejected, _, _ = pair_logps(model, to_device(batch, device))
             out.append(torch.stack([chosen, rejected], dim=1).float())  # (b, 2)
             if on_batch is not None:
                 on_batch()
@@ -270,7 +271,7 @@ class PreferenceTrainer:
         n_pairs = sum(int(ref.shape[0]) for _, ref in batches)
         rows = []
         for batch, ref in batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, self.device)
             ref = ref.to(self.device)  # (b, 2)
             with self.optimizer.autocast():
                 chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(self.model, batch)  # (b,) each

@@ -17,7 +17,7 @@ import torch
 from fedtune.client.hooks import LocalTerms
 from fedtune.client.optim import AdapterOptimizer, dropout_rng, warmup_lr
 from fedtune.data.batching import plan_steps, split_steps
-from fedtune.data.prompts import Encoded, collate, pack
+from fedtune.data.prompts import Encoded, collate, pack, to_device
 from fedtune.model.forward import sequence_nll
 from fedtune.model.lora import get_adapter, set_adapter
 from fedtune.seeding import generator
@@ -138,7 +138,7 @@ class LocalTrainer:
         """One optimizer step over ``batches`` (gradient accumulation); returns the summed NLL."""
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, self.device)
             with self.optimizer.autocast():
                 nll, _ = self.nll(self.model, **batch)  # (b,)
             loss = nll.sum() / max(step_tokens, 1)  # mean over every labelled token of the step

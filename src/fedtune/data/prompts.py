@@ -112,6 +112,14 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A :func:`collate`/:func:`pack` batch on ``device``, but for a packed batch's ``segments``,
+    which stay on the CPU: per-example attention splits the row at them in Python, once per
+    layer (model/attention.py), and reading them from a GPU makes the host wait for the GPU
+    there (``tolist()``: 30 waits per forward of SmolLM2)."""
+    return {k: v if k == "segments" else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def pack(items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
     """All ``items`` in one row with no padding: input ids and labels (1, t) as from
     :func:`collate`, positions restarting at 0 for each example (1, t), and the examples'

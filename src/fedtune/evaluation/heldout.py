@@ -25,7 +25,7 @@ import torch
 
 from fedtune.client.optim import AUTOCAST
 from fedtune.data.batching import split_by_tokens
-from fedtune.data.prompts import Encoded, collate, pack
+from fedtune.data.prompts import Encoded, collate, pack, to_device
 from fedtune.evaluation.base_cache import encoded_digest
 from fedtune.model.forward import prefix_states, sequence_nll
 from fedtune.model.generate import SHARED_PREFIX_MIN, shared_prefix
@@ -101,7 +101,7 @@ class HeldoutEvaluator:
                 with autocast(device, self.autocast_dtype):
                     prefix = prefix_states(model, self.prefix.to(device))
             for batch, cats in self.batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 with autocast(device, self.autocast_dtype):
                     nll, tokens = sequence_nll(model, **batch, prefix=prefix)  # (b,), (b,): per example, padded or packed
                 for cat, n, t in zip(cats, nll.tolist(), tokens.tolist()):

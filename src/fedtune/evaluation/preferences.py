@@ -20,6 +20,7 @@ import torch
 from fedtune.client.optim import AUTOCAST
 from fedtune.client.dpo import mean_stats, pair_logps, pair_stats, preference_loss, reference_logps
 from fedtune.data.preferences import EncodedPair, collate_pairs, pack_pairs
+from fedtune.data.prompts import to_device
 from fedtune.evaluation.base_cache import encoded_digest, is_noop
 from fedtune.evaluation.heldout import autocast, eval_groups
 from fedtune.reporting.progress import HELDOUT, REFERENCE, Progress
@@ -87,7 +88,7 @@ class PreferenceEvaluator:
         with progress.phase(phase, len(self.batches)) as shown:
             for batch, ref in zip(self.batches, self.reference):
                 with self.autocast():
-                    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
+                    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(model, to_device(batch, device))
                 ref = ref.to(device)  # (b, 2)
                 losses = preference_loss(
                     chosen, rejected, ref[:, 0], ref[:, 1], chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, **self.loss
