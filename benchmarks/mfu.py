@@ -24,7 +24,7 @@ The GEMM rate is the best of a few timed ``torch.matmul`` calls at the model's o
 (T x d by d x d, d x kv, d x f, f x d, and the head's ``CHUNK``-row chunks by d x V, model/forward.py), combined as
 the shapes occur in one step: total FLOPs over total time.
 
-    python -m benchmarks.mfu          # GEMM rates of the bundled model's shapes (fp32, bf16)
+    python -m benchmarks.mfu          # GEMM rates of the bundled model's shapes (fp32, bf16; on the GPU where there is one)
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Sequence
-
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ def main() -> None:
     example = step_flops(shape, [args.tokens // 4] * 4, labelled=args.tokens * 3 // 4)
     result = {"machine": machine(), "benchmark": "gemm_rate", "model": "smollm2-135m-instruct", "tokens": args.tokens,
               "note": "best of 5 timings per shape; taken on 2 cores shared with other processes",
-              "step_flops_4x256_tokens_768_labelled": example, "rates": machine_rates(shape, args.tokens)}
+              "step_flops_4x256_tokens_768_labelled": example, "rates": machine_rates(shape, args.tokens, device=str(bundle.device))}
     write_json(args.out or RESULTS / "gemm_rate.json", result)
     print(json.dumps(result, indent=2))
 

@@ -16,7 +16,7 @@ checkpointing, its least-memory setting.
 Measured in separate processes (so each has its own peak RSS): real (non-padding) tokens
 per second of the whole federated training (everything but held-out evaluation), padding
 share, peak RSS, and held-out loss of the final adapter on the same held-out rows. Where
-``precision=auto`` picks bf16 (a CPU with AVX512-BF16/AMX), fedtune runs once more in fp32.
+``precision=auto`` picks bf16 (CUDA, or a CPU with AVX512-BF16/AMX), fedtune runs once more in fp32.
 
 MFU: each fedtune run counts the model FLOPs of every micro-batch it trains (benchmarks/
 mfu.py ``step_flops``: frozen-base forward 2*N*T and input-gradient backward 2*N*T, causal
@@ -279,6 +279,7 @@ def run_reference(args) -> dict:
     train_seconds = time.perf_counter() - started
     return {
         "system": "reference",
+        "precision": "bf16" if not on_cpu and bundle.precision == "bf16" else "fp32",  # Trainer's autocast
         "train_seconds": train_seconds,
         "real_tokens": counts["real"],
         "padded_tokens": counts["padded"],

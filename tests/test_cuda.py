@@ -22,7 +22,7 @@ from tests.tolerance import adapters_close, numbers_close
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
-FP32 = ["train.precision=fp32", "model.dtype=float32"]  # float32 weights, explicitly (auto picks them for fp32 since the H200 run)
+FP32 = ["train.precision=fp32", "model.dtype=float32"]  # float32 weights, explicitly (as run on the H200)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,8 +85,8 @@ def test_fused_head_under_cuda_bf16_autocast_is_cross_entropy_in_float64_to_bf16
 
 
 def test_default_run_on_cuda_trains_in_bf16(tiny_overrides, tmp_path):
-    """precision=auto and model.dtype=auto on a GPU: bf16 weights under bf16 autocast, lean LoRA
-    dropout and the fused head on the GPU; fp32 adapters come out, held-out loss falls."""
+    """precision=auto and model.dtype=auto on a GPU (bf16 autocast), with lean LoRA dropout and
+    the fused head: finite fp32 adapters come out and the held-out loss falls."""
     result = run(load_config(None, tiny_overrides + ["train.precision=auto", "lora.dropout=0.1"]))
     adapter, _ = load_adapter(result.run_dir / "adapter")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in adapter.values())

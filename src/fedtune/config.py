@@ -48,7 +48,7 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f(BUNDLED_MODEL, "base model: 'smollm2-135m-instruct' (bundled, offline), a local folder or a hub name", nonempty=True)
-    dtype: str = _f("auto", "weights dtype (auto: bfloat16 on CUDA where train.precision is bf16, as auto picks there; else float32)", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "weights dtype (auto: on CUDA the train.precision dtype, bfloat16 or float16, where the GPU supports it; else float32)", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "device (auto: CUDA if available, else CPU)", choices=("auto", "cpu", "cuda", "mps"))
     trust_remote_code: bool = _f(False, "allow custom model code from the hub")
     quantize: str = _f(

@@ -12,13 +12,17 @@ def test_quantized_loading_needs_cuda_with_a_one_line_error():
         quantization_kwargs("4bit", torch.float32, torch.device("cpu"))
 
 
-def test_auto_weights_dtype_follows_the_compute_precision():
-    """model.dtype=auto: bf16 weights only for bf16 compute on CUDA; train.precision=fp32 on a GPU
-    got bf16 weights before (a float32 run that was not one)."""
+@pytest.mark.parametrize("bf16_gpu", [True, False])
+def test_auto_weights_dtype_follows_the_compute_precision(bf16_gpu, monkeypatch):
+    """model.dtype=auto on CUDA: the weights in the compute precision (train.precision=fp32 on a
+    GPU got bf16 weights before: a float32 run that was not one); float32 on a CPU."""
     from fedtune.model.base import pick_dtype
 
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert pick_dtype("auto", cuda, "fp32") == pick_dtype("auto", cuda, "fp16") == torch.float32
+    assert pick_dtype("auto", cuda, "bf16") == (torch.bfloat16 if bf16_gpu else torch.float32)
+    assert pick_dtype("auto", cuda, "fp16") == torch.float16
+    assert pick_dtype("auto", cuda, "fp32") == torch.float32
     assert pick_dtype("auto", cpu, "bf16") == pick_dtype("auto", cpu, "fp32") == torch.float32
     assert pick_dtype("bfloat16", cpu, "fp32") == torch.bfloat16
 

@@ -100,7 +100,7 @@ def load_any_model(path: Path, *, device: str = "auto", dtype: str = "auto") -> 
         bundle.model.eval()  # as served: LoRA dropout off
         return LoadedModel(RUN, folder, bundle, cfg.data.template, cfg)
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
+    torch_dtype = pick_dtype(dtype, torch_device, resolve_precision("auto", torch_device))
     record = read_share_record(path)
     if kind == ADAPTER:
         bundle = _adapter_bundle(path, record, torch_device, torch_dtype)

@@ -103,13 +103,15 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device, precision: str = "bf16") -> torch.dtype:
-    """``auto``: bfloat16 weights on a CUDA device that supports it where the compute
-    ``precision`` is bf16 (a run passes its resolved ``train.precision``), float32 otherwise: a
-    float32 or fp16-autocast run on CUDA keeps float32 weights, as it asked."""
+def pick_dtype(dtype: str, device: torch.device, precision: str) -> torch.dtype:
+    """``auto``: on CUDA the weights in the compute ``precision`` (the resolved
+    ``train.precision``): bfloat16 for bf16 where the GPU supports it, float16 for fp16;
+    float32 otherwise (a float32 run on a GPU got bf16 weights before)."""
     if dtype == "auto":
         if device.type == "cuda" and precision == "bf16" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
+        if device.type == "cuda" and precision == "fp16":
+            return torch.float16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
@@ -135,9 +137,10 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     NeurIPS 2023: NF4 with double quantisation, compute in ``dtype``), on CUDA only.
 
     ``use_kernels=False``: transformers 5.x otherwise swaps layers for Hugging Face Hub kernels
-    (``kernels-community/rotary``, ...) that it downloads at load time on CUDA: a load that needs
-    the network (offline it failed on an H200), runs code from the Hub, and replaces the layer
-    forwards fedtune's training path is built on (model/activations.py)."""
+    (``kernels-community/rotary``, ...) that it downloads on CUDA, when the model is loaded there
+    or first put in training mode: it needs the network (offline every load failed on an H200),
+    runs code from the Hub, and replaces the layer forwards fedtune's training path is built on
+    (model/activations.py)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -149,8 +152,8 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     except SafetensorError as err:  # a truncated or corrupt weights file (an interrupted copy or download)
         raise ModelError(_corrupt_weights(path, err)) from None
     model.requires_grad_(False)
-    if quantize == "8bit":  # LLM.int8's matmul logs its cast of bf16 inputs to fp16 on every call: thousands of lines a run
-        log_each_message_once(BNB_MATMUL_LOGGER)
+    if quantize == "8bit":  # bitsandbytes >= 0.50's LLM.int8 matmul logs its cast of bf16 inputs to fp16 on every call
+        log_each_message_once(BNB_MATMUL_LOGGER)  # (thousands of lines a run; older ones warn, which Python shows once)
     return model if extra else model.to(device)
 
 

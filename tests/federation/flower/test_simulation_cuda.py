@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 def test_flower_simulation_shares_the_gpu_between_clients(tiny_overrides, tmp_path):
     """flower.client_gpus=0.5: Ray places two ClientApps on the one GPU; the run ends with the
     in-process engine's adapter on the same GPU (float32, no dropout)."""
-    common = tiny_overrides + ["train.precision=fp32", "model.dtype=float32", "lora.dropout=0", "federation.rounds=2", "flower.client_cpus=1"]
+    common = tiny_overrides + ["model.device=cuda", "train.precision=fp32", "model.dtype=float32", "lora.dropout=0", "federation.rounds=2",
+                               "flower.client_cpus=1"]  # device=cuda: an actor without its GPU share fails, not trains on the CPU
     straight = run(load_config(None, common + [f"output.dir={tmp_path / 'inprocess'}"]))
     flower = simulation.run(load_config(None, common + ["federation.engine=flower", "flower.client_gpus=0.5",
                                                       f"output.dir={tmp_path / 'flower'}"]))
