@@ -137,8 +137,8 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, trust_rem
     NeurIPS 2023: NF4 with double quantisation, compute in ``dtype``), on CUDA only.
 
     ``use_kernels=False``: transformers 5.x otherwise swaps layers for Hugging Face Hub kernels
-    (``kernels-community/rotary``, ...) that it downloads on CUDA, when the model is loaded there
-    or first put in training mode: it needs the network (offline every load failed on an H200),
+    (``kernels-community/rotary``, ...) that it downloads on a machine with CUDA when it loads a
+    model: it needs the network (offline every load failed on an H200, in from_pretrained),
     runs code from the Hub, and replaces the layer forwards fedtune's training path is built on
     (model/activations.py)."""
     from safetensors import SafetensorError
