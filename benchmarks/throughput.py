@@ -242,7 +242,9 @@ def run_reference(args) -> dict:
     from fedtune.seeding import generator
     from fedtune.server.sampling import sample_clients
 
-    on_cpu = bundle.device.type == "cpu"  # fp32 on a CPU as Shepherd; on CUDA in the precision fedtune picks (Shepherd: fp16)
+    # Trainer's precision: fp32 on a CPU as Shepherd; on CUDA bf16 autocast where fedtune picks it (Shepherd: fp16)
+    on_cpu = bundle.device.type == "cpu"
+    precision = "bf16" if not on_cpu and bundle.precision == "bf16" else "fp32"
 
     started = time.perf_counter()
     for rnd in range(1, cfg.federation.rounds + 1):
@@ -260,7 +262,7 @@ def run_reference(args) -> dict:
                     output_dir=str(work / "trainer"), per_device_train_batch_size=cfg.train.batch_size,
                     num_train_epochs=cfg.train.local_epochs, learning_rate=cfg.train.lr, warmup_steps=0,
                     logging_steps=1, save_strategy="no", report_to=[], optim="adamw_torch",
-                    seed=cfg.seed + rnd, disable_tqdm=True, use_cpu=on_cpu, bf16=not on_cpu and bundle.precision == "bf16",
+                    seed=cfg.seed + rnd, disable_tqdm=True, use_cpu=on_cpu, bf16=precision == "bf16",
                 ),
             )
             trainer.train()
@@ -279,7 +281,7 @@ def run_reference(args) -> dict:
     train_seconds = time.perf_counter() - started
     return {
         "system": "reference",
-        "precision": "bf16" if not on_cpu and bundle.precision == "bf16" else "fp32",  # Trainer's autocast
+        "precision": precision,
         "train_seconds": train_seconds,
         "real_tokens": counts["real"],
         "padded_tokens": counts["padded"],
