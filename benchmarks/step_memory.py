@@ -8,6 +8,10 @@ throughput workload's largest micro-batch), after one warm-up step. Options:
 - ``nocache``: bf16 autocast with ``cache_enabled=False``;
 - ``malloc``: the CLI's process settings (``fedtune.native_memory.tune``: glibc with two arenas and a fixed mmap threshold, kernel caches capped);
 - ``half``: two 512-token micro-batches per step (train.max_batch_tokens=512);
+- ``tNNN`` (e.g. ``t384``): the step's 1,024 tokens as eight 128-token examples, packed into
+  micro-batches of at most NNN tokens (train.max_batch_tokens=NNN);
+- ``keep``: the LoRA layers keep their inputs for backward instead of computing them again
+  (model/activations.py ``Recompute``), as before that change;
 - ``onednn``: ONEDNN_PRIMITIVE_CACHE_CAPACITY=8;
 - ``compile``: train.compile=true.
 
@@ -52,24 +56,31 @@ def child(option: str, steps: int) -> dict:
     cfg = load_config(None, over)
     bundle = setup.build_model(cfg)
     trainer = setup.build_trainer(cfg, bundle)
+    if "keep" in parts:
+        import fedtune.model.lora_dropout as lora_dropout
+
+        lora_dropout.recipe_of = lambda t: (None, ())
     if "nocache" in parts:
         trainer.optimizer.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     loaded = peak_rss_mb()
     gen = torch.Generator().manual_seed(0)
 
-    per_micro = 2 if "half" in parts else 4  # half: train.max_batch_tokens=512, two micro-batches per step
+    budget = next((int(p[1:]) for p in parts if p[:1] == "t" and p[1:].isdigit()), None)
+    examples, length = (8, 128) if budget else (4, 256)
+    # half: train.max_batch_tokens=512, two micro-batches per step; tNNN: NNN // 128 examples per micro-batch
+    per_micro = budget // length if budget else 2 if "half" in parts else 4
 
     def batches_of(length: int) -> tuple[list[dict], int]:
-        items = [Encoded(torch.randint(0, 49000, (length,), generator=gen), 64) for _ in range(4)]
-        batches = [trainer.make_batch(items[i : i + per_micro]) for i in range(0, 4, per_micro)]
+        items = [Encoded(torch.randint(0, 49000, (length,), generator=gen), length // 4) for _ in range(examples)]
+        batches = [trainer.make_batch(items[i : i + per_micro]) for i in range(0, examples, per_micro)]
         return batches, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
     trainer.model.train()
-    trainer._step(*batches_of(256), 1e-4)  # warm-up (first-call allocations, compilation)
+    trainer._step(*batches_of(length), 1e-4)  # warm-up (first-call allocations, compilation)
     warm = peak_rss_mb()
     times, tokens = [], 0
     for s in range(steps):  # packed rows differ in length from step to step, as in a real fit
-        batches, labelled = batches_of(256 - 9 * (s + 1))
+        batches, labelled = batches_of(length - length // 28 * (s + 1))
         t = time.perf_counter()
         trainer._step(batches, labelled, 1e-4)
         times.append(time.perf_counter() - t)

@@ -64,13 +64,17 @@ def test_installed_on_every_llama_layer_once(tiny_model_dir):
     assert use_lean_activations(fresh) == {"mlp": 2, "norms": 4}  # the tiny Llama's two layers
 
 
-def test_fp32_training_is_bit_for_bit_eager_and_keeps_one_intermediate_tensor_less(tiny_model_dir, eager):
+def test_fp32_training_is_bit_for_bit_eager_and_keeps_three_tensors_less_per_layer(tiny_model_dir, eager):
     plain_logits, plain_grads, plain_saved = _step(_lora(tiny_model_dir), autocast=False)  # eager (patched)
     eager.undo()
     logits, grads, saved = _step(_lora(tiny_model_dir), autocast=False)
     assert torch.equal(logits, plain_logits) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
-    wide = (torch.float32, (1, 8, 128))  # (batch, tokens, intermediate_size)
-    assert plain_saved.count(wide) - saved.count(wide) == 2  # silu(gate) of each of the two layers
+    wide, hidden = (torch.float32, (1, 8, 128)), (torch.float32, (1, 8, 64))  # (batch, tokens, intermediate / hidden size)
+    # silu(gate) and down_proj's input silu(gate) * up, of each of the two layers, computed again in backward
+    assert plain_saved.count(wide) - saved.count(wide) == 4
+    # the two norms' outputs (the LoRA inputs of q/k/v and gate/up), computed again from the norms' inputs;
+    # those are kept anyway, but for the first norm's: the frozen embedding's output, kept now instead
+    assert plain_saved.count(hidden) - saved.count(hidden) == 4 - 1
 
 
 def test_under_bf16_autocast_the_lora_input_is_kept_in_bf16_and_the_base_computes_as_before(tiny_model_dir, eager):
@@ -87,10 +91,12 @@ def test_under_bf16_autocast_the_lora_input_is_kept_in_bf16_and_the_base_compute
         base, _, _ = _step(lean, autocast=True)
     # Assert: the frozen base computes exactly what it did (autocast made the same casts)
     assert torch.equal(base, plain_base)
-    # the norms' outputs are kept in bf16, not float32 (2 norms x 2 layers), and silu(gate) not at all
+    # the norms' float32 outputs (2 norms x 2 layers) are not kept, nor are bf16 copies (computed again
+    # in backward); nor silu(gate) or down_proj's bf16 input
     hidden32, hidden16 = (torch.float32, (1, 8, 64)), (torch.bfloat16, (1, 8, 64))
-    assert plain_saved.count(hidden32) - saved.count(hidden32) == 4 and saved.count(hidden16) - plain_saved.count(hidden16) == 4
-    assert plain_saved.count((torch.bfloat16, (1, 8, 128))) - saved.count((torch.bfloat16, (1, 8, 128))) == 2
+    # (less the first norm's input, the frozen embedding's output, kept instead: see the float32 test)
+    assert plain_saved.count(hidden32) - saved.count(hidden32) == 4 - 1 and saved.count(hidden16) == plain_saved.count(hidden16)
+    assert plain_saved.count((torch.bfloat16, (1, 8, 128))) - saved.count((torch.bfloat16, (1, 8, 128))) == 4
     # with the adapters on, the LoRA branch reads a bf16-rounded input: as close to float32 training as before
     ref_logits, ref_grads, _ = _step(lean, autocast=False)
 
@@ -124,3 +130,52 @@ def test_norms_keep_float32_where_a_lora_layer_would_cast_back_to_it(tiny_model_
     norms = [m for n, m in model.named_modules() if n.endswith(("input_layernorm", "post_attention_layernorm"))]
     assert len(norms) == 4 and not any(m._forward_hooks for m in norms)
     assert sum("forward" in m.__dict__ for m in model.modules()) == 2  # the MLPs still recompute silu(gate)
+
+
+def test_computing_the_lora_inputs_again_gives_the_same_bits_with_and_without_checkpointing(tiny_model_dir, monkeypatch):
+    # Arrange: the lean model, with (non-reentrant) gradient checkpointing switchable per layer
+    model = _lora(tiny_model_dir)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def run(autocast: bool, checkpointed: bool):
+        for m in layers:
+            m.gradient_checkpointing = checkpointed
+        logits, grads, saved = _step(model, autocast)
+        assert (len(saved) < 10) == checkpointed  # checkpointing keeps the layers' inputs alone
+        return [logits, *grads]
+
+    for autocast in (False, True):
+        with monkeypatch.context() as m:  # the LoRA layers keep their inputs, as before
+            m.setattr("fedtune.model.lora_dropout.recipe_of", lambda t: (None, ()))
+            kept = run(autocast, checkpointed=False)
+        for checkpointed in (False, True):
+            # Act: the norm outputs and down_proj inputs computed again in backward
+            again = run(autocast, checkpointed)
+            # Assert: bit for bit the logits and adapter gradients of keeping them
+            assert len(again) == len(kept) > 1 and all(torch.equal(a, b) for a, b in zip(again, kept))
+
+
+def test_a_recipe_computes_once_for_all_its_users_under_the_autocast_state_it_was_made_in():
+    from fedtune.model.activations import recipe_of, recompute_later
+
+    # Arrange: a bf16 autocast matmul marked as computable again, read by two users
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 8, generator=g), torch.randn(8, 3, generator=g)
+    calls = []
+
+    def fn(a):
+        calls.append(1)
+        return a @ w
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t = recompute_later(fn(x), fn, x)
+    recipe, args = recipe_of(t)
+    recipe.keep(), recipe.keep()
+    calls.clear()
+    # Act: backward asks outside autocast, once per user
+    first, second = recipe.tensor(*args), recipe.tensor(*args)
+    # Assert: the forward's bits and dtype, computed once; nothing held after the last user
+    assert first.dtype == torch.bfloat16 and torch.equal(first, t) and second is first
+    assert len(calls) == 1 and recipe.value is None
+    assert recipe_of(torch.zeros(1)) == (None, ())

@@ -9,8 +9,9 @@ plus its mask for every adapted layer, although q/k/v and gate/up share one inpu
 :class:`LoraDelta` computes the same function with an explicit backward: the keep-mask comes
 from 16 random bits per element (the generator's raw output, 4x cheaper than ``bernoulli_``;
 ``p`` is rounded to a multiple of 1/65536), and backward keeps only ``x`` (shared with the base
-layer and the other adapters) and the rank-r activation ``x_drop @ A^T``, recomputing the
-dropped-out input where it needs it. On a CPU under autocast the mask is not kept either:
+layer and the other adapters; where ``x`` is marked as computable again from tensors kept anyway,
+model/activations.py ``recompute_later``, those tensors instead) and the rank-r activation
+``x_drop @ A^T``, recomputing the dropped-out input where it needs it. On a CPU under autocast the mask is not kept either:
 backward draws it again from the generator state it was drawn from (:class:`Redraw`; 0.4 ms per
 1,000 x 576 mask, about 4% of a step, paid for by the bf16 rank-r matmuls below), where keeping
 it cost 143 MB of a 1,000-token SmolLM2 step. ``x`` stays in the dtype it came in (bf16 under
@@ -33,6 +34,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from fedtune.model.activations import recipe_of
 
 BITS = 1 << 16
 
@@ -61,8 +64,8 @@ class Redraw(NamedTuple):
 
 def draw(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, Optional[Redraw]]:
     """A keep-mask from the default generator, and on a CPU under autocast how to draw it again.
-    Not in float32, where drawing again costs ~5% of a step and buys back no speed elsewhere (a
-    float32 step peaks above 2 GB either way), and not under ``torch.compile`` (reading the
+    Not in float32, where drawing again costs ~5% of a step (5.4% at 512 tokens, measured again
+    on a Zen 4 EPYC) and buys back no speed elsewhere, and not under ``torch.compile`` (reading the
     generator's state would break its graph). The state is read just before the draw: a thread
     drawing from the default generator in between would make backward's mask differ (fedtune
     trains one client at a time per process)."""
@@ -82,13 +85,15 @@ class LoraDelta(torch.autograd.Function):
     def forward(ctx, result, x, weight_a, weight_b, keep, factor: float, redraw: Optional[Redraw] = None):
         h = F.linear(_dropped(x, keep, weight_a.dtype), weight_a) * factor  # (..., r)
         out = torch.addmm(_rows(result), _rows(h).to(result.dtype), weight_b.t().to(result.dtype))
-        ctx.save_for_backward(x, weight_a, weight_b, None if redraw is not None else keep, h)
-        ctx.factor, ctx.redraw = factor, redraw
+        again, inputs = recipe_of(x)  # x computed again from tensors kept anyway (model/activations.py), or x
+        ctx.save_for_backward(weight_a, weight_b, None if redraw is not None else keep, h, *(inputs if again else (x,)))
+        ctx.factor, ctx.redraw, ctx.again = factor, redraw, again.keep() if again else None
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_a, weight_b, keep, h = ctx.saved_tensors
+        weight_a, weight_b, keep, h, *inputs = ctx.saved_tensors
+        x = ctx.again.tensor(*inputs) if ctx.again is not None else inputs[0]
         if ctx.redraw is not None:
             keep = ctx.redraw.mask(x.shape)
         grad = _rows(grad_out).to(weight_b.dtype)  # (n, out)
