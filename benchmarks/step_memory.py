@@ -66,6 +66,8 @@ def child(option: str, steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     budget = next((int(p[1:]) for p in parts if p[:1] == "t" and p[1:].isdigit()), None)
+    if budget is not None and budget < 128:
+        raise SystemExit(f"option t{budget}: the budget must hold one 128-token example; use t128 or more")
     examples, length = (8, 128) if budget else (4, 256)
     # half: train.max_batch_tokens=512, two micro-batches per step; tNNN: NNN // 128 examples per micro-batch
     per_micro = budget // length if budget else 2 if "half" in parts else 4

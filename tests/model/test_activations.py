@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.model.activations import SiluMul, use_lean_activations
+from fedtune.model.activations import Recompute, SiluMul, silu_mul, use_lean_activations
 from fedtune.model.base import load_model
 from fedtune.model.lora import adapter_parameters, attach_lora
 
@@ -72,8 +72,9 @@ def test_fp32_training_is_bit_for_bit_eager_and_keeps_three_tensors_less_per_lay
     wide, hidden = (torch.float32, (1, 8, 128)), (torch.float32, (1, 8, 64))  # (batch, tokens, intermediate / hidden size)
     # silu(gate) and down_proj's input silu(gate) * up, of each of the two layers, computed again in backward
     assert plain_saved.count(wide) - saved.count(wide) == 4
-    # the two norms' outputs (the LoRA inputs of q/k/v and gate/up), computed again from the norms' inputs;
-    # those are kept anyway, but for the first norm's: the frozen embedding's output, kept now instead
+    # the two norms' outputs (the LoRA inputs of q/k/v and gate/up), computed again from the norms' inputs,
+    # which the norms keep anyway; not the first layer's input norm, whose input (the frozen embedding's
+    # output) nothing keeps
     assert plain_saved.count(hidden) - saved.count(hidden) == 4 - 1
 
 
@@ -91,11 +92,11 @@ def test_under_bf16_autocast_the_lora_input_is_kept_in_bf16_and_the_base_compute
         base, _, _ = _step(lean, autocast=True)
     # Assert: the frozen base computes exactly what it did (autocast made the same casts)
     assert torch.equal(base, plain_base)
-    # the norms' float32 outputs (2 norms x 2 layers) are not kept, nor are bf16 copies (computed again
-    # in backward); nor silu(gate) or down_proj's bf16 input
+    # the norms' float32 outputs (2 norms x 2 layers) are not kept; their bf16 casts are computed again in
+    # backward, but for the first layer's input norm (see the float32 test), whose bf16 output is kept;
+    # nor are silu(gate) or down_proj's bf16 input
     hidden32, hidden16 = (torch.float32, (1, 8, 64)), (torch.bfloat16, (1, 8, 64))
-    # (less the first norm's input, the frozen embedding's output, kept instead: see the float32 test)
-    assert plain_saved.count(hidden32) - saved.count(hidden32) == 4 - 1 and saved.count(hidden16) == plain_saved.count(hidden16)
+    assert plain_saved.count(hidden32) - saved.count(hidden32) == 4 and saved.count(hidden16) == plain_saved.count(hidden16) + 1
     assert plain_saved.count((torch.bfloat16, (1, 8, 128))) - saved.count((torch.bfloat16, (1, 8, 128))) == 4
     # with the adapters on, the LoRA branch reads a bf16-rounded input: as close to float32 training as before
     ref_logits, ref_grads, _ = _step(lean, autocast=False)
@@ -138,21 +139,30 @@ def test_computing_the_lora_inputs_again_gives_the_same_bits_with_and_without_ch
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
+    computed = []
+    tensor = Recompute.tensor
+    monkeypatch.setattr(Recompute, "tensor", lambda self, *a: (self.value is None and computed.append(self.fn)) or tensor(self, *a))
+
     def run(autocast: bool, checkpointed: bool):
         for m in layers:
             m.gradient_checkpointing = checkpointed
+        computed.clear()
         logits, grads, saved = _step(model, autocast)
-        assert (len(saved) < 10) == checkpointed  # checkpointing keeps the layers' inputs alone
-        return [logits, *grads]
+        return [logits, *grads], len(saved)
 
     for autocast in (False, True):
         with monkeypatch.context() as m:  # the LoRA layers keep their inputs, as before
             m.setattr("fedtune.model.lora_dropout.recipe_of", lambda t: (None, ()))
-            kept = run(autocast, checkpointed=False)
+            kept, kept_count = run(autocast, checkpointed=False)
+        assert computed == []
         for checkpointed in (False, True):
             # Act: the norm outputs and down_proj inputs computed again in backward
-            again = run(autocast, checkpointed)
-            # Assert: bit for bit the logits and adapter gradients of keeping them
+            again, count = run(autocast, checkpointed)
+            # Assert: they were, once each (per layer: two norm outputs, as gradient checkpointing makes the
+            # embedding's output need a gradient, and down_proj's input), and bit for bit the logits and
+            # adapter gradients of keeping them
+            assert sum(f is silu_mul for f in computed) == 2 and len(computed) == 2 * 3
+            assert (count < kept_count / 4) == checkpointed  # checkpointing keeps the layers' inputs alone
             assert len(again) == len(kept) > 1 and all(torch.equal(a, b) for a, b in zip(again, kept))
 
 

@@ -33,8 +33,10 @@ copies the math does not need:
   bit for bit those of keeping them (tested, also under gradient checkpointing). For SmolLM2-135M
   that is 235 MB less at 768 float32 tokens (1.09 instead of 1.32 GB kept, weights included) and
   116 MB less under bf16 autocast, for a norm (0.15 ms) and a SiLU product (0.5 ms) per layer in
-  backward. (The first layer's input norm reads the frozen embedding's output, which nothing
-  kept: its LoRA layers keep that instead of the norm's output, as many bytes.)
+  backward. Only where the norm keeps its input: a float32 residual stream (CPU, or float32
+  weights), not the first layer's input norm (it reads the frozen embedding's output, which
+  nothing keeps) nor bf16-stored residuals on a GPU (the norm keeps a float32 copy instead).
+  The marked tensor holds the recipe's inputs while it lives; they are kept for backward anyway.
 
 All are installed only where a module's ``forward`` is, instruction for instruction,
 transformers' Llama MLP or decoder layer (Mistral, Qwen2, Qwen3, SmolLM3 copy them); anything
@@ -43,6 +45,7 @@ else (sandwich norms, fused gate/up, GELU MLPs, mixtures of experts) keeps its o
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Optional
@@ -93,12 +96,21 @@ def to_autocast_dtype(output: torch.Tensor) -> torch.Tensor:
 
 def lean_norm_output(module, args, output: torch.Tensor) -> torch.Tensor:
     """Forward hook on a decoder layer's two norms: the output in autocast's dtype where autocast
-    is on, and while autograd records, with how to compute it again from the norm's input (which
-    the norm keeps for its own backward) for the LoRA layers it feeds."""
+    is on, and while autograd records, with how to compute it again from the norm's input for
+    the LoRA layers it feeds. Only where the norm keeps that input for its own backward: a
+    float32 input that needs a gradient (a bf16 one is kept as its float32 copy; the first
+    layer's input, the frozen embedding's output, is not kept at all)."""
     output = to_autocast_dtype(output)
-    if torch.is_grad_enabled():
-        recompute_later(output, module, args[0])
+    x = args[0]
+    if torch.is_grad_enabled() and x.requires_grad and x.dtype == torch.float32:
+        recompute_later(output, functools.partial(norm_again, module), x)
     return output
+
+
+def norm_again(module, x: torch.Tensor) -> torch.Tensor:
+    """What :func:`lean_norm_output` returned for ``x``: the norm's own forward, not its call (no
+    hook runs twice)."""
+    return to_autocast_dtype(module.forward(x))
 
 
 RECOMPUTE = "_fedtune_recompute"

@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fedtune.model.activations import recipe_of
 
@@ -86,11 +87,13 @@ class LoraDelta(torch.autograd.Function):
         h = F.linear(_dropped(x, keep, weight_a.dtype), weight_a) * factor  # (..., r)
         out = torch.addmm(_rows(result), _rows(h).to(result.dtype), weight_b.t().to(result.dtype))
         again, inputs = recipe_of(x)  # x computed again from tensors kept anyway (model/activations.py), or x
+        again = again if again is not None and any(ctx.needs_input_grad) else None
         ctx.save_for_backward(weight_a, weight_b, None if redraw is not None else keep, h, *(inputs if again else (x,)))
         ctx.factor, ctx.redraw, ctx.again = factor, redraw, again.keep() if again else None
         return out.view(result.shape)
 
     @staticmethod
+    @once_differentiable  # x computed again without a graph: no second derivative through it
     def backward(ctx, grad_out):
         weight_a, weight_b, keep, h, *inputs = ctx.saved_tensors
         x = ctx.again.tensor(*inputs) if ctx.again is not None else inputs[0]
