@@ -255,12 +255,19 @@ class Terminal:
 
     def __init__(self, run_dir, cache, log):
         import pty
+        import signal
 
         self.master, slave = pty.openpty()
         env = {**os.environ, "COLUMNS": "200", "TERM": "xterm", "FEDTUNE_CACHE": str(cache)}
         self.log = open(log, "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "chat", run_dir, "--max-new-tokens", "6"],
-                                     stdin=slave, stdout=slave, stderr=self.log, env=env, cwd=ROOT)
+        # a terminal's foreground job gets Ctrl-C even where this suite runs as a background job, whose
+        # SIGINT is ignored (and an ignored signal stays ignored across exec): the child starts with the default
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "chat", run_dir, "--max-new-tokens", "6"],
+                                         stdin=slave, stdout=slave, stderr=self.log, env=env, cwd=ROOT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         os.close(slave)
         self.seen = ""
 
