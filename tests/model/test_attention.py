@@ -1,5 +1,5 @@
-"""model/attention.py: per-example attention over a packed row; bf16/fp16 on CPU pads each
-example to a multiple of 16 (a bounded set of kernel shapes) without changing the result."""
+"""model/attention.py: per-example attention over a packed row; bf16/fp16 on CPU runs in
+float32 at each example's own length (faster, and no kernel kept per length)."""
 
 import pytest
 import torch
@@ -49,29 +49,50 @@ def test_packed_attention_equals_each_example_alone_with_gradients(dtype):
     assert all(close(a.float(), b.float(), 2 * rel) for a, b in zip(got, (x.grad for x in (q, k, v))))
 
 
-@pytest.mark.parametrize("dtype, lengths", [
-    (torch.bfloat16, [16, 16, 32, 16, 48]),  # every example padded up to a multiple of 16
-    (torch.float16, [16, 16, 32, 16, 48]),
-    (torch.float32, LENGTHS),  # fp32 kernels cache nothing per shape: no padding, no waste
-])
-def test_cpu_low_precision_attention_runs_at_multiples_of_16(monkeypatch, dtype, lengths):
-    """Before: bf16 SDPA ran at every example's own length, and PyTorch's CPU flash-attention kept
-    kernels for each length it met (an unbounded cache: RSS grew every step of a bf16 run)."""
+def spy_on_sdpa(monkeypatch) -> list:
+    """(query length, query dtype, autocast on) of every SDPA call from model/attention.py."""
     seen, sdpa = [], F.scaled_dot_product_attention
 
     def spy(q, *a, **k):
-        seen.append(q.shape[2])
+        seen.append((q.shape[2], q.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(q, *a, **k)
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_attention_runs_in_float32_at_each_examples_length(monkeypatch, dtype):
+    """Before: bf16 SDPA ran PyTorch's low-precision CPU flash-attention, which kept kernels for
+    each length it met (an unbounded cache: RSS grew every step of a bf16 run, so lengths were
+    padded to multiples of 16), and whose backward took 2-3x as long as float32's."""
+    seen = spy_on_sdpa(monkeypatch)
+    q, k, v = qkv(dtype)
     with torch.no_grad():
-        packed(*qkv(dtype))
-    assert seen == lengths
+        out = packed(q, k, v)
+    assert out.dtype == dtype
+    assert seen == [(n, torch.float32, False) for n in LENGTHS]
 
 
-def test_a_bf16_autocast_forward_pads_its_attention(tiny_model_dir, tokenizer, monkeypatch):
-    """Before: under CPU bf16 autocast the query arrives in float32 (the rotary tables promote it)
-    and SDPA casts it to bf16 itself, so the padding, keyed on the query's dtype, never ran."""
+def test_padded_attention_under_bf16_autocast_runs_in_float32(monkeypatch):
+    """The padded path (no segments: a model without packing, generation) follows the same rule,
+    additive mask included."""
+    seen = spy_on_sdpa(monkeypatch)
+    q, k, v = (x.detach()[:, :, :8] for x in qkv(torch.float32))
+    mask = torch.zeros(1, 1, 8, 8).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, HEADS // KV_HEADS
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.packed_sdpa(module, q, k, v, mask.bfloat16())
+        ref, _ = attention.packed_sdpa(module, q, k, v, mask)
+    assert seen == [(8, torch.float32, False)] * 2
+    assert out.dtype == torch.bfloat16 and close(out.float(), ref, 1e-2)
+
+
+def test_a_bf16_autocast_forward_computes_its_attention_in_float32(tiny_model_dir, tokenizer, monkeypatch):
+    """Under CPU bf16 autocast the query arrives in float32 (the rotary tables promote it) and
+    autocast would cast it to bf16 inside SDPA: the rule keys on autocast's dtype, not the query's."""
     from fedtune.data.prompts import pack
     from fedtune.model import forward
     from tests.model.test_forward import ROWS, batch_of, lora_model
@@ -79,17 +100,9 @@ def test_a_bf16_autocast_forward_pads_its_attention(tiny_model_dir, tokenizer, m
     model, _ = lora_model(tiny_model_dir)
     assert attention.use_packed_attention(model)
     batch = pack(batch_of(tokenizer, ROWS))
-    seen, sdpa = [], F.scaled_dot_product_attention
-
-    def spy(q, *a, **k):
-        seen.append(q.shape[2])
-        return sdpa(q, *a, **k)
-
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    lengths = [int(e.input_ids.numel()) for e in batch_of(tokenizer, ROWS)]
+    seen = spy_on_sdpa(monkeypatch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         forward.sequence_nll(model, **batch)
-    assert seen and all(n % 16 == 0 for n in seen)
-    seen.clear()
-    with torch.no_grad():  # float32: each example at its own length
-        forward.sequence_nll(model, **batch)
-    assert sorted(set(seen)) == sorted({int(e.input_ids.numel()) for e in batch_of(tokenizer, ROWS)})
+    layers = model.config.num_hidden_layers
+    assert seen == [(n, torch.float32, False) for _ in range(layers) for n in lengths]

@@ -7,13 +7,15 @@ solve this on CUDA; on CPU there is none. Here the packed row's queries, keys an
 split at the example boundaries and SDPA runs causally on each piece: exact per-example
 attention, no padding, no wasted scores.
 
-On CPU in bf16/fp16 each example is zero-padded at its end to a multiple of
-``CPU_LOW_PRECISION_MULTIPLE`` tokens before SDPA and cut back after. PyTorch's low-precision
-CPU flash-attention kernel builds (and keeps, in an unbounded cache) brgemm kernels for every
-sequence length it meets: with packed rows of ever-new example lengths, a bf16 run's memory
-grew ~10 MB per step without end (benchmarks/results/shape_memory.json). Padding bounds the
-lengths to max_length / 16 shapes. It is exact: attention is causal, so a real query never
-sees the pad keys after it, and the pad queries' outputs (and gradients) are dropped.
+On a CPU, attention under bf16/fp16 (autocast's or the inputs') runs in float32, at each
+example's own length, and its output is cast back (:func:`in_float32`). PyTorch's low-precision
+CPU flash-attention is slower: its backward took 2-3x as long for examples of up to 160 tokens
+(1.75 vs 0.81 ms per layer at 96 tokens, forward + backward with the casts; 11.2 vs 10.4 at 384;
+Zen 4 EPYC, 2 cores). It also builds (and keeps, in an unbounded cache) brgemm kernels for every
+sequence length it meets: with packed rows of ever-new example lengths a bf16 run's memory grew
+~10 MB per step without end (benchmarks/results/shape_memory.json), where the float32 kernel
+keeps nothing per length. The results differ from the low-precision kernel's by its rounding
+only (it rounds the softmax's probabilities and the output to bf16).
 
 A packed row may also carry ``fedtune_prefix``: the keys and values, per layer, of tokens
 that every example of the row starts with (a chat template's system prompt) and that were
@@ -23,7 +25,8 @@ kernel attends exactly as if the prefix were still in front of the example.
 
 The function is registered with transformers' attention interface as ``fedtune_sdpa``; it
 is plain SDPA unless the forward call carries ``fedtune_segments`` (the example lengths of
-a packed row, see ``data.prompts.pack``), so generation and padded batches are unchanged.
+a packed row, see ``data.prompts.pack``), so generation and padded batches run plain SDPA (in
+float32 on a CPU, as above).
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ import torch.nn.functional as F
 NAME = "fedtune_sdpa"
 SEGMENTS = "fedtune_segments"
 PREFIX = "fedtune_prefix"
-CPU_LOW_PRECISION_MULTIPLE = 16
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
     """transformers attention function: (b, heads, t, d) in, (b, t, heads, d) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    dtype = sdpa_dtype(query)
+    if query.device.type == "cpu" and dtype in LOW_PRECISION:
+        return in_float32(packed_sdpa, dtype, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     segments = kwargs.pop(SEGMENTS, None)
     prefix = kwargs.pop(PREFIX, None)
     if segments is None:
@@ -51,7 +56,6 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         raise ValueError("packed attention needs one packed row and no KV cache")
     lengths = segments.tolist()
     gqa = query.shape[1] != key.shape[1]
-    multiple = CPU_LOW_PRECISION_MULTIPLE if query.device.type == "cpu" and sdpa_dtype(query) in LOW_PRECISION else 1
     before_k, before_v = prefix[module.layer_idx] if prefix is not None else (None, None)
 
     def attend(q, k, v):
@@ -60,18 +64,23 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             start = before_k.shape[2]
             q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], start, q.shape[3]), q], 2)
             k, v = torch.cat([before_k.to(k.dtype), k], 2), torch.cat([before_v.to(v.dtype), v], 2)
-        n = q.shape[2]
-        pad = -n % multiple
-        if pad:  # zeros after the example's end: causal, so no real query attends to them
-            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-        return out[:, :, start:n] if pad or start else out
+        return out[:, :, start:] if start else out
 
     pieces = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def in_float32(attend, dtype: torch.dtype, module, query, key, value, attention_mask, *args, **kwargs):
+    """``attend``'s output (and attention weights, if any) for the queries, keys, values and
+    additive mask in float32, with autocast off, cast to ``dtype``."""
+    up = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731  (a bool mask stays bool)
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = attend(module, up(query), up(key), up(value), up(attention_mask), *args, **kwargs)
+    return out.to(dtype), weights if weights is None else weights.to(dtype)
 
 
 def sdpa_dtype(query: torch.Tensor) -> torch.dtype:
