@@ -1,5 +1,6 @@
 """model/attention.py: per-example attention over a packed row; bf16/fp16 on CPU runs in
-float32 at each example's own length (faster, and no kernel kept per length)."""
+float32 at each example's own length up to FLOAT32_UP_TO keys (faster, no kernel kept per
+length) and beyond in the low precision at a multiple of 16 (a bounded set of kernel shapes)."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from fedtune.model import attention
 from tests.tolerance import close
 
-LENGTHS = [5, 16, 23, 1, 40]  # ends inside, at and past a multiple of 16
+LENGTHS = [5, 16, 23, 1, 40]  # a one-token example among them
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
 
@@ -31,8 +32,9 @@ def packed(q, k, v):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_attention_equals_each_example_alone_with_gradients(dtype):
+@pytest.mark.parametrize("dtype, float32_up_to", [(torch.float32, 384), (torch.bfloat16, 384), (torch.bfloat16, 20)])
+def test_packed_attention_equals_each_example_alone_with_gradients(monkeypatch, dtype, float32_up_to):
+    monkeypatch.setattr(attention, "FLOAT32_UP_TO", float32_up_to)  # 20: the 23- and 40-token examples in bf16, padded
     q, k, v = qkv(dtype)
     out = packed(q, k, v)
     assert out.dtype == dtype and out.shape == (1, sum(LENGTHS), HEADS, DIM)
@@ -49,6 +51,26 @@ def test_packed_attention_equals_each_example_alone_with_gradients(dtype):
     assert all(close(a.float(), b.float(), 2 * rel) for a, b in zip(got, (x.grad for x in (q, k, v))))
 
 
+def test_under_cpu_autocast_attention_is_float32_attention_rounded_once():
+    """The training case: under CPU bf16 autocast the queries and keys arrive in float32 (the
+    rotary tables promote them) and the values in bf16. The result is exactly float32 attention
+    on those inputs with the output rounded to bf16, and so are the gradients (before: autocast
+    rounded q and k to bf16 and PyTorch's bf16 kernel rounded its probabilities)."""
+    (q, k, _), (_, _, v) = qkv(torch.float32), qkv(torch.bfloat16, seed=1)
+    cotangent = torch.randn(1, sum(LENGTHS), HEADS, DIM, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed(q, k, v)
+    (out.float() * cotangent).sum().backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    ref = per_example(q, k, v).to(torch.bfloat16)
+    (ref.float() * cotangent).sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert [g.dtype for g in got] == [torch.float32, torch.float32, torch.bfloat16]
+    assert all(torch.equal(a, x.grad) for a, x in zip(got, (q, k, v)))
+
+
 def spy_on_sdpa(monkeypatch) -> list:
     """(query length, query dtype, autocast on) of every SDPA call from model/attention.py."""
     seen, sdpa = [], F.scaled_dot_product_attention
@@ -63,15 +85,26 @@ def spy_on_sdpa(monkeypatch) -> list:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cpu_attention_runs_in_float32_at_each_examples_length(monkeypatch, dtype):
-    """Before: bf16 SDPA ran PyTorch's low-precision CPU flash-attention, which kept kernels for
-    each length it met (an unbounded cache: RSS grew every step of a bf16 run, so lengths were
-    padded to multiples of 16), and whose backward took 2-3x as long as float32's."""
+    """Before: bf16 SDPA ran PyTorch's low-precision CPU flash-attention at every example's length
+    padded to a multiple of 16, 1.6-1.7x as slow as float32 for examples up to 160 tokens."""
     seen = spy_on_sdpa(monkeypatch)
     q, k, v = qkv(dtype)
     with torch.no_grad():
         out = packed(q, k, v)
     assert out.dtype == dtype
     assert seen == [(n, torch.float32, False) for n in LENGTHS]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_longer_examples_keep_the_low_precision_kernel_at_multiples_of_16(monkeypatch, dtype):
+    """Above FLOAT32_UP_TO keys the low-precision kernel is the faster one; it keeps kernels for
+    every length it meets (an unbounded cache: RSS grew every step of a bf16 run), so it only
+    ever sees multiples of 16."""
+    monkeypatch.setattr(attention, "FLOAT32_UP_TO", 16)
+    seen = spy_on_sdpa(monkeypatch)
+    with torch.no_grad():
+        packed(*qkv(dtype))
+    assert seen == [(5, torch.float32, False), (16, torch.float32, False), (32, dtype, False), (1, torch.float32, False), (48, dtype, False)]
 
 
 def test_padded_attention_under_bf16_autocast_runs_in_float32(monkeypatch):

@@ -58,9 +58,10 @@ log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
 
 
-# how fedtune's forward rounds under autocast: LoRA's rank-r matmuls in autocast's dtype and the decoder norms'
-# outputs cast once (model/lora_dropout.py, model/activations.py); results computed otherwise are not reused
-FORWARD = "lora in autocast dtype, norms cast once"
+# how fedtune's forward rounds under autocast: LoRA's rank-r matmuls in autocast's dtype, the decoder norms'
+# outputs cast once, attention on a CPU in float32 (model/lora_dropout.py, model/activations.py, model/attention.py);
+# results computed otherwise are not reused
+FORWARD = "lora in autocast dtype, norms cast once, cpu attention in float32"
 PREFILL = "shared prefix once per batch"  # how answers are computed (model/generate.py): other float sums than a full prefill
 
 

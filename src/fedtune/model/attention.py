@@ -7,15 +7,22 @@ solve this on CUDA; on CPU there is none. Here the packed row's queries, keys an
 split at the example boundaries and SDPA runs causally on each piece: exact per-example
 attention, no padding, no wasted scores.
 
-On a CPU, attention under bf16/fp16 (autocast's or the inputs') runs in float32, at each
-example's own length, and its output is cast back (:func:`in_float32`). PyTorch's low-precision
-CPU flash-attention is slower: its backward took 2-3x as long for examples of up to 160 tokens
-(1.75 vs 0.81 ms per layer at 96 tokens, forward + backward with the casts; 11.2 vs 10.4 at 384;
-Zen 4 EPYC, 2 cores). It also builds (and keeps, in an unbounded cache) brgemm kernels for every
-sequence length it meets: with packed rows of ever-new example lengths a bf16 run's memory grew
-~10 MB per step without end (benchmarks/results/shape_memory.json), where the float32 kernel
-keeps nothing per length. The results differ from the low-precision kernel's by its rounding
-only (it rounds the softmax's probabilities and the output to bf16).
+On a CPU, attention under bf16/fp16 (autocast's dtype or the inputs') over at most
+``FLOAT32_UP_TO`` keys runs in float32 and its output is cast back (:func:`in_float32`).
+PyTorch's low-precision CPU flash-attention is slower there: forward + backward of one SmolLM2
+layer took 1.6-1.7x as long for examples up to 160 tokens, 1.1-1.2x at 192-256 and about the
+same at 384 (Zen 4 EPYC without AMX, 2 cores; ``python -m benchmarks.attention``,
+benchmarks/results/attention.json); from ~512 tokens it is the faster one (43 vs 54 ms at
+1,024), so longer examples keep it. It also builds (and keeps, in an unbounded cache) brgemm
+kernels for every sequence length it meets: with packed rows of ever-new example lengths a bf16
+run's memory grew ~10 MB per step without end (benchmarks/results/shape_memory.json). So an
+example it runs is zero-padded at its end to a multiple of ``CPU_LOW_PRECISION_MULTIPLE``
+tokens and cut back after (exact: attention is causal, so a real query never sees the pad keys
+after it, and the pad queries' outputs and gradients are dropped), a bounded set of shapes; the
+float32 kernel keeps nothing per length. Numerically, float32 attention differs from the
+low-precision kernel in that under CPU autocast the queries and keys (which arrive in float32,
+promoted by the rotary tables) and their gradients are not rounded to bf16, nor are the
+probabilities before they weight the values; the output is rounded to the low precision in both.
 
 A packed row may also carry ``fedtune_prefix``: the keys and values, per layer, of tokens
 that every example of the row starts with (a chat template's system prompt) and that were
@@ -25,8 +32,8 @@ kernel attends exactly as if the prefix were still in front of the example.
 
 The function is registered with transformers' attention interface as ``fedtune_sdpa``; it
 is plain SDPA unless the forward call carries ``fedtune_segments`` (the example lengths of
-a packed row, see ``data.prompts.pack``), so generation and padded batches run plain SDPA (in
-float32 on a CPU, as above).
+a packed row, see ``data.prompts.pack``), so generation and padded batches run plain SDPA (up to
+``FLOAT32_UP_TO`` keys in float32 on a CPU, as above).
 """
 
 from __future__ import annotations
@@ -39,18 +46,21 @@ import torch.nn.functional as F
 NAME = "fedtune_sdpa"
 SEGMENTS = "fedtune_segments"
 PREFIX = "fedtune_prefix"
+FLOAT32_UP_TO = 384  # keys: on a CPU, low-precision attention over at most this many runs in float32
+CPU_LOW_PRECISION_MULTIPLE = 16
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
     """transformers attention function: (b, heads, t, d) in, (b, t, heads, d) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    dtype = sdpa_dtype(query)
-    if query.device.type == "cpu" and dtype in LOW_PRECISION:
-        return in_float32(packed_sdpa, dtype, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     segments = kwargs.pop(SEGMENTS, None)
     prefix = kwargs.pop(PREFIX, None)
+    low = cpu_low_precision(query)
     if segments is None:
+        if low is not None and key.shape[2] <= FLOAT32_UP_TO:
+            plain = lambda *a, **k: sdpa_attention_forward(*a, **k)[0]  # noqa: E731  (SDPA returns no weights)
+            return in_float32(plain, low, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise ValueError("packed attention needs one packed row and no KV cache")
@@ -64,7 +74,15 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             start = before_k.shape[2]
             q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], start, q.shape[3]), q], 2)
             k, v = torch.cat([before_k.to(k.dtype), k], 2), torch.cat([before_v.to(v.dtype), v], 2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        n = q.shape[2]
+        if low is not None and n <= FLOAT32_UP_TO:
+            out = in_float32(F.scaled_dot_product_attention, low, q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        else:
+            pad = -n % CPU_LOW_PRECISION_MULTIPLE if low is not None else 0
+            if pad:  # zeros after the example's end: causal, so no real query attends to them
+                q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+            out = out[:, :, :n] if pad else out
         return out[:, :, start:] if start else out
 
     pieces = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
@@ -74,13 +92,18 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def in_float32(attend, dtype: torch.dtype, module, query, key, value, attention_mask, *args, **kwargs):
-    """``attend``'s output (and attention weights, if any) for the queries, keys, values and
-    additive mask in float32, with autocast off, cast to ``dtype``."""
-    up = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731  (a bool mask stays bool)
-    with torch.autocast(query.device.type, enabled=False):
-        out, weights = attend(module, up(query), up(key), up(value), up(attention_mask), *args, **kwargs)
-    return out.to(dtype), weights if weights is None else weights.to(dtype)
+def in_float32(attend, dtype: torch.dtype, *args, **kwargs) -> torch.Tensor:
+    """``attend(*args, **kwargs)`` with its floating-point tensor arguments (queries, keys,
+    values, an additive mask or position bias) in float32 and autocast off, cast to ``dtype``."""
+    up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731  (bool masks stay)
+    with torch.autocast("cpu", enabled=False):
+        return attend(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).to(dtype)
+
+
+def cpu_low_precision(query: torch.Tensor) -> Optional[torch.dtype]:
+    """The low precision (bf16, fp16) SDPA would compute ``query`` in on a CPU; None elsewhere."""
+    dtype = sdpa_dtype(query)
+    return dtype if query.device.type == "cpu" and dtype in LOW_PRECISION else None
 
 
 def sdpa_dtype(query: torch.Tensor) -> torch.dtype:
