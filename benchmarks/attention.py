@@ -30,6 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import RESULTS, current_rss_mb, machine, write_json
+
 HEADS, KV_HEADS, DIM = 9, 3, 64
 LENGTHS = (32, 64, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
@@ -61,24 +63,17 @@ def milliseconds(kernel: str, t: int, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
 def memory_trace(kernel: str, lengths: int = 600, every: int = 100) -> list[float]:
     """Resident MB after every ``every`` of ``lengths`` random example lengths."""
-    rng, trace = random.Random(0), [resident_mb()]
+    rng, trace = random.Random(0), [current_rss_mb()]
     for i in range(1, lengths + 1):
         attend(kernel, *inputs(rng.randint(20, 700))).float().sum().backward()
         if i % every == 0:
-            trace.append(resident_mb())
+            trace.append(current_rss_mb())
     return trace
 
 
 def main() -> None:
-    from benchmarks.common import RESULTS, machine, write_json
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out")

@@ -26,6 +26,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+STATM = Path("/proc/self/statm")
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux: /proc/self/statm, in pages)."""
+    return int(STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 @contextlib.contextmanager
 def training_clock() -> Iterator[dict[str, float]]:
     """Time the in-process engine's round loop less the held-out evaluations inside it: within

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import AVX2_KERNELS, RESULTS, machine, peak_rss_mb, run_child, training_clock, write_json
+from benchmarks.common import AVX2_KERNELS, RESULTS, STATM, current_rss_mb, machine, peak_rss_mb, run_child, training_clock, write_json
 from benchmarks.data import write_dolly_like
 from benchmarks.mfu import machine_rates, shape_of, step_flops, synchronize
 from fedtune.client.sft import LocalTrainer
@@ -127,12 +126,11 @@ class PhasePeaks:
 
     def sample(self) -> None:
         while self.running:
-            rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-            self.peaks[self.phase] = round(max(self.peaks.get(self.phase, 0.0), rss), 1)
+            self.peaks[self.phase] = round(max(self.peaks.get(self.phase, 0.0), current_rss_mb()), 1)
             time.sleep(0.005)
 
     def __enter__(self):
-        self.running = Path("/proc/self/statm").exists()
+        self.running = STATM.exists()
         if self.running:
             self.thread = threading.Thread(target=self.sample, daemon=True)
             self.thread.start()
