@@ -58,10 +58,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     prefix = kwargs.pop(PREFIX, None)
     low = cpu_low_precision(query)
     if segments is None:
-        if low is not None and key.shape[2] <= FLOAT32_UP_TO:
-            plain = lambda *a, **k: sdpa_attention_forward(*a, **k)[0]  # noqa: E731  (SDPA returns no weights)
-            return in_float32(plain, low, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs), None
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        plain = lambda *a, **k: sdpa_attention_forward(*a, **k)[0]  # noqa: E731  (SDPA returns no weights)
+        return in_float32(plain, low, key.shape[2], module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs), None
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise ValueError("packed attention needs one packed row and no KV cache")
     lengths = segments.tolist()
@@ -75,15 +73,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], start, q.shape[3]), q], 2)
             k, v = torch.cat([before_k.to(k.dtype), k], 2), torch.cat([before_v.to(v.dtype), v], 2)
         n = q.shape[2]
-        if low is not None and n <= FLOAT32_UP_TO:
-            out = in_float32(F.scaled_dot_product_attention, low, q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:
-            pad = -n % CPU_LOW_PRECISION_MULTIPLE if low is not None else 0
-            if pad:  # zeros after the example's end: causal, so no real query attends to them
-                q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-            out = out[:, :, :n] if pad else out
-        return out[:, :, start:] if start else out
+        pad = -n % CPU_LOW_PRECISION_MULTIPLE if low is not None and not runs_in_float32(low, n) else 0
+        if pad:  # zeros after the example's end: causal, so no real query attends to them
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        out = in_float32(F.scaled_dot_product_attention, low, n, q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return out[:, :, start:n] if pad or start else out
 
     pieces = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
@@ -92,12 +86,20 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def in_float32(attend, dtype: torch.dtype, *args, **kwargs) -> torch.Tensor:
-    """``attend(*args, **kwargs)`` with its floating-point tensor arguments (queries, keys,
-    values, an additive mask or position bias) in float32 and autocast off, cast to ``dtype``."""
+def runs_in_float32(low: Optional[torch.dtype], keys: int) -> bool:
+    """Whether attention over ``keys`` keys in ``low`` (:func:`cpu_low_precision`) runs in float32."""
+    return low is not None and keys <= FLOAT32_UP_TO
+
+
+def in_float32(attend, low: Optional[torch.dtype], keys: int, *args, **kwargs) -> torch.Tensor:
+    """``attend(*args, **kwargs)``; where :func:`runs_in_float32`, with its floating-point tensor
+    arguments (queries, keys, values, an additive mask or position bias) in float32 and autocast
+    off, and the output cast to ``low``."""
+    if not runs_in_float32(low, keys):
+        return attend(*args, **kwargs)
     up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731  (bool masks stay)
     with torch.autocast("cpu", enabled=False):
-        return attend(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).to(dtype)
+        return attend(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).to(low)
 
 
 def cpu_low_precision(query: torch.Tensor) -> Optional[torch.dtype]:
