@@ -16,7 +16,7 @@ from fedtune.config import load_config
 from fedtune.federation.inprocess import run
 from fedtune.model import forward
 from fedtune.model.lora import load_adapter
-from fedtune.model.lora_dropout import draw, keep_mask, lora_forward
+from fedtune.model.lora_dropout import keep_mask, lora_forward, pack_bits, unpack_bits
 from fedtune.reporting.metrics import read_metrics
 from tests.tolerance import adapters_close, numbers_close
 
@@ -42,9 +42,9 @@ def test_keep_masks_come_from_cudas_generator_at_the_asked_rate():
     assert a.device.type == "cuda" and torch.equal(a, keep_mask(torch.Size([64, 1000]), 0.25, CUDA))
     n, dropped = a.numel(), int((~a).sum())
     assert abs(dropped - n * 0.25) <= 6 * math.sqrt(n * 0.25 * 0.75)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        _, redraw = draw(torch.Size([4, 8]), 0.1, CUDA)
-    assert redraw is None  # drawing the mask again in backward is for CPUs; CUDA keeps it
+    packed = pack_bits(a)  # kept for backward one bit per element, on the GPU as on a CPU
+    assert packed.device.type == "cuda" and packed.numel() == a.numel() // 8
+    assert torch.equal(unpack_bits(packed, a.shape), a.to(torch.uint8)) and torch.equal(packed.cpu(), pack_bits(a.cpu()))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])

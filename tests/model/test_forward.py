@@ -126,7 +126,8 @@ def test_fused_head_loss_and_gradient_equal_plain_cross_entropy(chunk, monkeypat
 
 def test_fused_head_under_bf16_autocast_casts_the_head_once_and_computes_as_autocast(monkeypatch):
     """Before: autocast cast the (V, d) head weight to bf16 for both matmuls of every chunk (six
-    casts of SmolLM2's 49k x 576 head per step, 3% of it); now once, with the same result."""
+    casts of SmolLM2's 49k x 576 head per step, 3% of it), then once per call; now once while the
+    head stays the same tensor with the same data, with autocast's logits."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class HeadCasts(TorchDispatchMode):
@@ -144,7 +145,29 @@ def test_fused_head_under_bf16_autocast_casts_the_head_once_and_computes_as_auto
     weight, targets = torch.randn(11, 5, generator=g), torch.randint(0, 11, (7,), generator=g)
     with HeadCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
         ours = forward.HeadNLL.apply(hidden, weight, targets)
-    assert HeadCasts.count == 1
+        again = forward.HeadNLL.apply(hidden, weight, targets)
+    assert HeadCasts.count == 1 and torch.equal(ours, again)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast computes chunk by chunk, cast by cast
         logits = torch.cat([F.linear(hidden[s : s + 2], weight).float() for s in range(0, 7, 2)])
-    assert torch.equal(ours, torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1))
+    assert close(ours, torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1), 1e-6)
+    # a changed head (in place, or another tensor) is cast again
+    weight.mul_(2.0)
+    with HeadCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        changed = forward.HeadNLL.apply(hidden, weight, targets)
+    assert HeadCasts.count == 2 and not torch.equal(changed, ours)
+    del weight
+    other = torch.randn(11, 5, generator=g)
+    with HeadCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        forward.HeadNLL.apply(hidden, other, targets)
+    assert HeadCasts.count == 3
+
+
+def test_fused_head_loss_where_the_target_is_far_below_the_largest_logit():
+    """The loss is log(sum(exp(logit - max))) - (target - max): no softmax probability is logged,
+    so a target 200 below the largest logit (probability 0 in float32) still gives its loss."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 3.0]])
+    targets = torch.tensor([1, 2])
+    ours = forward.HeadNLL.apply(hidden, weight, targets)
+    assert close(ours, F.cross_entropy(hidden.double() @ weight.double().T, targets, reduction="none").float(), 1e-6)
+    assert close(ours, torch.tensor([200.0, 0.0949]), 1e-3)

@@ -1,4 +1,4 @@
-"""LoRA with input dropout that is fast on CPU and keeps one byte per element for backward.
+"""LoRA with input dropout that is fast on CPU and keeps one bit per input element for backward.
 
 PEFT computes ``lora_B(lora_A(dropout(x))) * scaling`` with ``nn.Dropout``. On CPU that
 dropout is slow (``bernoulli_`` draws one float per element: ~5 ms for a 4x200x576
@@ -10,17 +10,20 @@ plus its mask for every adapted layer, although q/k/v and gate/up share one inpu
 from 16 random bits per element (the generator's raw output, 4x cheaper than ``bernoulli_``;
 ``p`` is rounded to a multiple of 1/65536), and backward keeps only ``x`` (shared with the base
 layer and the other adapters; where ``x`` is marked as computable again from tensors kept anyway,
-model/activations.py ``recompute_later``, those tensors instead) and the rank-r activation
-``x_drop @ A^T``, recomputing the dropped-out input where it needs it. On a CPU under autocast the mask is not kept either:
-backward draws it again from the generator state it was drawn from (:class:`Redraw`; 0.4 ms per
-1,000 x 576 mask, about 4% of a step, paid for by the bf16 rank-r matmuls below), where keeping
-it cost 143 MB of a 1,000-token SmolLM2 step. ``x`` stays in the dtype it came in (bf16 under
-autocast: PEFT's cast to the adapter's fp32 would keep a second, fp32 copy for backward, e.g. 6 MB of each down_proj's 1,024 x 1,536 input). Under autocast the
-rank-r matmuls run in autocast's dtype with A and B cast to it, as PEFT's own LoRA does under
-autocast: no full-width input or gradient is converted to float32 (those conversions were 15%
-of a bf16 SmolLM2 step), and the adapter's gradients come back in float32. The adapter math is
-unchanged: outputs and gradients equal PEFT's for the same mask (tested in float32; under
-autocast both round in bf16, PEFT's in a different order).
+model/activations.py ``recompute_later``, those tensors instead), the rank-r activation
+``x_drop @ A^T`` and the mask packed eight elements to a byte (:func:`pack_bits`), recomputing the
+dropped-out input where it needs it. For SmolLM2 with all-linear LoRA a mask is 4,992 elements
+per token and layer: one byte each kept 115 MB of a 768-token step, packed they keep 14 MB.
+Packing and unpacking cost 25 + 43 us per 358 x 576 mask on a Zen 4 EPYC, against ~250 us to
+draw it again from the generator state it came from, which the bf16 path did before instead of
+keeping it (interleaved 358-token bf16 steps: 1.39 s drawing again, 1.31 s packed, 1.31 s with
+one-byte masks). ``x`` stays in the dtype it came in (bf16 under autocast: PEFT's cast to the
+adapter's fp32 would keep a second, fp32 copy for backward, e.g. 6 MB of each down_proj's 1,024 x
+1,536 input). Under autocast the rank-r matmuls run in autocast's dtype with A and B cast to it,
+as PEFT's own LoRA does under autocast: no full-width input or gradient is converted to float32
+(those conversions were 15% of a bf16 SmolLM2 step), and the adapter's gradients come back in
+float32. The adapter math is unchanged: outputs and gradients equal PEFT's for the same mask
+(tested in float32; under autocast both round in bf16, PEFT's in a different order).
 
 It is installed as a PEFT ``LoraVariant`` on every adapted ``nn.Linear`` whose dropout is
 positive; layers without dropout keep PEFT's own forward. The random bits come from torch's
@@ -30,7 +33,6 @@ default generator, so a seeded client step draws the same masks on every run.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,38 +43,37 @@ from fedtune.model.activations import recipe_of
 BITS = 1 << 16
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Boolean tensor of ``shape``: True with probability 1 - p (p in steps of 1/65536)."""
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)  # 64 random bits each
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)  # 64 random bits each
     halves = words.view(torch.int16)[:n]  # four 16-bit draws per word, uniform on [-32768, 32767]
     threshold = round(p * BITS) - BITS // 2
     return (halves >= threshold).view(shape)
 
 
-class Redraw(NamedTuple):
-    """A CPU keep-mask as backward draws it again: the default generator's state before the
-    forward drew it (5 KB instead of one byte per element), and ``p``."""
-
-    state: torch.Tensor
-    p: float
-
-    def mask(self, shape: torch.Size) -> torch.Tensor:
-        generator = torch.Generator()
-        generator.set_state(self.state)
-        return keep_mask(shape, self.p, torch.device("cpu"), generator)
+# 64-bit constants of the packing (little-endian bytes; as signed int64 where the top bit is set)
+GATHER = 0x0102040810204080  # byte i (0 or 1) of a word times this lands in bit 56 + i, no two terms on one bit
+SPREAD = 0x0101010101010101  # a byte times this is that byte in all eight
+SELECT = 0x8040201008040201 - (1 << 64)  # bit i of byte i
+LOW7, HIGH = 0x7F7F7F7F7F7F7F7F, 0x8080808080808080 - (1 << 64)
 
 
-def draw(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, Optional[Redraw]]:
-    """A keep-mask from the default generator, and on a CPU under autocast how to draw it again.
-    Not in float32, where drawing again costs ~5% of a step (5.4% at 512 tokens, measured again
-    on a Zen 4 EPYC) and buys back no speed elsewhere, and not under ``torch.compile`` (reading the
-    generator's state would break its graph). The state is read just before the draw: a thread
-    drawing from the default generator in between would make backward's mask differ (fedtune
-    trains one client at a time per process)."""
-    again = device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-    redraw = Redraw(torch.default_generator.get_state(), p) if again else None
-    return keep_mask(shape, p, device), redraw
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean mask's elements eight to a byte: uint8 (ceil(n / 8),), element i in bit i % 8.
+    Each 8 mask bytes are read as one 64-bit word and gathered by one multiplication (25 us for
+    a 358 x 576 mask, a fifth of summing weighted bytes)."""
+    flat = keep.reshape(-1).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = F.pad(flat, (0, -flat.numel() % 8))
+    return (flat.view(torch.int64) * GATHER).bitwise_right_shift_(56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """:func:`pack_bits`' mask back, as uint8 0/1 of ``shape``: each byte spread over a word,
+    bit i kept in byte i, and every nonzero byte turned into 1 (adding 0x7F sets its top bit)."""
+    words = packed.to(torch.int64).mul_(SPREAD).bitwise_and_(SELECT).add_(LOW7).bitwise_and_(HIGH)
+    return words.bitwise_right_shift_(7).bitwise_and_(SPREAD).view(torch.uint8)[: math.prod(shape)].view(shape)
 
 
 class LoraDelta(torch.autograd.Function):
@@ -83,22 +84,21 @@ class LoraDelta(torch.autograd.Function):
     ``result`` (one ``addmm``): no full-width multiply or add besides the mask."""
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, keep, factor: float, redraw: Optional[Redraw] = None):
+    def forward(ctx, result, x, weight_a, weight_b, keep, factor: float):
         h = F.linear(_dropped(x, keep, weight_a.dtype), weight_a) * factor  # (..., r)
         out = torch.addmm(_rows(result), _rows(h).to(result.dtype), weight_b.t().to(result.dtype))
         again, inputs = recipe_of(x)  # x computed again from tensors kept anyway (model/activations.py), or x
         again = again if again is not None and any(ctx.needs_input_grad) else None
-        ctx.save_for_backward(weight_a, weight_b, None if redraw is not None else keep, h, *(inputs if again else (x,)))
-        ctx.factor, ctx.redraw, ctx.again = factor, redraw, again.keep() if again else None
+        ctx.save_for_backward(weight_a, weight_b, None if keep is None else pack_bits(keep), h, *(inputs if again else (x,)))
+        ctx.factor, ctx.again = factor, again.keep() if again else None
         return out.view(result.shape)
 
     @staticmethod
     @once_differentiable  # x computed again without a graph: no second derivative through it
     def backward(ctx, grad_out):
-        weight_a, weight_b, keep, h, *inputs = ctx.saved_tensors
+        weight_a, weight_b, packed, h, *inputs = ctx.saved_tensors
         x = ctx.again.tensor(*inputs) if ctx.again is not None else inputs[0]
-        if ctx.redraw is not None:
-            keep = ctx.redraw.mask(x.shape)
+        keep = None if packed is None else unpack_bits(packed, x.shape)
         grad = _rows(grad_out).to(weight_b.dtype)  # (n, out)
         grad_b = grad.t() @ _rows(h) if ctx.needs_input_grad[3] else None
         grad_h = (grad @ weight_b) * ctx.factor  # (n, r)
@@ -106,7 +106,7 @@ class LoraDelta(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = _dropped(grad_h @ weight_a, keep, weight_a.dtype).to(x.dtype).view(x.shape)
-        return grad_out, grad_x, grad_a, grad_b, None, None, None
+        return grad_out, grad_x, grad_a, grad_b, None, None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -121,15 +121,15 @@ def _dropped(t: torch.Tensor, keep, dtype: torch.dtype) -> torch.Tensor:
 def lora_forward(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
                  p: float, scaling: float, training: bool) -> torch.Tensor:
     """``result`` plus the LoRA branch's output for input ``x`` (dropout ``p`` while ``training``)."""
-    keep, redraw, keep_scale = None, None, 1.0
+    keep, keep_scale = None, 1.0
     if training and p > 0:
-        (keep, redraw), keep_scale = draw(x.shape, p, x.device), 1.0 / (1.0 - p)
+        keep, keep_scale = keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p)
     device = x.device.type
     if torch.is_autocast_enabled(device):  # the rank-r matmuls in autocast's dtype, as PEFT's LoRA under autocast;
         dtype = torch.get_autocast_dtype(device)  # the casts' backward returns float32 gradients to the adapter
         weight_a, weight_b = weight_a.to(dtype), weight_b.to(dtype)
     with torch.autocast(device_type=device, enabled=False):  # LoraDelta picks its dtypes itself
-        return LoraDelta.apply(result, x, weight_a, weight_b, keep, keep_scale * scaling, redraw)
+        return LoraDelta.apply(result, x, weight_a, weight_b, keep, keep_scale * scaling)
 
 
 def _variant_class():
