@@ -9,7 +9,7 @@ from fedtune.model import forward, frozen
 from fedtune.model.attention import use_packed_attention
 from fedtune.model.base import load_model
 from fedtune.model.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
-from tests.model.test_forward import batch_of, ROWS
+from tests.model.test_forward import HeadCasts, batch_of, ROWS
 from tests.tolerance import close
 
 
@@ -43,7 +43,13 @@ def test_bf16_storage_gives_the_autocast_step_bit_for_bit(tiny_model_dir, tokeni
     assert len(converted) == changed and all(m.weight.dtype == torch.bfloat16 for m in converted)
     assert model.get_input_embeddings().weight.dtype == torch.float32  # embeddings (and the tied head) stay
     assert all(p.dtype == torch.float32 for p in params.values())  # the adapter trains in float32
-    after_nll, after_grads = bf16_step(model, params, batch)
+    head = model.get_output_embeddings()
+    assert getattr(head, frozen.HEAD_COPY).dtype == torch.bfloat16 and not any(k.endswith(frozen.HEAD_COPY) for k in model.state_dict())
+    with HeadCasts(head.weight.shape) as casts:  # the loss reads the head's bf16 copy: no cast per micro-batch
+        after_nll, after_grads = bf16_step(model, params, batch)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            forward.sequence_nll(model, **batch)
+    assert casts.count == 0
     assert torch.equal(before_nll, after_nll)
     assert all(torch.equal(before_grads[k], after_grads[k]) for k in params)
     assert frozen.store_in(model, torch.bfloat16) == 0  # once

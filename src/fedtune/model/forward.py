@@ -20,13 +20,13 @@ gradient: for 500 labelled positions and SmolLM2's 49k vocabulary, 2.4 MB instea
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fedtune.model.attention import PREFIX, SEGMENTS, kv_cache
+from fedtune.model.frozen import head_weight, plain_frozen_head
 
 # Families whose CausalLM forward is exactly lm_head(decoder(x).last_hidden_state):
 # no logit soft-capping or scaling between the two.
@@ -76,10 +76,13 @@ def sequence_nll(
     if parts is not None:
         body, head = parts
         hidden = body(**inputs).last_hidden_state[:, :-1][mask]  # (n, d): the head runs on labelled positions only
-        if _fusable(head) and torch.is_grad_enabled() and hidden.requires_grad:
-            token_nll = HeadNLL.apply(hidden, head.weight, targets[mask])
-        else:
+        if not plain_frozen_head(head):
             token_nll = _token_nll(lambda s: head(hidden[s]), targets[mask])
+        elif torch.is_grad_enabled() and hidden.requires_grad:
+            token_nll = HeadNLL.apply(hidden, _weight_as_read(head), targets[mask])
+        else:  # the weight as autocast reads it, cast once and not for every chunk (as long as the chunk's matmul)
+            weight = _weight_as_read(head)
+            token_nll = _token_nll(lambda s: F.linear(hidden[s], weight), targets[mask])
     else:
         logits = model(**inputs).logits[:, :-1][mask]  # (n, V)
         token_nll = _token_nll(lambda s: logits[s], targets[mask])
@@ -119,10 +122,11 @@ def _token_nll(logits_of, targets: torch.Tensor) -> torch.Tensor:
     ])
 
 
-def _fusable(head) -> bool:
-    """A frozen bias-free plain linear head (the usual tied or untied LM head under LoRA; not a
-    quantized or adapter-wrapped subclass)."""
-    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+def _weight_as_read(head) -> torch.Tensor:
+    """A frozen plain head's weight as its matmuls read it: under autocast in autocast's dtype
+    (the copy a training process keeps, model/frozen.py, or a cast made now), else as it is."""
+    device = head.weight.device.type
+    return head_weight(head, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else head.weight
 
 
 class HeadNLL(torch.autograd.Function):
@@ -141,7 +145,7 @@ class HeadNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets):
         device = hidden.device.type
         if torch.is_autocast_enabled(device):  # the cast autocast would make for every chunk's two matmuls, made once
-            weight = cast_once(weight, torch.get_autocast_dtype(device))
+            weight = weight.to(torch.get_autocast_dtype(device))  # (none where the caller passes the head's stored copy)
         ctx.hidden_dtype = hidden.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -176,19 +180,3 @@ class HeadNLL(torch.autograd.Function):
     def backward(ctx, grad_nll):
         (grad,) = ctx.saved_tensors
         return (grad * grad_nll[:, None]).to(ctx.hidden_dtype), None, None
-
-
-_CAST: dict = {}
-
-
-def cast_once(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen ``weight`` in ``dtype``, cast at the first call and kept (one at a time) while
-    ``weight`` is the same tensor with the same data: SmolLM2's 49k x 576 head took 15-20 ms to
-    cast to bf16 for every micro-batch (1.5% of a bf16 step), and the copy is needed at each
-    step's peak anyway (the head runs at the end of the forward)."""
-    key = (weight.data_ptr(), weight._version, dtype)
-    kept = _CAST.get("weight")
-    if kept is None or kept() is not weight or _CAST["key"] != key:  # a weak reference: a freed head's address may come back
-        _CAST.clear()  # the old copy goes before the new one is made
-        _CAST.update(weight=weakref.ref(weight), key=key, value=weight.detach().to(dtype))
-    return _CAST["value"]
