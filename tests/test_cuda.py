@@ -17,7 +17,7 @@ from fedtune.federation.inprocess import run
 from fedtune.model import forward
 from fedtune.model.lora import load_adapter
 from fedtune.model.lora_dropout import keep_mask, lora_forward, pack_bits, unpack_bits
-from fedtune.reporting.metrics import read_metrics
+from tests.run_records import records
 from tests.tolerance import adapters_close, numbers_close
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -29,10 +29,6 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
 def test_keep_masks_come_from_cudas_generator_at_the_asked_rate():

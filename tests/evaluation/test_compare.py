@@ -6,9 +6,9 @@ import pytest
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from fedtune.evaluation.compare import compare, ordering
-from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
 from fedtune.serving import ChatServer, load_chat_model
+from tests.run_records import records
 
 
 class Messages(Progress):
@@ -33,10 +33,6 @@ def judge_server(finished_run):
     yield srv
     srv.shutdown()
     srv.server_close()
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
 def test_compare_trains_evaluates_judges_and_reuses(tiny_overrides, tmp_path, judge_server):

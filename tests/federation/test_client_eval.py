@@ -11,15 +11,11 @@ from fedtune.federation import setup
 from fedtune.federation.client_eval import split_rows
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter, set_adapter
-from fedtune.reporting.metrics import read_metrics
 from fedtune.seeding import generator
+from tests.run_records import records
 from tests.tolerance import FORWARD, numbers_close
 
 ON = ["eval.federated=true", "eval.client_holdout=0.25", "federation.rounds=2"]
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
 def test_split_rows_is_a_seeded_function_of_seed_and_client(tiny_config):

@@ -10,13 +10,9 @@ from fedtune.federation import setup
 from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
-from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
+from tests.run_records import records
 from tests.tolerance import FORWARD, adapters_close, numbers_close
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
 def test_run_writes_a_self_describing_directory(tiny_overrides):

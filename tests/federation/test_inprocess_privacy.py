@@ -14,12 +14,8 @@ from fedtune.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
 from fedtune.privacy import dp
-from fedtune.reporting.metrics import read_metrics
 from fedtune.reporting.progress import Progress
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
+from tests.run_records import records
 
 
 class Messages(Progress):

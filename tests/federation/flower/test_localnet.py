@@ -19,7 +19,7 @@ from fedtune.federation.flower.deploy import COMPLETED, flwr_run
 from fedtune.federation.flower.localnet import LocalDeployment, _descendants
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
-from fedtune.reporting.metrics import read_metrics
+from tests.run_records import records
 from tests.tolerance import adapters_close
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -29,10 +29,6 @@ def write_rows(path: Path, examples) -> Path:
     path.write_text("".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output, "category": e.category}) + "\n"
                             for e in examples))
     return path
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
 def alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ from fedtune.federation.flower import simulation
 from fedtune.federation.flower.simulation import backend_config
 from fedtune.federation.inprocess import run
 from fedtune.model.lora import load_adapter
-from fedtune.reporting.metrics import read_metrics
+from tests.run_records import records
 from tests.tolerance import FORWARD, TRAINED, adapters_close, numbers_close
 
 
@@ -23,10 +23,6 @@ def one_thread_run(cfg):
         return run(cfg)
     finally:
         torch.set_num_threads(threads)
-
-
-def records(run_dir, kind):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
 
 
 # The same config on both engines, settings combined into few runs (each simulation start costs
