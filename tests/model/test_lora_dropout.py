@@ -8,7 +8,15 @@ from peft.tuners.lora.layer import Linear
 
 from fedtune.model.base import load_model
 from fedtune.model.lora import attach_lora
-from fedtune.model.lora_dropout import LoraDelta, keep_mask, lora_forward, pack_bits, unpack_bits, use_lean_dropout
+from fedtune.model.lora_dropout import (
+    LoraDelta,
+    _dropped,
+    keep_mask,
+    lora_forward,
+    pack_bits,
+    unpack_bits,
+    use_lean_dropout,
+)
 from tests.tolerance import FORWARD, close
 
 
@@ -50,6 +58,22 @@ def test_forward_and_gradients_equal_the_plain_formula(p):
     plain_grads = torch.autograd.grad(plain.square().sum(), (result, x, a, b))
     assert all(torch.allclose(u, v) for u, v in zip(grads, plain_grads))
     assert torch.autograd.gradcheck(lambda r, x, a, b: LoraDelta.apply(r, x, a, b, keep, scale * 0.5), (result, x, a, b))
+
+
+@pytest.mark.parametrize("dtype,to", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_dropped_input_is_the_product_and_the_input_is_left_alone(dtype, to):
+    """The masked input is made by multiplying the converted mask in place: it must equal
+    ``t.to(dtype) * mask`` bit for bit (signed zeros included) and never write into ``t``."""
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(5, 24, generator=g).to(dtype)
+    before = t.clone()
+    keep = keep_mask(t.shape, 0.4, t.device)
+    for mask in (keep, unpack_bits(pack_bits(keep), t.shape)):
+        out = _dropped(t, mask, to)
+        expected = t.to(to) * keep.to(to)
+        assert out.dtype == to and torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit())
+        assert torch.equal(t, before) and out.data_ptr() != t.data_ptr()
+    assert _dropped(t, None, dtype) is t
 
 
 def test_eval_mode_has_no_dropout():
