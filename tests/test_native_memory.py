@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +22,10 @@ def cache_environment(monkeypatch):
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_tune_applies_the_settings_on_glibc():
-    assert native_memory.tune({native_memory.M_MMAP_THRESHOLD: 4 << 20, native_memory.M_ARENA_MAX: 2}) is True
+    """In a child process: malloc settings hold for the rest of a process's life."""
+    code = ("from fedtune import native_memory as m; import sys; "
+            "sys.exit(0 if m.tune({m.M_MMAP_THRESHOLD: 4 << 20, m.M_ARENA_MAX: 2}) is True else 3)")
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120).returncode == 0
 
 
 

@@ -1,5 +1,5 @@
-"""Memory settings of the native libraries under a training process (applied by the CLI,
-never on import): glibc's malloc, and oneDNN's and ideep's kernel caches.
+"""Memory settings of the native libraries (applied by the CLI, never on import): glibc's malloc
+for every command, and oneDNN's and ideep's kernel caches for the commands that train.
 
 PyTorch on CPU frees and re-allocates the same large activation buffers every micro-batch.
 glibc's default raises its mmap threshold after the first large frees (up to 32 MiB), so
@@ -73,7 +73,7 @@ def tune(settings: dict[int, int] = DEFAULTS) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    ok = all(mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in settings.items())
+    ok = all([mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in settings.items()])  # each applied, even after a refusal
     if not ok:
         log.debug("mallopt refused some of %s", settings)
     return ok

@@ -60,18 +60,24 @@ def test_forward_and_gradients_equal_the_plain_formula(p):
     assert torch.autograd.gradcheck(lambda r, x, a, b: LoraDelta.apply(r, x, a, b, keep, scale * 0.5), (result, x, a, b))
 
 
-@pytest.mark.parametrize("dtype,to", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("dtype,to", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                      (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
 def test_dropped_input_is_the_product_and_the_input_is_left_alone(dtype, to):
     """The masked input is made by multiplying the converted mask in place: it must equal
-    ``t.to(dtype) * mask`` bit for bit (signed zeros included) and never write into ``t``."""
+    ``t.to(dtype) * mask`` bit for bit (signed zeros included, and a value that overflows the
+    target dtype: inf, or NaN where dropped, as the plain product gives) and never write into ``t``."""
     g = torch.Generator().manual_seed(4)
     t = torch.randn(5, 24, generator=g).to(dtype)
+    t[0, :4] = torch.tensor([1e5, -1e5, 1e5, -1e5]).to(dtype)  # beyond float16's range
     before = t.clone()
     keep = keep_mask(t.shape, 0.4, t.device)
+    keep[0, :4] = torch.tensor([False, True, True, False])
     for mask in (keep, unpack_bits(pack_bits(keep), t.shape)):
         out = _dropped(t, mask, to)
         expected = t.to(to) * keep.to(to)
-        assert out.dtype == to and torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit())
+        assert out.dtype == to
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(out.signbit(), expected.signbit())
         assert torch.equal(t, before) and out.data_ptr() != t.data_ptr()
     assert _dropped(t, None, dtype) is t
 
@@ -172,6 +178,15 @@ def test_packed_masks_come_back_as_they_went_in(mask, cols, start):
         assert torch.equal(unpack_bits(packed, keep.shape), keep.to(torch.uint8))
         # element i in bit i % 8 of byte i // 8, by hand
         assert packed.tolist() == [sum(1 << j for j, kept in enumerate(order[i : i + 8]) if kept) for i in range(0, len(order), 8)]
+
+
+def test_strided_masks_are_packed_in_element_order():
+    """A column of a 2-D mask or every other element of a 1-D one: reshape(-1) of such a view is
+    itself strided, and was read as bytes of the whole storage."""
+    g = torch.Generator().manual_seed(6)
+    for keep in ((torch.rand(16, 2, generator=g) > 0.5)[:, :1], (torch.rand(32, generator=g) > 0.5)[::2]):
+        assert keep.reshape(-1).stride() == (2,)  # 16 elements: whole 64-bit words, so no padded copy is made
+        assert torch.equal(unpack_bits(pack_bits(keep), keep.shape), keep.to(torch.uint8))
 
 
 def test_only_boolean_masks_are_packed():

@@ -35,7 +35,8 @@ copies the math does not need:
   116 MB less under bf16 autocast, for a norm (0.15 ms) and a SiLU product (0.5 ms) per layer in
   backward. Only where the norm keeps its input: a float32 residual stream (CPU, or float32
   weights), not the first layer's input norm (it reads the frozen embedding's output, which
-  nothing keeps) nor bf16-stored residuals on a GPU (the norm keeps a float32 copy instead).
+  nothing keeps; under gradient checkpointing the checkpoint keeps it, so that one is computed
+  again too) nor bf16-stored residuals on a GPU (the norm keeps a float32 copy instead).
   The marked tensor holds the recipe's inputs while it lives; they are kept for backward anyway.
 
 All are installed only where a module's ``forward`` is, instruction for instruction,
